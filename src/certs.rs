@@ -1,0 +1,248 @@
+//! A development certificate authority and workload certificates.
+//!
+//! `trellis certs` writes `ca.pem`/`ca.key` and `<workload>.pem`/`<workload>.key`
+//! into a directory. An existing CA is kept, so certificates issued earlier
+//! stay valid; workload certificates are issued anew on every run. Tests use
+//! the same code to make CAs and certificates on the fly.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::identity::SpiffeId;
+
+/// Failure to make or store certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// Key or certificate generation failed.
+    #[error("generating {what}: {source}")]
+    Generate {
+        /// What was being made.
+        what: String,
+        /// Why it failed.
+        source: rcgen::Error,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An existing CA file is unusable.
+    #[error("{}: existing CA is unusable: {reason} (move it away to make a new CA)", path.display())]
+    BadCa {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A certificate authority that can issue workload certificates.
+pub struct CertAuthority {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for CertAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertAuthority").finish_non_exhaustive()
+    }
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct IssuedCert {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PEM (PKCS#8).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert").finish_non_exhaustive()
+    }
+}
+
+fn gen_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> CertError {
+    let what = what.into();
+    move |source| CertError::Generate { what, source }
+}
+
+impl CertAuthority {
+    /// Makes a new self-signed CA for `trust_domain`, valid for `days`.
+    pub fn generate(trust_domain: &str, days: i64) -> Result<Self, CertError> {
+        let key = KeyPair::generate().map_err(gen_err("CA key"))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Trellis");
+        dn.push(
+            DnType::CommonName,
+            format!("Trellis mesh CA ({trust_domain})"),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(days);
+        let cert = params
+            .self_signed(&key)
+            .map_err(gen_err("CA certificate"))?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from its PEM certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, rcgen::Error> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA private key, PEM.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// Issues a workload certificate for `id`, valid from `not_before` to
+    /// `not_after`, usable for both TLS server and client authentication.
+    pub fn issue_with_validity(
+        &self,
+        id: &SpiffeId,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, CertError> {
+        let what = format!("certificate for {id}");
+        let key = KeyPair::generate().map_err(gen_err(what.clone()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Trellis");
+        dn.push(DnType::CommonName, id.service().unwrap_or(id.path()));
+        params.distinguished_name = dn;
+        let uri = id
+            .as_str()
+            .to_owned()
+            .try_into()
+            .map_err(gen_err(what.clone()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(gen_err(what))?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a workload certificate for `id`, valid for `days` from now.
+    pub fn issue(&self, id: &SpiffeId, days: i64) -> Result<IssuedCert, CertError> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_with_validity(id, now - Duration::minutes(5), now + Duration::days(days))
+    }
+}
+
+/// What `write_dev_certs` did.
+#[derive(Debug)]
+pub struct CertReport {
+    /// Whether a new CA was made (false: the existing one was kept).
+    pub created_ca: bool,
+    /// The workload certificates written, with their identities.
+    pub workloads: Vec<(SpiffeId, PathBuf)>,
+}
+
+/// Makes (or keeps) the CA in `dir` and issues one certificate per workload.
+pub fn write_dev_certs(
+    dir: &Path,
+    trust_domain: &str,
+    namespace: &str,
+    workloads: &[String],
+    days: i64,
+) -> Result<CertReport, anyhow::Error> {
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let ca_cert = dir.join("ca.pem");
+    let ca_key = dir.join("ca.key");
+    let (ca, created_ca) = if ca_cert.exists() || ca_key.exists() {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CertError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let cert_pem = read(&ca_cert)?;
+        let key_pem = read(&ca_key)?;
+        let ca = CertAuthority::from_pem(&cert_pem, &key_pem).map_err(|e| CertError::BadCa {
+            path: ca_cert.clone(),
+            reason: e.to_string(),
+        })?;
+        (ca, false)
+    } else {
+        let ca = CertAuthority::generate(trust_domain, days.max(3650))?;
+        write_file(&ca_cert, ca.cert_pem(), false)?;
+        write_file(&ca_key, &ca.key_pem(), true)?;
+        (ca, true)
+    };
+    let mut written = Vec::new();
+    for name in workloads {
+        let id = SpiffeId::for_service(trust_domain, namespace, name)?;
+        let issued = ca.issue(&id, days)?;
+        let cert_path = dir.join(format!("{name}.pem"));
+        write_file(&cert_path, &issued.cert_pem, false)?;
+        write_file(&dir.join(format!("{name}.key")), &issued.key_pem, true)?;
+        written.push((id, cert_path));
+    }
+    Ok(CertReport {
+        created_ca,
+        workloads: written,
+    })
+}
+
+/// Writes a file; private files are created readable by the owner only.
+pub fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    if private {
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io)?;
+    file.write_all(contents.as_bytes()).map_err(io)
+}

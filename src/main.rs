@@ -1,0 +1,70 @@
+//! The `trellis` command: tools for running a Trellis mesh.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use trellis::identity::{DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN};
+
+/// Trellis, a gRPC-first service mesh.
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the development CA (kept if it exists) and one certificate
+    /// per workload, with SPIFFE IDs spiffe://<trust-domain>/ns/<namespace>/sa/<workload>.
+    Certs {
+        /// Directory to write ca.pem, ca.key, <workload>.pem and <workload>.key into.
+        #[arg(long, default_value = "certs", env = "TRELLIS_CERTS_DIR")]
+        dir: PathBuf,
+        /// SPIFFE trust domain of the mesh.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN, env = "TRELLIS_TRUST_DOMAIN")]
+        trust_domain: String,
+        /// Namespace part of every workload's SPIFFE ID.
+        #[arg(long, default_value = DEFAULT_NAMESPACE, env = "TRELLIS_NAMESPACE")]
+        namespace: String,
+        /// Workloads to issue certificates for (repeat or comma-separate).
+        #[arg(
+            long = "workload",
+            value_delimiter = ',',
+            default_value = "registry,edge,user,usage,settlement"
+        )]
+        workloads: Vec<String>,
+        /// Validity of each workload certificate, in days.
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(i64).range(1..=3650))]
+        days: i64,
+    },
+}
+
+fn main() {
+    trellis::telemetry::init("warn");
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Certs {
+            dir,
+            trust_domain,
+            namespace,
+            workloads,
+            days,
+        } => {
+            let report =
+                trellis::certs::write_dev_certs(&dir, &trust_domain, &namespace, &workloads, days)
+                    .unwrap_or_else(|e| {
+                        trellis::cli::exit_with("trellis certs", &format!("{e:#}"))
+                    });
+            let ca = dir.join("ca.pem");
+            if report.created_ca {
+                println!("created CA {}", ca.display());
+            } else {
+                println!("kept existing CA {}", ca.display());
+            }
+            for (id, path) in &report.workloads {
+                println!("issued {} for {id}", path.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! Mutual TLS between workloads.
+//!
+//! Both sides present a certificate from the mesh CA. The server accepts any
+//! client whose certificate chains to the CA and carries a SPIFFE ID in its
+//! trust domain, and hands the verified [`PeerIdentity`] to the code that
+//! serves the request. The client checks the server's chain and that its
+//! SPIFFE ID is the one it expected to reach: DNS names play no part.
+//!
+//! One crypto provider (ring) is used everywhere.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::identity::{IdentityError, SpiffeId, Workload, spiffe_id_of};
+
+/// How long a peer may take to complete the TLS handshake before the
+/// connection is dropped (slow or stalled peers must not pin resources).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The process-wide crypto provider: ring, the only one linked.
+pub fn provider() -> &'static Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+/// Checks that `key` is the private key of the leaf of `chain`.
+pub(crate) fn check_key_matches(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<(), String> {
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| format!("unsupported or malformed key: {e}"))?;
+    let certified = rustls::sign::CertifiedKey::new(chain.to_vec(), signing_key);
+    certified.keys_match().map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            "the private key belongs to another certificate".to_owned()
+        }
+        other => other.to_string(),
+    })
+}
+
+/// Why a peer's certificate was refused, beyond what webpki itself checks.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerRejected {
+    /// The certificate chains to the CA but carries no usable SPIFFE ID.
+    #[error("peer certificate has no valid SPIFFE ID: {0}")]
+    NoIdentity(String),
+    /// The peer's SPIFFE ID is in another trust domain.
+    #[error("peer identity {actual} is outside trust domain {expected}")]
+    WrongTrustDomain {
+        /// The domain we serve.
+        expected: String,
+        /// What the peer presented.
+        actual: SpiffeId,
+    },
+    /// The peer is not the workload we meant to reach.
+    #[error("peer identity {actual} is not the expected {expected}")]
+    WrongIdentity {
+        /// Whom we meant to reach.
+        expected: SpiffeId,
+        /// Whom we reached.
+        actual: SpiffeId,
+    },
+}
+
+fn reject(reason: PeerRejected) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(reason))))
+}
+
+fn identity_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, rustls::Error> {
+    spiffe_id_of(cert).map_err(|e| reject(PeerRejected::NoIdentity(e.to_string())))
+}
+
+/// Which server a client is willing to talk to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ExpectedPeer {
+    /// Exactly this workload.
+    Exactly(SpiffeId),
+    /// Any workload of this trust domain.
+    TrustDomain(String),
+}
+
+impl ExpectedPeer {
+    fn check(&self, actual: SpiffeId) -> Result<(), PeerRejected> {
+        match self {
+            Self::Exactly(expected) if *expected != actual => Err(PeerRejected::WrongIdentity {
+                expected: expected.clone(),
+                actual,
+            }),
+            Self::TrustDomain(domain) if actual.trust_domain() != domain => {
+                Err(PeerRejected::WrongTrustDomain {
+                    expected: domain.clone(),
+                    actual,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Verifies a server: chain to the mesh CA, validity, then SPIFFE ID.
+struct MeshServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: ExpectedPeer,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for MeshServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshServerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let actual = identity_of(end_entity)?;
+        self.expected.check(actual).map_err(reject)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Verifies a client: webpki's chain and client-auth checks, then a SPIFFE
+/// ID in our trust domain.
+#[derive(Debug)]
+struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let actual = identity_of(end_entity)?;
+        ExpectedPeer::TrustDomain(self.trust_domain.clone())
+            .check(actual)
+            .map_err(reject)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+impl Workload {
+    /// A server configuration that requires a client certificate from the
+    /// mesh CA with a SPIFFE ID in this workload's trust domain, and speaks
+    /// HTTP/2 (ALPN `h2`).
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, IdentityError> {
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots().clone(), provider().clone())
+                .build()
+                .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
+        let verifier = Arc::new(MeshClientVerifier {
+            inner,
+            trust_domain: self.id().trust_domain().to_owned(),
+        });
+        let mut config = ServerConfig::builder_with_provider(provider().clone())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain().to_vec(), self.key().clone_key())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// A client configuration that presents this workload's certificate
+    /// and accepts only a server whose identity matches `expected`.
+    pub fn client_config(
+        &self,
+        expected: ExpectedPeer,
+    ) -> Result<Arc<ClientConfig>, IdentityError> {
+        let verifier = Arc::new(MeshServerVerifier {
+            roots: self.roots().clone(),
+            expected,
+            provider: provider().clone(),
+        });
+        let mut config = ClientConfig::builder_with_provider(provider().clone())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain().to_vec(), self.key().clone_key())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        // Peers are found by address and checked by SPIFFE ID; SNI carries nothing.
+        config.enable_sni = false;
+        Ok(Arc::new(config))
+    }
+}
+
+/// The verified identity of the peer on an mTLS connection. Request
+/// handlers find it in the request's extensions (see [`peer_identity`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The SPIFFE ID from the peer's verified certificate.
+    pub id: SpiffeId,
+    /// The peer's socket address.
+    pub remote_addr: SocketAddr,
+}
+
+/// The verified caller of a gRPC request served over [`serve_incoming`], or
+/// UNAUTHENTICATED when the request did not arrive over mesh mTLS.
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<&PeerIdentity, tonic::Status> {
+    request.extensions().get::<PeerIdentity>().ok_or_else(|| {
+        tonic::Status::unauthenticated("this call requires a mesh mTLS client certificate")
+    })
+}
+
+/// A server-side mTLS stream that carries the verified peer identity.
+#[derive(Debug)]
+pub struct MeshTlsStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerIdentity,
+}
+
+impl MeshTlsStream {
+    /// The verified peer.
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+}
+
+impl tonic::transport::server::Connected for MeshTlsStream {
+    type ConnectInfo = PeerIdentity;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for MeshTlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshTlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts mTLS connections on `listener` and yields those whose handshake
+/// succeeded, each carrying its verified peer. Handshakes run concurrently
+/// with a timeout, so one slow peer never holds up the others; a refused
+/// handshake is logged with its reason and the peer's address.
+pub fn serve_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> ReceiverStream<io::Result<MeshTlsStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote_addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let tls = match handshake {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        tracing::warn!(peer.addr = %remote_addr, %error, "mTLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer.addr = %remote_addr, "mTLS handshake timed out");
+                        return;
+                    }
+                };
+                let Some(id) = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| spiffe_id_of(leaf).ok())
+                else {
+                    // The verifier guarantees a SPIFFE ID; this is defence in depth.
+                    tracing::warn!(peer.addr = %remote_addr, "mTLS peer without identity dropped");
+                    return;
+                };
+                let stream = MeshTlsStream {
+                    inner: tls,
+                    peer: PeerIdentity { id, remote_addr },
+                };
+                let _ = tx.send(Ok(stream)).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Opens mTLS connections to `addr` for tonic channels, checking the
+/// server against `config`'s expected peer.
+pub async fn connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("mTLS handshake with {addr} timed out"),
+        )
+    })?
+}
+
+/// A lazily connecting tonic channel to `addr` over mTLS, accepting only a
+/// server that matches `expected`.
+pub fn channel(
+    workload: &Workload,
+    addr: SocketAddr,
+    expected: ExpectedPeer,
+) -> Result<tonic::transport::Channel, IdentityError> {
+    let config = workload.client_config(expected)?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?
+        .connect_timeout(HANDSHAKE_TIMEOUT);
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let config = config.clone();
+            async move {
+                connect(addr, config)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        })),
+    )
+}

@@ -1,0 +1,11 @@
+//! Fixtures for Trellis tests: fresh PostgreSQL databases, certificate
+//! authorities made at test time, and child processes that are killed when
+//! the test ends.
+
+pub mod pki;
+pub mod postgres;
+pub mod process;
+
+pub use pki::TestPki;
+pub use postgres::TestDb;
+pub use process::{ChildGuard, free_port, wait_for_tcp};

@@ -1,0 +1,85 @@
+//! Certificate authorities and workload certificates made at test time.
+
+use std::path::{Path, PathBuf};
+
+use time::{Duration, OffsetDateTime};
+use trellis::certs::{CertAuthority, write_file};
+use trellis::identity::{DEFAULT_NAMESPACE, IdentityPaths, SpiffeId};
+
+/// A CA in a temporary directory that issues workload certificates as files.
+#[derive(Debug)]
+pub struct TestPki {
+    ca: CertAuthority,
+    trust_domain: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// A new CA for `trust_domain`.
+    pub fn new(trust_domain: &str) -> Self {
+        let ca = CertAuthority::generate(trust_domain, 1).expect("test CA");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        write_file(&dir.path().join("ca.pem"), ca.cert_pem(), false).expect("write CA");
+        Self {
+            ca,
+            trust_domain: trust_domain.to_owned(),
+            dir,
+        }
+    }
+
+    /// The directory the files are written to.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The CA certificate file.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The SPIFFE ID of `service` in this trust domain.
+    pub fn id(&self, service: &str) -> SpiffeId {
+        SpiffeId::for_service(&self.trust_domain, DEFAULT_NAMESPACE, service).expect("valid id")
+    }
+
+    /// Issues a currently valid certificate for `service`; the files are
+    /// named after `file_name`.
+    pub fn issue(&self, service: &str, file_name: &str) -> IdentityPaths {
+        let now = OffsetDateTime::now_utc();
+        self.issue_with_validity(
+            service,
+            file_name,
+            now - Duration::minutes(5),
+            now + Duration::days(1),
+        )
+    }
+
+    /// Issues a certificate for `service` valid only between the two times.
+    pub fn issue_with_validity(
+        &self,
+        service: &str,
+        file_name: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> IdentityPaths {
+        let issued = self
+            .ca
+            .issue_with_validity(&self.id(service), not_before, not_after)
+            .expect("issue test certificate");
+        let paths = IdentityPaths::in_dir(self.dir.path(), file_name);
+        write_file(&paths.cert, &issued.cert_pem, false).expect("write cert");
+        write_file(&paths.key, &issued.key_pem, true).expect("write key");
+        paths
+    }
+
+    /// Issues an already expired certificate for `service`.
+    pub fn issue_expired(&self, service: &str, file_name: &str) -> IdentityPaths {
+        let now = OffsetDateTime::now_utc();
+        self.issue_with_validity(
+            service,
+            file_name,
+            now - Duration::days(10),
+            now - Duration::days(1),
+        )
+    }
+}
