@@ -84,9 +84,13 @@ impl CertAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Trellis");
+        // A distinct name per CA: a certificate from another CA of the same
+        // trust domain is then reported as an unknown issuer, not as a bad
+        // signature from a namesake.
+        let tag: u32 = rand::random();
         dn.push(
             DnType::CommonName,
-            format!("Trellis mesh CA ({trust_domain})"),
+            format!("Trellis mesh CA {trust_domain} {tag:08x}"),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -60,7 +60,7 @@ pub(crate) fn check_key_matches(
 }
 
 /// Why a peer's certificate was refused, beyond what webpki itself checks.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum PeerRejected {
     /// The certificate chains to the CA but carries no usable SPIFFE ID.
     #[error("peer certificate has no valid SPIFFE ID: {0}")]
@@ -81,6 +81,13 @@ pub enum PeerRejected {
         /// Whom we reached.
         actual: SpiffeId,
     },
+}
+
+// rustls shows the reason with `{:?}`: make that the readable sentence.
+impl fmt::Debug for PeerRejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 fn reject(reason: PeerRejected) -> rustls::Error {
@@ -421,26 +428,110 @@ pub fn serve_incoming(
     ReceiverStream::new(rx)
 }
 
-/// Opens mTLS connections to `addr` for tonic channels, checking the
-/// server against `config`'s expected peer.
-pub async fn connect(
-    addr: SocketAddr,
-    config: Arc<ClientConfig>,
-) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let connector = tokio_rustls::TlsConnector::from(config);
-    tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        connector.connect(ServerName::IpAddress(addr.ip().into()), tcp),
-    )
-    .await
-    .map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("mTLS handshake with {addr} timed out"),
-        )
-    })?
+/// Opens an mTLS connection to `addr`, checking the server against
+/// `config`'s expected peer.
+///
+/// With TLS 1.3 the server judges the client's certificate only after the
+/// client's side of the handshake is over, so a refusal would otherwise
+/// surface later as a bare "connection closed". An HTTP/2 server speaks
+/// first (its SETTINGS frame), so this waits for those first bytes: a
+/// refused client gets the server's alert (`UnknownCA`,
+/// `CertificateExpired`, ...) as the connect error, and the bytes read are
+/// replayed to the caller.
+pub async fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> io::Result<MeshClientStream> {
+    let handshake = async {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let mut tls = connector
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await?;
+        let mut first = vec![0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut tls, &mut first).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("{addr} closed the connection right after the TLS handshake"),
+            ));
+        }
+        first.truncate(n);
+        Ok(MeshClientStream {
+            inner: tls,
+            replay: first,
+            replay_pos: 0,
+        })
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("mTLS handshake with {addr} timed out"),
+            )
+        })?
+        .map_err(|e| io::Error::new(e.kind(), format!("mTLS to {addr}: {e}")))
+}
+
+/// A client-side mTLS stream (see [`connect`]).
+#[derive(Debug)]
+pub struct MeshClientStream {
+    inner: tokio_rustls::client::TlsStream<TcpStream>,
+    replay: Vec<u8>,
+    replay_pos: usize,
+}
+
+impl MeshClientStream {
+    /// The TLS session, e.g. to read the peer's certificates.
+    pub fn session(&self) -> &rustls::ClientConnection {
+        self.inner.get_ref().1
+    }
+}
+
+impl AsyncRead for MeshClientStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.replay_pos < self.replay.len() {
+            let n = buf.remaining().min(self.replay.len() - self.replay_pos);
+            let start = self.replay_pos;
+            buf.put_slice(&self.replay[start..start + n]);
+            self.replay_pos += n;
+            if self.replay_pos == self.replay.len() {
+                self.replay = Vec::new();
+                self.replay_pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshClientStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// A lazily connecting tonic channel to `addr` over mTLS, accepting only a

@@ -72,6 +72,16 @@ impl TestPki {
         paths
     }
 
+    /// Issues a currently valid certificate for any SPIFFE ID (another
+    /// trust domain, say), signed by this CA.
+    pub fn issue_for_id(&self, id: &SpiffeId, file_name: &str) -> IdentityPaths {
+        let issued = self.ca.issue(id, 1).expect("issue test certificate");
+        let paths = IdentityPaths::in_dir(self.dir.path(), file_name);
+        write_file(&paths.cert, &issued.cert_pem, false).expect("write cert");
+        write_file(&paths.key, &issued.key_pem, true).expect("write key");
+        paths
+    }
+
     /// Issues an already expired certificate for `service`.
     pub fn issue_expired(&self, service: &str, file_name: &str) -> IdentityPaths {
         let now = OffsetDateTime::now_utc();
