@@ -229,7 +229,10 @@ fn as_postgres(program: &Path) -> Command {
     }
 }
 
-fn start_private_cluster() -> anyhow::Result<Config> {
+/// Starts a private PostgreSQL cluster for this test process (the fallback
+/// when no server is reachable) and returns its admin connection settings.
+/// It is stopped and its files removed once the process exits.
+pub fn start_private_cluster() -> anyhow::Result<Config> {
     let bindir = pg_bindir()?;
     let dir = tempfile::Builder::new()
         .prefix("trellis-pg-")
@@ -259,7 +262,7 @@ fn start_private_cluster() -> anyhow::Result<Config> {
     let script = format!(
         "{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off \
          -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 >{dir}/log 2>&1 & \
-         pg=$!; while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -INT $pg; wait $pg; rm -rf {dir}",
+         pg=$!; while [ -d /proc/{parent} ]; do sleep 1; done; kill -INT $pg; wait $pg; rm -rf {dir}",
         postgres = bindir.join("postgres").display(),
         data = data.display(),
         dir = dir.display(),
