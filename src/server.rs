@@ -111,3 +111,25 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, anyhow::Error> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
+
+/// Serves `router` over plaintext h2c on `addr` (a service behind its
+/// sidecar listens on loopback only) until SIGTERM or Ctrl-C, then drains
+/// within `grace`. Logs the address once listening.
+pub async fn run_plaintext(
+    name: &str,
+    addr: SocketAddr,
+    grace: Duration,
+    router: Router,
+) -> Result<(), anyhow::Error> {
+    let listener = bind(addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(server = name, addr = %local, "listening (h2c)");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    run_until_signal(name, grace, |drain| async move {
+        router
+            .serve_with_incoming_shutdown(incoming, drain)
+            .await
+            .map_err(anyhow::Error::from)
+    })
+    .await
+}
