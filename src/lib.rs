@@ -10,6 +10,7 @@ pub mod cli;
 pub mod identity;
 pub mod pb;
 pub mod server;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 

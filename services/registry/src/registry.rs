@@ -1,0 +1,828 @@
+//! The registry: live instances under leases, watched by proxies.
+//!
+//! All state sits behind one short-held mutex; every change bumps the
+//! revision and is published, under that lock, on a bounded broadcast
+//! channel. A watcher subscribes and takes its snapshot under the same lock,
+//! so it misses nothing; one that falls more than the channel's capacity
+//! behind is sent a fresh snapshot (`resync`) instead of growing a queue.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis::SpiffeId;
+use trellis::pb::trellis::registry::v1 as pb;
+use trellis::status::FieldViolations;
+use trellis::tls::peer_identity;
+
+use crate::contracts::Contract;
+use crate::validate;
+
+use pb::registry_service_server::RegistryService;
+use pb::{RemovalReason, ServingStatus, WatchEventKind};
+
+/// How many changes a watcher may fall behind before it is resynced.
+pub const WATCH_BUFFER: usize = 1024;
+/// How often expired leases are swept.
+pub const EXPIRY_SWEEP: Duration = Duration::from_millis(100);
+
+/// One change, as published to watchers.
+#[derive(Debug)]
+pub struct Change {
+    revision: u64,
+    kind: WatchEventKind,
+    reason: RemovalReason,
+    instance: pb::Instance,
+}
+
+#[derive(Debug)]
+struct Entry {
+    instance: pb::Instance,
+    owner: SpiffeId,
+    lease_id: String,
+    ttl: Duration,
+    expires: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    revision: u64,
+    instances: BTreeMap<String, Entry>,
+    leases: HashMap<String, String>,
+    contracts: HashMap<String, Arc<Contract>>,
+}
+
+impl State {
+    fn serves(instance: &pb::Instance, target: &str) -> bool {
+        instance.service == target || instance.grpc_services.iter().any(|s| s == target)
+    }
+
+    /// The mesh service (other than `except`) whose instances already serve
+    /// gRPC service `grpc`.
+    fn owner_of(&self, grpc: &str, except: &str) -> Option<&str> {
+        self.instances
+            .values()
+            .find(|e| {
+                e.instance.service != except && e.instance.grpc_services.iter().any(|s| s == grpc)
+            })
+            .map(|e| e.instance.service.as_str())
+    }
+
+    fn matching<'a>(
+        &'a self,
+        targets: &'a [String],
+    ) -> impl Iterator<Item = &'a pb::Instance> + 'a {
+        self.instances
+            .values()
+            .map(|e| &e.instance)
+            .filter(move |i| targets.is_empty() || targets.iter().any(|t| Self::serves(i, t)))
+    }
+}
+
+/// The registry's state and the publisher of its changes.
+#[derive(Debug)]
+pub struct Registry {
+    state: Mutex<State>,
+    changes: broadcast::Sender<Arc<Change>>,
+    /// Bumped whenever the set of registered contracts changes.
+    contracts_version: watch::Sender<u64>,
+    read_only: HashSet<String>,
+}
+
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+fn timestamp(at: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(at)
+}
+
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+impl Registry {
+    /// A new, empty registry. Callers whose service name or SPIFFE ID is in
+    /// `read_only` may resolve and watch but not register.
+    pub fn new(read_only: impl IntoIterator<Item = String>) -> Arc<Self> {
+        let (changes, _) = broadcast::channel(WATCH_BUFFER);
+        let (contracts_version, _) = watch::channel(0);
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            changes,
+            contracts_version,
+            read_only: read_only.into_iter().collect(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way later calls would trip on; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(
+        &self,
+        state: &mut State,
+        kind: WatchEventKind,
+        reason: RemovalReason,
+        instance: pb::Instance,
+    ) -> u64 {
+        state.revision += 1;
+        let change = Arc::new(Change {
+            revision: state.revision,
+            kind,
+            reason,
+            instance,
+        });
+        // No receivers is fine: nobody is watching.
+        let _ = self.changes.send(change);
+        state.revision
+    }
+
+    /// Follows changes to the set of registered contracts.
+    pub fn contracts_changes(&self) -> watch::Receiver<u64> {
+        self.contracts_version.subscribe()
+    }
+
+    /// Whether any registered contract defines gRPC service `service` (and
+    /// `method`, when given).
+    pub fn knows_method(&self, service: &str, method: Option<&str>) -> bool {
+        self.lock()
+            .contracts
+            .values()
+            .any(|c| c.has_method(service, method))
+    }
+
+    /// Whether any contract is registered at all.
+    pub fn has_contracts(&self) -> bool {
+        !self.lock().contracts.is_empty()
+    }
+
+    fn check_may_register(&self, caller: &SpiffeId, service: &str) -> Result<(), Status> {
+        let caller_service = caller.service();
+        if self.read_only.contains(caller.as_str())
+            || caller_service.is_some_and(|s| self.read_only.contains(s))
+        {
+            return Err(Status::permission_denied(format!(
+                "{caller} is a read-only identity: it may resolve and watch, not register"
+            )));
+        }
+        if caller_service != Some(service) {
+            return Err(Status::permission_denied(format!(
+                "{caller} may only register as its own service ({}), not as {service:?}",
+                caller_service.unwrap_or("none: its SPIFFE ID has no /ns/<ns>/sa/<service> path")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Registers an instance for `caller`.
+    pub fn register(
+        &self,
+        caller: &SpiffeId,
+        req: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse, Status> {
+        let mut violations = FieldViolations::new();
+        if let Err(e) = validate::service_name(&req.service) {
+            violations.add("service", e);
+        }
+        if let Err(e) = validate::address(&req.address) {
+            violations.add("address", e);
+        }
+        for (field, value) in [("version", &req.version), ("zone", &req.zone)] {
+            if value.len() > validate::MAX_LABEL {
+                violations.add(
+                    field,
+                    format!("must be at most {} bytes", validate::MAX_LABEL),
+                );
+            }
+        }
+        if req.grpc_services.len() > validate::MAX_GRPC_SERVICES {
+            violations.add(
+                "grpc_services",
+                format!("at most {} entries", validate::MAX_GRPC_SERVICES),
+            );
+        }
+        for (i, s) in req.grpc_services.iter().enumerate() {
+            if let Err(e) = validate::qualified_name(s) {
+                violations.add(format!("grpc_services[{i}]"), e);
+            }
+        }
+        check_metadata(&req.metadata, &mut violations);
+        if req.health() == ServingStatus::Unspecified {
+            violations.add("health", "must be SERVING or NOT_SERVING");
+        }
+        let ttl = match &req.lease_ttl {
+            None => validate::DEFAULT_TTL,
+            Some(d) if d.seconds < 0 || d.nanos < 0 => {
+                violations.add("lease_ttl", "must not be negative");
+                validate::DEFAULT_TTL
+            }
+            Some(d) => {
+                let ttl = Duration::new(d.seconds as u64, d.nanos as u32);
+                if ttl.is_zero() {
+                    validate::DEFAULT_TTL
+                } else if !(validate::MIN_TTL..=validate::MAX_TTL).contains(&ttl) {
+                    violations.add(
+                        "lease_ttl",
+                        format!(
+                            "{ttl:?} is outside {:?}..={:?}",
+                            validate::MIN_TTL,
+                            validate::MAX_TTL
+                        ),
+                    );
+                    ttl
+                } else {
+                    ttl
+                }
+            }
+        };
+        violations.check()?;
+        self.check_may_register(caller, &req.service)?;
+        let contract = if req.file_descriptors.is_empty() {
+            None
+        } else {
+            let contract = Contract::parse(&req.file_descriptors, &req.grpc_services)
+                .map_err(|e| trellis::status::invalid_field(&e.field, &e.reason))?;
+            Some(Arc::new(contract))
+        };
+
+        let mut state = self.lock();
+        for grpc in &req.grpc_services {
+            if let Some(owner) = state.owner_of(grpc, &req.service) {
+                return Err(Status::already_exists(format!(
+                    "{grpc} is already served by mesh service {owner:?}"
+                )));
+            }
+        }
+        let instance_id = random_id(&req.service);
+        let lease_id = random_id("lease");
+        let now = SystemTime::now();
+        let instance = pb::Instance {
+            instance_id: instance_id.clone(),
+            service: req.service.clone(),
+            version: req.version,
+            zone: req.zone,
+            address: req.address,
+            grpc_services: req.grpc_services,
+            metadata: req.metadata,
+            health: req.health,
+            identity: caller.to_string(),
+            registered_at: Some(timestamp(now)),
+            lease_expires_at: Some(timestamp(now + ttl)),
+        };
+        if let Some(contract) = contract {
+            state.contracts.insert(req.service.clone(), contract);
+            self.contracts_version.send_modify(|v| *v += 1);
+        }
+        state.instances.insert(
+            instance_id.clone(),
+            Entry {
+                instance: instance.clone(),
+                owner: caller.clone(),
+                lease_id: lease_id.clone(),
+                ttl,
+                expires: Instant::now() + ttl,
+            },
+        );
+        state.leases.insert(lease_id.clone(), instance_id.clone());
+        let revision = self.publish(
+            &mut state,
+            WatchEventKind::Upsert,
+            RemovalReason::Unspecified,
+            instance.clone(),
+        );
+        tracing::info!(
+            instance.id = %instance_id,
+            service = %instance.service,
+            address = %instance.address,
+            identity = %caller,
+            revision,
+            "instance registered"
+        );
+        Ok(pb::RegisterResponse {
+            instance_id,
+            lease_id,
+            ttl: Some(proto_duration(ttl)),
+            revision,
+            instance: Some(instance),
+        })
+    }
+
+    /// Renews a lease; `Ok(None)` when it is unknown or already expired.
+    pub fn renew(&self, caller: &SpiffeId, lease_id: &str) -> Result<Option<Duration>, Status> {
+        if lease_id.is_empty() {
+            return Err(trellis::status::invalid_field(
+                "lease_id",
+                "must not be empty",
+            ));
+        }
+        let mut state = self.lock();
+        let Some(instance_id) = state.leases.get(lease_id).cloned() else {
+            return Ok(None);
+        };
+        let Some(entry) = state.instances.get_mut(&instance_id) else {
+            return Ok(None);
+        };
+        if entry.owner != *caller {
+            return Err(Status::permission_denied(format!(
+                "lease {lease_id} belongs to {}, not {caller}",
+                entry.owner
+            )));
+        }
+        entry.expires = Instant::now() + entry.ttl;
+        entry.instance.lease_expires_at = Some(timestamp(SystemTime::now() + entry.ttl));
+        Ok(Some(entry.ttl))
+    }
+
+    fn owned_entry<'a>(
+        state: &'a mut State,
+        caller: &SpiffeId,
+        instance_id: &str,
+    ) -> Result<&'a mut Entry, Status> {
+        if instance_id.is_empty() {
+            return Err(trellis::status::invalid_field(
+                "instance_id",
+                "must not be empty",
+            ));
+        }
+        let entry = state.instances.get_mut(instance_id).ok_or_else(|| {
+            Status::not_found(format!("no instance {instance_id:?} is registered"))
+        })?;
+        if entry.owner != *caller {
+            return Err(Status::permission_denied(format!(
+                "instance {instance_id} belongs to {}, not {caller}",
+                entry.owner
+            )));
+        }
+        Ok(entry)
+    }
+
+    /// Removes an instance now.
+    pub fn deregister(&self, caller: &SpiffeId, instance_id: &str) -> Result<u64, Status> {
+        let mut state = self.lock();
+        Self::owned_entry(&mut state, caller, instance_id)?;
+        let revision = self.remove(&mut state, instance_id, RemovalReason::Deregistered);
+        tracing::info!(instance.id = %instance_id, identity = %caller, revision, "instance deregistered");
+        Ok(revision)
+    }
+
+    /// Changes an instance's serving status.
+    pub fn set_health(
+        &self,
+        caller: &SpiffeId,
+        instance_id: &str,
+        health: ServingStatus,
+    ) -> Result<u64, Status> {
+        if health == ServingStatus::Unspecified {
+            return Err(trellis::status::invalid_field(
+                "health",
+                "must be SERVING or NOT_SERVING",
+            ));
+        }
+        let mut state = self.lock();
+        let entry = Self::owned_entry(&mut state, caller, instance_id)?;
+        if entry.instance.health() == health {
+            return Ok(state.revision);
+        }
+        entry.instance.set_health(health);
+        let instance = entry.instance.clone();
+        let revision = self.publish(
+            &mut state,
+            WatchEventKind::Upsert,
+            RemovalReason::Unspecified,
+            instance,
+        );
+        tracing::info!(instance.id = %instance_id, health = ?health, revision, "instance health changed");
+        Ok(revision)
+    }
+
+    fn remove(&self, state: &mut State, instance_id: &str, reason: RemovalReason) -> u64 {
+        let Some(entry) = state.instances.remove(instance_id) else {
+            return state.revision;
+        };
+        state.leases.remove(&entry.lease_id);
+        let service = entry.instance.service.clone();
+        if !state
+            .instances
+            .values()
+            .any(|e| e.instance.service == service)
+            && state.contracts.remove(&service).is_some()
+        {
+            self.contracts_version.send_modify(|v| *v += 1);
+        }
+        self.publish(state, WatchEventKind::Remove, reason, entry.instance)
+    }
+
+    /// Removes every instance whose lease has run out; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut state = self.lock();
+        let expired: Vec<String> = state
+            .instances
+            .iter()
+            .filter(|(_, e)| e.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            let revision = self.remove(&mut state, id, RemovalReason::LeaseExpired);
+            tracing::info!(instance.id = %id, revision, "lease expired; instance removed");
+        }
+        expired.len()
+    }
+
+    /// Sweeps expired leases until the registry is dropped.
+    pub fn spawn_expiry(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
+                registry.expire(Instant::now());
+            }
+        })
+    }
+
+    /// The instances serving `target` (a mesh or gRPC service name).
+    pub fn resolve(&self, target: &str) -> Result<pb::ResolveResponse, Status> {
+        if target.is_empty() {
+            return Err(trellis::status::invalid_field(
+                "target",
+                "must not be empty",
+            ));
+        }
+        let state = self.lock();
+        let targets = [target.to_owned()];
+        let instances: Vec<pb::Instance> = state.matching(&targets).cloned().collect();
+        let Some(first) = instances.first() else {
+            return Err(Status::not_found(format!(
+                "no registered instance serves {target:?}"
+            )));
+        };
+        Ok(pb::ResolveResponse {
+            service: first.service.clone(),
+            instances,
+            revision: state.revision,
+        })
+    }
+
+    /// Every mesh service with at least one instance, sorted by name.
+    pub fn list_services(&self) -> pb::ListServicesResponse {
+        let state = self.lock();
+        let mut services: BTreeMap<&str, pb::ServiceSummary> = BTreeMap::new();
+        for e in state.instances.values() {
+            let summary = services
+                .entry(e.instance.service.as_str())
+                .or_insert_with(|| pb::ServiceSummary {
+                    name: e.instance.service.clone(),
+                    ..Default::default()
+                });
+            summary.instance_count += 1;
+            if e.instance.health() == ServingStatus::Serving {
+                summary.serving_instance_count += 1;
+            }
+            for g in &e.instance.grpc_services {
+                if !summary.grpc_services.contains(g) {
+                    summary.grpc_services.push(g.clone());
+                }
+            }
+        }
+        let mut services: Vec<_> = services.into_values().collect();
+        for s in &mut services {
+            s.grpc_services.sort();
+        }
+        pb::ListServicesResponse {
+            services,
+            revision: state.revision,
+        }
+    }
+
+    /// The registered file defining `symbol`, with its dependencies, and the
+    /// mesh service that registered it.
+    pub fn file_containing(&self, symbol: &str) -> Option<(String, Vec<Bytes>)> {
+        let state = self.lock();
+        let mut services: Vec<_> = state.contracts.iter().collect();
+        services.sort_by(|a, b| a.0.cmp(b.0));
+        services
+            .into_iter()
+            .find_map(|(service, c)| c.file_containing(symbol).map(|f| (service.clone(), f)))
+    }
+
+    /// Subscribes to changes and takes a snapshot of `targets`, atomically.
+    fn subscribe(
+        &self,
+        targets: &[String],
+    ) -> (broadcast::Receiver<Arc<Change>>, pb::WatchResponse) {
+        let state = self.lock();
+        let rx = self.changes.subscribe();
+        (rx, Self::snapshot(&state, targets, false))
+    }
+
+    fn snapshot(state: &State, targets: &[String], resync: bool) -> pb::WatchResponse {
+        pb::WatchResponse {
+            revision: state.revision,
+            kind: WatchEventKind::Snapshot as i32,
+            instances: state.matching(targets).cloned().collect(),
+            removal_reason: RemovalReason::Unspecified as i32,
+            resync,
+        }
+    }
+
+    /// Streams a snapshot of `targets` and then every change to them.
+    pub fn watch(
+        self: &Arc<Self>,
+        targets: Vec<String>,
+    ) -> ReceiverStream<Result<pb::WatchResponse, Status>> {
+        let (tx, out) = mpsc::channel(16);
+        let (mut rx, first) = self.subscribe(&targets);
+        let registry = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut seen = first.revision;
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    () = tx.closed() => return,
+                };
+                let response = match received {
+                    Ok(change) => {
+                        if change.revision <= seen
+                            || !(targets.is_empty()
+                                || targets.iter().any(|t| State::serves(&change.instance, t)))
+                        {
+                            continue;
+                        }
+                        seen = change.revision;
+                        pb::WatchResponse {
+                            revision: change.revision,
+                            kind: change.kind as i32,
+                            instances: vec![change.instance.clone()],
+                            removal_reason: change.reason as i32,
+                            resync: false,
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        let Some(registry) = registry.upgrade() else {
+                            return;
+                        };
+                        let snapshot = Self::snapshot(&registry.lock(), &targets, true);
+                        tracing::debug!(
+                            missed,
+                            revision = snapshot.revision,
+                            "slow watcher resynced"
+                        );
+                        seen = snapshot.revision;
+                        snapshot
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(out)
+    }
+}
+
+fn check_metadata(metadata: &HashMap<String, String>, violations: &mut FieldViolations) {
+    if metadata.len() > validate::MAX_METADATA_ENTRIES {
+        violations.add(
+            "metadata",
+            format!(
+                "{} entries; at most {} allowed",
+                metadata.len(),
+                validate::MAX_METADATA_ENTRIES
+            ),
+        );
+        return;
+    }
+    let mut total = 0;
+    for (k, v) in metadata {
+        total += k.len() + v.len();
+        if k.is_empty() || k.len() > validate::MAX_METADATA_KEY {
+            violations.add(
+                format!("metadata[{k:?}]"),
+                format!("keys must be 1 to {} bytes", validate::MAX_METADATA_KEY),
+            );
+        } else if v.len() > validate::MAX_METADATA_VALUE {
+            violations.add(
+                format!("metadata[{k:?}]"),
+                format!(
+                    "value of {} bytes; at most {} allowed",
+                    v.len(),
+                    validate::MAX_METADATA_VALUE
+                ),
+            );
+        }
+    }
+    if total > validate::MAX_METADATA_TOTAL {
+        violations.add(
+            "metadata",
+            format!(
+                "{total} bytes in all; at most {} allowed",
+                validate::MAX_METADATA_TOTAL
+            ),
+        );
+    }
+}
+
+/// The gRPC face of the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryApi {
+    registry: Arc<Registry>,
+}
+
+impl RegistryApi {
+    /// Serves `registry`.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self { registry }
+    }
+}
+
+fn caller<T>(request: &Request<T>) -> Result<SpiffeId, Status> {
+    Ok(peer_identity(request)?.id.clone())
+}
+
+#[tonic::async_trait]
+impl RegistryService for RegistryApi {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let caller = caller(&request)?;
+        self.registry
+            .register(&caller, request.into_inner())
+            .map(Response::new)
+    }
+
+    type KeepAliveStream = ReceiverStream<Result<pb::KeepAliveResponse, Status>>;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let caller = caller(&request)?;
+        let mut inbound = request.into_inner();
+        let registry = self.registry.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    () = tx.closed() => return,
+                };
+                let reply =
+                    match next {
+                        Ok(Some(ping)) => registry.renew(&caller, &ping.lease_id).map(|ttl| {
+                            pb::KeepAliveResponse {
+                                lease_id: ping.lease_id,
+                                ttl: Some(proto_duration(ttl.unwrap_or_default())),
+                            }
+                        }),
+                        Ok(None) | Err(_) => return,
+                    };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let caller = caller(&request)?;
+        let lease_id = request.into_inner().lease_id;
+        match self.registry.renew(&caller, &lease_id)? {
+            Some(ttl) => Ok(Response::new(pb::RenewLeaseResponse {
+                lease_id,
+                ttl: Some(proto_duration(ttl)),
+            })),
+            None => Err(Status::not_found(format!(
+                "lease {lease_id:?} is unknown or has expired; register again"
+            ))),
+        }
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let caller = caller(&request)?;
+        let revision = self
+            .registry
+            .deregister(&caller, &request.into_inner().instance_id)?;
+        Ok(Response::new(pb::DeregisterResponse { revision }))
+    }
+
+    async fn set_health(
+        &self,
+        request: Request<pb::SetHealthRequest>,
+    ) -> Result<Response<pb::SetHealthResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let revision = self
+            .registry
+            .set_health(&caller, &req.instance_id, req.health())?;
+        Ok(Response::new(pb::SetHealthResponse { revision }))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        caller(&request)?;
+        self.registry
+            .resolve(&request.into_inner().target)
+            .map(Response::new)
+    }
+
+    type WatchStream = ReceiverStream<Result<pb::WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        caller(&request)?;
+        let targets = request.into_inner().targets;
+        for (i, t) in targets.iter().enumerate() {
+            if t.is_empty() {
+                return Err(trellis::status::invalid_field(
+                    &format!("targets[{i}]"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(Response::new(self.registry.watch(targets)))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        caller(&request)?;
+        Ok(Response::new(self.registry.list_services()))
+    }
+
+    async fn get_file_containing(
+        &self,
+        request: Request<pb::GetFileContainingRequest>,
+    ) -> Result<Response<pb::GetFileContainingResponse>, Status> {
+        caller(&request)?;
+        let symbol = request.into_inner().symbol;
+        if symbol.is_empty() {
+            return Err(trellis::status::invalid_field(
+                "symbol",
+                "must not be empty",
+            ));
+        }
+        let (service, files) = self.registry.file_containing(&symbol).ok_or_else(|| {
+            Status::not_found(format!("no registered contract defines {symbol:?}"))
+        })?;
+        Ok(Response::new(pb::GetFileContainingResponse {
+            service,
+            file_descriptors: files.into_iter().map(|b| b.to_vec()).collect(),
+        }))
+    }
+
+    async fn get_service_descriptors(
+        &self,
+        request: Request<pb::GetServiceDescriptorsRequest>,
+    ) -> Result<Response<pb::GetServiceDescriptorsResponse>, Status> {
+        caller(&request)?;
+        let name = request.into_inner().grpc_service;
+        if let Err(e) = validate::qualified_name(&name) {
+            return Err(trellis::status::invalid_field("grpc_service", &e));
+        }
+        let (service, files) = self
+            .registry
+            .file_containing(&name)
+            .filter(|_| self.registry.knows_method(&name, None))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "gRPC service {name} is not registered, or was registered without descriptors"
+                ))
+            })?;
+        Ok(Response::new(pb::GetServiceDescriptorsResponse {
+            service,
+            file_descriptors: files.into_iter().map(|b| b.to_vec()).collect(),
+        }))
+    }
+}

@@ -1,0 +1,148 @@
+//! Input checks shared by the Registry and Config APIs.
+
+use std::time::Duration;
+
+/// Longest mesh service name (a DNS label).
+pub const MAX_SERVICE_NAME: usize = 63;
+/// Most gRPC services one instance may claim.
+pub const MAX_GRPC_SERVICES: usize = 128;
+/// Most metadata entries per instance.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Longest metadata key.
+pub const MAX_METADATA_KEY: usize = 63;
+/// Longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE: usize = 1024;
+/// Most metadata bytes (keys and values) per instance.
+pub const MAX_METADATA_TOTAL: usize = 16 * 1024;
+/// Longest version or zone string.
+pub const MAX_LABEL: usize = 64;
+/// Most descriptor bytes one registration may carry.
+pub const MAX_DESCRIPTOR_BYTES: usize = 4 * 1024 * 1024;
+/// Shortest lease a registration may ask for.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+/// Longest lease a registration may ask for.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+/// Lease given when a registration does not ask for one.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// A mesh service name: a DNS label (lower-case letters, digits and '-',
+/// starting with a letter, not ending with '-').
+pub fn service_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_SERVICE_NAME {
+        return Err(format!("must be at most {MAX_SERVICE_NAME} characters"));
+    }
+    let bytes = name.as_bytes();
+    if !bytes[0].is_ascii_lowercase()
+        || bytes[bytes.len() - 1] == b'-'
+        || !bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+    {
+        return Err(format!(
+            "{name:?} is not a mesh service name (lower-case letters, digits and '-', starting with a letter)"
+        ));
+    }
+    Ok(())
+}
+
+/// A fully qualified protobuf name such as `telco.usage.v1.UsageService`:
+/// at least two dot-separated identifiers.
+pub fn qualified_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    let ident = |p: &&str| {
+        let mut chars = p.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    if parts.len() < 2 || !parts.iter().all(ident) {
+        return Err(format!(
+            "{name:?} is not a fully qualified gRPC service name such as telco.usage.v1.UsageService"
+        ));
+    }
+    Ok(())
+}
+
+/// A `host:port` address: an IP address or a DNS host name, and a port
+/// other than 0.
+pub fn address(addr: &str) -> Result<(), String> {
+    if addr.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
+        return if sock.port() == 0 {
+            Err(format!("{addr:?} has port 0"))
+        } else {
+            Ok(())
+        };
+    }
+    let bad = || format!("{addr:?} is not host:port (e.g. 10.0.0.7:7443 or usage-1.internal:7443)");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(format!("{addr:?} has port 0"));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        assert!(service_name("usage").is_ok());
+        assert!(service_name("billing-report2").is_ok());
+        for bad in ["", "Usage", "9lives", "usage-", "us age", &"a".repeat(64)] {
+            assert!(service_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn qualified_names() {
+        assert!(qualified_name("telco.usage.v1.UsageService").is_ok());
+        for bad in ["", "UsageService", "telco..v1", "telco.1usage", "a.b/c"] {
+            assert!(qualified_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        for good in [
+            "127.0.0.1:7443",
+            "[::1]:80",
+            "usage-1.internal:7443",
+            "localhost:1",
+        ] {
+            assert!(address(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "host:99999",
+            "bad_host:80",
+            ":80",
+            "a b:1",
+        ] {
+            assert!(address(bad).is_err(), "{bad}");
+        }
+    }
+}
