@@ -5,7 +5,9 @@
 pub mod pki;
 pub mod postgres;
 pub mod process;
+pub mod registry;
 
 pub use pki::TestPki;
 pub use postgres::TestDb;
 pub use process::{ChildGuard, free_port, wait_for_tcp};
+pub use registry::{RunningRegistry, spawn_registry};

@@ -14,7 +14,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use trellis::identity::{IdentityPaths, Workload};
 use trellis::tls::{ExpectedPeer, channel};
-use trellis_test_support::{ChildGuard, TestPki, free_port, wait_for_tcp};
+use trellis_test_support::{ChildGuard, TestPki};
 
 const REGISTRY: &str = env!("CARGO_BIN_EXE_trellis-registry");
 
@@ -25,27 +25,17 @@ const EXPIRY_WAIT: Duration = Duration::from_millis(3_200);
 struct Registry {
     addr: SocketAddr,
     process: ChildGuard,
+    _config: tempfile::TempDir,
 }
 
 fn start_registry(identity: &IdentityPaths) -> Registry {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut cmd = Command::new(REGISTRY);
-    cmd.arg("--listen")
-        .arg(addr.to_string())
-        .arg("--cert")
-        .arg(&identity.cert)
-        .arg("--key")
-        .arg(&identity.key)
-        .arg("--ca")
-        .arg(&identity.ca)
-        .env("RUST_LOG", "info");
-    let process = ChildGuard::spawn("registry", cmd).expect("registry starts");
-    assert!(
-        wait_for_tcp(addr, Duration::from_secs(20)),
-        "registry did not listen on {addr}: {}",
-        process.output()
-    );
-    Registry { addr, process }
+    let config = tempfile::tempdir().unwrap();
+    let running = trellis_test_support::spawn_registry(REGISTRY, identity, config.path());
+    Registry {
+        addr: running.addr,
+        process: running.process,
+        _config: config,
+    }
 }
 
 async fn health(

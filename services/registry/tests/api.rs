@@ -1,0 +1,774 @@
+//! The Registry and Config APIs, against the real registry process over
+//! mTLS on 127.0.0.1, called with several workload identities.
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+use trellis::Workload;
+use trellis::pb::trellis::config::v1 as cfg;
+use trellis::pb::trellis::registry::v1 as reg;
+use trellis::tls::{ExpectedPeer, channel};
+use trellis_test_support::{RunningRegistry, TestPki, spawn_registry};
+
+use cfg::config_service_client::ConfigServiceClient;
+use reg::registry_service_client::RegistryServiceClient;
+
+const REGISTRY: &str = env!("CARGO_BIN_EXE_trellis-registry");
+const USAGE: &str = "telco.usage.v1.UsageService";
+
+struct Mesh {
+    pki: TestPki,
+    registry: RunningRegistry,
+    config_dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    fn start() -> Self {
+        let pki = TestPki::new("trellis.local");
+        let config_dir = tempfile::tempdir().unwrap();
+        let registry = spawn_registry(
+            REGISTRY,
+            &pki.issue("registry", "registry"),
+            config_dir.path(),
+        );
+        Self {
+            pki,
+            registry,
+            config_dir,
+        }
+    }
+
+    fn channel(&self, service: &str) -> Channel {
+        let workload = Workload::load(&self.pki.issue(service, service)).unwrap();
+        channel(
+            &workload,
+            self.registry.addr,
+            ExpectedPeer::Exactly(self.pki.id("registry")),
+        )
+        .unwrap()
+    }
+
+    fn registry_as(&self, service: &str) -> RegistryServiceClient<Channel> {
+        RegistryServiceClient::new(self.channel(service))
+    }
+
+    fn config_as(&self, service: &str) -> ConfigServiceClient<Channel> {
+        ConfigServiceClient::new(self.channel(service))
+    }
+}
+
+fn descriptors() -> Vec<Vec<u8>> {
+    let set = prost_types::FileDescriptorSet::decode(trellis::pb::FILE_DESCRIPTOR_SET).unwrap();
+    set.file.iter().map(|f| f.encode_to_vec()).collect()
+}
+
+fn usage_instance(port: u16, ttl: Duration) -> reg::RegisterRequest {
+    reg::RegisterRequest {
+        service: "usage".into(),
+        version: "1.0.0".into(),
+        zone: "local".into(),
+        address: format!("127.0.0.1:{port}"),
+        grpc_services: vec![USAGE.into()],
+        metadata: [("lang".to_owned(), "rust".to_owned())].into(),
+        health: reg::ServingStatus::Serving as i32,
+        lease_ttl: Some(prost_types::Duration {
+            seconds: ttl.as_secs() as i64,
+            nanos: ttl.subsec_nanos() as i32,
+        }),
+        file_descriptors: Vec::new(),
+    }
+}
+
+async fn next(
+    stream: &mut tonic::Streaming<reg::WatchResponse>,
+    within: Duration,
+) -> reg::WatchResponse {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .expect("a watch event in time")
+        .unwrap()
+        .expect("stream open")
+}
+
+#[tokio::test]
+async fn register_with_descriptors_and_fetch_them_by_symbol() {
+    let mesh = Mesh::start();
+    let mut usage = mesh.registry_as("usage");
+    let mut request = usage_instance(9001, Duration::from_secs(30));
+    request.file_descriptors = descriptors();
+    let registered = usage.register(request).await.unwrap().into_inner();
+    assert!(registered.instance_id.starts_with("usage-"));
+    assert_eq!(
+        registered.instance.unwrap().identity,
+        "spiffe://trellis.local/ns/default/sa/usage"
+    );
+
+    let mut edge = mesh.registry_as("edge");
+    for symbol in [
+        USAGE,
+        "telco.usage.v1.UsageService.RecordUsage",
+        "telco.usage.v1.UsageRecord",
+        "telco.usage.v1.UsageType",
+    ] {
+        let found = edge
+            .get_file_containing(reg::GetFileContainingRequest {
+                symbol: symbol.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(found.service, "usage");
+        let names: Vec<String> = found
+            .file_descriptors
+            .iter()
+            .map(|b| {
+                prost_types::FileDescriptorProto::decode(b.as_slice())
+                    .unwrap()
+                    .name()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(names[0], "telco/usage/v1/usage.proto", "{symbol}");
+        assert!(
+            names.contains(&"google/protobuf/timestamp.proto".to_owned()),
+            "{names:?}"
+        );
+        // Comments survive the round trip, for reflection clients to show.
+        let first =
+            prost_types::FileDescriptorProto::decode(found.file_descriptors[0].as_slice()).unwrap();
+        assert!(first.source_code_info.is_some());
+    }
+    let by_service = edge
+        .get_service_descriptors(reg::GetServiceDescriptorsRequest {
+            grpc_service: USAGE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_service.service, "usage");
+
+    let missing = edge
+        .get_file_containing(reg::GetFileContainingRequest {
+            symbol: "telco.usage.v1.Nothing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().contains("telco.usage.v1.Nothing"));
+
+    // Deregistering the last instance withdraws its contract.
+    usage
+        .deregister(reg::DeregisterRequest {
+            instance_id: registered.instance_id,
+        })
+        .await
+        .unwrap();
+    let gone = edge
+        .get_file_containing(reg::GetFileContainingRequest {
+            symbol: USAGE.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn watch_sees_add_health_change_deregister_and_expiry() {
+    let mesh = Mesh::start();
+    let mut usage = mesh.registry_as("usage");
+    let mut edge = mesh.registry_as("edge");
+
+    let mut watch = edge
+        .watch(reg::WatchRequest {
+            targets: vec![USAGE.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = next(&mut watch, Duration::from_secs(5)).await;
+    assert_eq!(snapshot.kind(), reg::WatchEventKind::Snapshot);
+    assert!(snapshot.instances.is_empty());
+
+    // Add.
+    let a = usage
+        .register(usage_instance(9001, Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .into_inner();
+    let added = next(&mut watch, Duration::from_secs(2)).await;
+    assert_eq!(added.kind(), reg::WatchEventKind::Upsert);
+    assert_eq!(added.instances[0].instance_id, a.instance_id);
+    assert!(added.revision > snapshot.revision);
+
+    // Resolve by mesh service name and by gRPC service name.
+    for target in ["usage", USAGE] {
+        let resolved = edge
+            .resolve(reg::ResolveRequest {
+                target: target.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resolved.service, "usage");
+        assert_eq!(resolved.instances.len(), 1);
+        assert_eq!(resolved.instances[0].address, "127.0.0.1:9001");
+    }
+
+    // Health change, without removal.
+    usage
+        .set_health(reg::SetHealthRequest {
+            instance_id: a.instance_id.clone(),
+            health: reg::ServingStatus::NotServing as i32,
+        })
+        .await
+        .unwrap();
+    let changed = next(&mut watch, Duration::from_secs(2)).await;
+    assert_eq!(changed.kind(), reg::WatchEventKind::Upsert);
+    assert_eq!(
+        changed.instances[0].health(),
+        reg::ServingStatus::NotServing
+    );
+    let listed = edge
+        .list_services(reg::ListServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.services[0].name, "usage");
+    assert_eq!(
+        (
+            listed.services[0].instance_count,
+            listed.services[0].serving_instance_count
+        ),
+        (1, 0)
+    );
+
+    // Deregister.
+    usage
+        .deregister(reg::DeregisterRequest {
+            instance_id: a.instance_id.clone(),
+        })
+        .await
+        .unwrap();
+    let removed = next(&mut watch, Duration::from_secs(2)).await;
+    assert_eq!(removed.kind(), reg::WatchEventKind::Remove);
+    assert_eq!(removed.removal_reason(), reg::RemovalReason::Deregistered);
+    let gone = edge
+        .resolve(reg::ResolveRequest {
+            target: "usage".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+
+    // Lease expiry: a 2 s lease that is never renewed.
+    let ttl = Duration::from_secs(2);
+    let registered_at = Instant::now();
+    let b = usage
+        .register(usage_instance(9002, ttl))
+        .await
+        .unwrap()
+        .into_inner();
+    let added = next(&mut watch, Duration::from_secs(2)).await;
+    assert_eq!(added.instances[0].instance_id, b.instance_id);
+    let expired = next(&mut watch, ttl + Duration::from_secs(2)).await;
+    assert_eq!(expired.kind(), reg::WatchEventKind::Remove);
+    assert_eq!(expired.removal_reason(), reg::RemovalReason::LeaseExpired);
+    assert!(
+        registered_at.elapsed() <= ttl + Duration::from_secs(1),
+        "expiry seen after {:?}",
+        registered_at.elapsed()
+    );
+    let renew = usage
+        .renew_lease(reg::RenewLeaseRequest {
+            lease_id: b.lease_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(renew.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn keep_alive_holds_a_lease_past_its_ttl() {
+    let mesh = Mesh::start();
+    let mut usage = mesh.registry_as("usage");
+    let c = usage
+        .register(usage_instance(9003, Duration::from_secs(1)))
+        .await
+        .unwrap()
+        .into_inner();
+    let lease = c.lease_id.clone();
+    let pings = async_ping(lease.clone(), 8, Duration::from_millis(300));
+    let mut replies = usage.keep_alive(pings).await.unwrap().into_inner();
+    let mut answered = 0;
+    while let Some(reply) = replies.message().await.unwrap() {
+        assert_eq!(reply.lease_id, lease);
+        assert_eq!(reply.ttl.unwrap().seconds, 1);
+        answered += 1;
+    }
+    assert_eq!(answered, 8);
+    // 2.4 s later the 1 s lease is still alive.
+    let resolved = mesh
+        .registry_as("edge")
+        .resolve(reg::ResolveRequest {
+            target: "usage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.instances[0].instance_id, c.instance_id);
+}
+
+fn async_ping(
+    lease: String,
+    count: usize,
+    every: Duration,
+) -> impl tokio_stream::Stream<Item = reg::KeepAliveRequest> {
+    futures::stream::unfold(0, move |n| {
+        let lease = lease.clone();
+        async move {
+            if n == count {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((reg::KeepAliveRequest { lease_id: lease }, n + 1))
+        }
+    })
+}
+
+#[tokio::test]
+async fn another_identity_cannot_register_renew_or_deregister_as_the_first() {
+    let mesh = Mesh::start();
+    let mut usage = mesh.registry_as("usage");
+    let mine = usage
+        .register(usage_instance(9001, Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut settlement = mesh.registry_as("settlement");
+    let denied = settlement
+        .register(usage_instance(9009, Duration::from_secs(30)))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(
+        denied
+            .message()
+            .contains("may only register as its own service (settlement)"),
+        "{denied:?}"
+    );
+
+    let denied = settlement
+        .deregister(reg::DeregisterRequest {
+            instance_id: mine.instance_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = settlement
+        .renew_lease(reg::RenewLeaseRequest {
+            lease_id: mine.lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = settlement
+        .set_health(reg::SetHealthRequest {
+            instance_id: mine.instance_id.clone(),
+            health: reg::ServingStatus::NotServing as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // The read-only edge identity may read but not register, even as itself.
+    let mut edge = mesh.registry_as("edge");
+    let mut as_edge = usage_instance(9010, Duration::from_secs(30));
+    as_edge.service = "edge".into();
+    as_edge.grpc_services.clear();
+    let denied = edge.register(as_edge).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(denied.message().contains("read-only"), "{denied:?}");
+    edge.resolve(reg::ResolveRequest {
+        target: "usage".into(),
+    })
+    .await
+    .unwrap();
+
+    // A gRPC service already served by another mesh service cannot be claimed.
+    let mut claim = usage_instance(9011, Duration::from_secs(30));
+    claim.service = "settlement".into();
+    let taken = settlement.register(claim).await.unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists);
+
+    // The first identity's instance is untouched.
+    let resolved = edge
+        .resolve(reg::ResolveRequest {
+            target: "usage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.instances.len(), 1);
+    assert_eq!(resolved.instances[0].health(), reg::ServingStatus::Serving);
+}
+
+#[tokio::test]
+async fn bad_input_names_the_field() {
+    let mesh = Mesh::start();
+    let mut usage = mesh.registry_as("usage");
+    let base = || usage_instance(9001, Duration::from_secs(30));
+    let cases: Vec<(reg::RegisterRequest, &str)> = vec![
+        (
+            reg::RegisterRequest {
+                service: String::new(),
+                ..base()
+            },
+            "service",
+        ),
+        (
+            reg::RegisterRequest {
+                service: "Usage Service".into(),
+                ..base()
+            },
+            "service",
+        ),
+        (
+            reg::RegisterRequest {
+                address: "not an address".into(),
+                ..base()
+            },
+            "address",
+        ),
+        (
+            reg::RegisterRequest {
+                address: "127.0.0.1:0".into(),
+                ..base()
+            },
+            "address",
+        ),
+        (
+            reg::RegisterRequest {
+                grpc_services: vec!["UsageService".into()],
+                ..base()
+            },
+            "grpc_services[0]",
+        ),
+        (
+            reg::RegisterRequest {
+                health: 0,
+                ..base()
+            },
+            "health",
+        ),
+        (
+            reg::RegisterRequest {
+                lease_ttl: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 100_000_000,
+                }),
+                ..base()
+            },
+            "lease_ttl",
+        ),
+        (
+            reg::RegisterRequest {
+                lease_ttl: Some(prost_types::Duration {
+                    seconds: 86_400 * 365,
+                    nanos: 0,
+                }),
+                ..base()
+            },
+            "lease_ttl",
+        ),
+        (
+            reg::RegisterRequest {
+                metadata: [("blob".to_owned(), "x".repeat(100_000))].into(),
+                ..base()
+            },
+            "metadata[\"blob\"]",
+        ),
+        (
+            reg::RegisterRequest {
+                metadata: (0..1000)
+                    .map(|i| (format!("k{i}"), "v".to_owned()))
+                    .collect(),
+                ..base()
+            },
+            "metadata",
+        ),
+        (
+            reg::RegisterRequest {
+                file_descriptors: vec![vec![0xff; 8]],
+                ..base()
+            },
+            "file_descriptors[0]",
+        ),
+        (
+            reg::RegisterRequest {
+                grpc_services: vec!["telco.usage.v1.NotInTheDescriptors".into()],
+                file_descriptors: descriptors(),
+                ..base()
+            },
+            "grpc_services[0]",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = usage.register(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+        let details = status.get_error_details();
+        let violations = &details
+            .bad_request()
+            .expect("BadRequest details")
+            .field_violations;
+        assert_eq!(violations[0].field, field);
+    }
+
+    let unknown = usage
+        .renew_lease(reg::RenewLeaseRequest {
+            lease_id: "lease-0000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let unknown = usage
+        .deregister(reg::DeregisterRequest {
+            instance_id: "usage-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let empty = usage
+        .resolve(reg::ResolveRequest {
+            target: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+
+    // Nothing half-written: none of the refused registrations exists.
+    let listed = usage
+        .list_services(reg::ListServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.services.is_empty(), "{listed:?}");
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) {
+    // Write then rename, as editors and config tooling do, so the reader
+    // never sees half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+async fn next_config(
+    stream: &mut tonic::Streaming<cfg::WatchConfigResponse>,
+    within: Duration,
+) -> Option<cfg::WatchConfigResponse> {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .ok()
+        .map(|m| m.unwrap().expect("stream open"))
+}
+
+fn usage_timeout(config: &cfg::ServiceConfig) -> i64 {
+    config
+        .routes
+        .iter()
+        .find(|r| r.method_match == "*")
+        .and_then(|r| r.timeout)
+        .map_or(0, |t| t.seconds)
+}
+
+#[tokio::test]
+async fn config_edits_reach_watchers_live_and_bad_edits_are_refused() {
+    let mesh = Mesh::start();
+    let dir = mesh.config_dir.path();
+    write(
+        dir,
+        "defaults.toml",
+        "[[routes]]\nmethod = \"*\"\ntimeout = \"5s\"\n\n[settings]\nregion = \"eu\"\n",
+    );
+    write(
+        dir,
+        "usage.toml",
+        "[[routes]]\nmethod = \"*\"\ntimeout = \"2s\"\n",
+    );
+
+    let mut config = mesh.config_as("usage");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut watch = loop {
+        // The registry reads the directory every 200 ms.
+        let current = config
+            .get_config(cfg::GetConfigRequest {
+                service: "usage".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if usage_timeout(current.config.as_ref().unwrap()) == 2 {
+            break config
+                .watch_config(cfg::WatchConfigRequest {
+                    service: "usage".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+        }
+        assert!(Instant::now() < deadline, "initial files never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let first = next_config(&mut watch, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(first.source, "usage.toml");
+    let first_config = first.config.unwrap();
+    assert_eq!(usage_timeout(&first_config), 2);
+    // Settings come from the defaults.
+    assert!(first_config.settings.unwrap().fields.contains_key("region"));
+
+    // A valid edit reaches the watcher within a second.
+    let edited_at = Instant::now();
+    write(
+        dir,
+        "usage.toml",
+        "[[routes]]\nmethod = \"*\"\ntimeout = \"3s\"\n",
+    );
+    let second = next_config(&mut watch, Duration::from_secs(2))
+        .await
+        .expect("edit pushed");
+    assert!(
+        edited_at.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        edited_at.elapsed()
+    );
+    assert!(second.revision > first.revision);
+    assert_eq!(usage_timeout(second.config.as_ref().unwrap()), 3);
+
+    // An invalid edit is refused with file, line and reason; 3s stays.
+    write(
+        dir,
+        "usage.toml",
+        "[[routes]]\nmethod = \"*\"\n\ntimeout = \"three seconds\"\n",
+    );
+    assert!(
+        next_config(&mut watch, Duration::from_millis(800))
+            .await
+            .is_none(),
+        "bad edit was pushed"
+    );
+    let status = config
+        .get_config_status(cfg::GetConfigStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let problem = status
+        .problems
+        .iter()
+        .find(|p| p.rejected)
+        .expect("the rejected file is reported");
+    assert_eq!(problem.file, "usage.toml");
+    assert_eq!(problem.line, 4);
+    assert!(problem.message.contains("not a duration"), "{problem:?}");
+    assert_eq!(status.revision, second.revision);
+    let current = config
+        .get_config(cfg::GetConfigRequest {
+            service: "usage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(usage_timeout(current.config.as_ref().unwrap()), 3);
+    assert!(
+        mesh.registry
+            .process
+            .output()
+            .contains("config file rejected"),
+        "the rejection is logged"
+    );
+
+    // A service without a file gets the defaults.
+    let settlement = config
+        .get_config(cfg::GetConfigRequest {
+            service: "settlement".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(settlement.source, "");
+    assert_eq!(usage_timeout(settlement.config.as_ref().unwrap()), 5);
+    let bad = config
+        .get_config(cfg::GetConfigRequest {
+            service: "Not A Name".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn rules_naming_unknown_methods_are_reported_until_a_contract_defines_them() {
+    let mesh = Mesh::start();
+    let dir = mesh.config_dir.path();
+    write(
+        dir,
+        "usage.toml",
+        "[[routes]]\nmethod = \"telco.usage.v1.UsageService/RecordUsage\"\nidempotent = true\n\n\
+         [[authorization]]\ncallers = [\"settlement\"]\nmethods = [\"telco.usage.v1.UsageService/Recrod\"]\naction = \"allow\"\n",
+    );
+    let mut config = mesh.config_as("usage");
+    let unknown = |status: &cfg::GetConfigStatusResponse| {
+        status
+            .problems
+            .iter()
+            .filter(|p| p.message.starts_with("unknown method"))
+            .map(|p| (p.rule.clone(), p.line))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = config
+            .get_config_status(cfg::GetConfigStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if unknown(&status).len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once the contract is registered, only the misspelt method is unknown.
+    let mut request = usage_instance(9001, Duration::from_secs(30));
+    request.file_descriptors = descriptors();
+    mesh.registry_as("usage").register(request).await.unwrap();
+    let status = config
+        .get_config_status(cfg::GetConfigStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        unknown(&status),
+        vec![("authorization[0].methods[0]".to_owned(), 7)]
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !mesh
+        .registry
+        .process
+        .output()
+        .contains("UsageService/Recrod")
+    {
+        assert!(Instant::now() < deadline, "unknown method was not logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

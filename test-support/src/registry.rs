@@ -1,0 +1,44 @@
+//! Starting the registry binary for a test.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use trellis::identity::IdentityPaths;
+
+use crate::process::{ChildGuard, free_port, wait_for_tcp};
+
+/// A registry process listening on 127.0.0.1.
+#[derive(Debug)]
+pub struct RunningRegistry {
+    /// Where it serves the Registry and Config APIs (mTLS).
+    pub addr: SocketAddr,
+    /// The process, killed when dropped.
+    pub process: ChildGuard,
+}
+
+/// Starts the registry binary `bin` with `identity`, reading configuration
+/// from `config_dir`, and waits until it listens.
+pub fn spawn_registry(bin: &str, identity: &IdentityPaths, config_dir: &Path) -> RunningRegistry {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.arg("--listen")
+        .arg(addr.to_string())
+        .arg("--config-dir")
+        .arg(config_dir)
+        .arg("--cert")
+        .arg(&identity.cert)
+        .arg("--key")
+        .arg(&identity.key)
+        .arg("--ca")
+        .arg(&identity.ca)
+        .env("RUST_LOG", "info");
+    let process = ChildGuard::spawn("registry", cmd).expect("registry starts");
+    assert!(
+        wait_for_tcp(addr, Duration::from_secs(20)),
+        "registry did not listen on {addr}: {}",
+        process.output()
+    );
+    RunningRegistry { addr, process }
+}
