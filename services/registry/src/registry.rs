@@ -54,6 +54,11 @@ struct State {
     instances: BTreeMap<String, Entry>,
     leases: HashMap<String, String>,
     contracts: HashMap<String, Arc<Contract>>,
+    /// Instances per mesh service.
+    per_service: HashMap<String, usize>,
+    /// For each gRPC service: the mesh service serving it, and how many of
+    /// its instances do.
+    grpc_owners: HashMap<String, (String, usize)>,
 }
 
 impl State {
@@ -64,12 +69,45 @@ impl State {
     /// The mesh service (other than `except`) whose instances already serve
     /// gRPC service `grpc`.
     fn owner_of(&self, grpc: &str, except: &str) -> Option<&str> {
-        self.instances
-            .values()
-            .find(|e| {
-                e.instance.service != except && e.instance.grpc_services.iter().any(|s| s == grpc)
-            })
-            .map(|e| e.instance.service.as_str())
+        self.grpc_owners
+            .get(grpc)
+            .map(|(owner, _)| owner.as_str())
+            .filter(|owner| *owner != except)
+    }
+
+    fn index(&mut self, instance: &pb::Instance) {
+        *self
+            .per_service
+            .entry(instance.service.clone())
+            .or_default() += 1;
+        for g in &instance.grpc_services {
+            self.grpc_owners
+                .entry(g.clone())
+                .or_insert_with(|| (instance.service.clone(), 0))
+                .1 += 1;
+        }
+    }
+
+    /// Forgets an instance in the indexes; true if it was its service's last.
+    fn unindex(&mut self, instance: &pb::Instance) -> bool {
+        for g in &instance.grpc_services {
+            if let Some((_, count)) = self.grpc_owners.get_mut(g) {
+                *count -= 1;
+                if *count == 0 {
+                    self.grpc_owners.remove(g);
+                }
+            }
+        }
+        match self.per_service.get_mut(&instance.service) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            _ => {
+                self.per_service.remove(&instance.service);
+                true
+            }
+        }
     }
 
     fn matching<'a>(
@@ -294,6 +332,7 @@ impl Registry {
             },
         );
         state.leases.insert(lease_id.clone(), instance_id.clone());
+        state.index(&instance);
         let revision = self.publish(
             &mut state,
             WatchEventKind::Upsert,
@@ -410,13 +449,8 @@ impl Registry {
             return state.revision;
         };
         state.leases.remove(&entry.lease_id);
-        let service = entry.instance.service.clone();
-        if !state
-            .instances
-            .values()
-            .any(|e| e.instance.service == service)
-            && state.contracts.remove(&service).is_some()
-        {
+        let last = state.unindex(&entry.instance);
+        if last && state.contracts.remove(&entry.instance.service).is_some() {
             self.contracts_version.send_modify(|v| *v += 1);
         }
         self.publish(state, WatchEventKind::Remove, reason, entry.instance)

@@ -772,3 +772,33 @@ async fn rules_naming_unknown_methods_are_reported_until_a_contract_defines_them
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_grpc_service_can_move_to_another_mesh_service_once_its_owner_is_gone() {
+    let mesh = Mesh::start();
+    let mut usage = mesh.registry_as("usage");
+    let first = usage
+        .register(usage_instance(9001, Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = usage
+        .register(usage_instance(9002, Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut settlement = mesh.registry_as("settlement");
+    let mut claim = usage_instance(9011, Duration::from_secs(30));
+    claim.service = "settlement".into();
+    for id in [first.instance_id, second.instance_id] {
+        assert_eq!(
+            settlement.register(claim.clone()).await.unwrap_err().code(),
+            Code::AlreadyExists
+        );
+        usage
+            .deregister(reg::DeregisterRequest { instance_id: id })
+            .await
+            .unwrap();
+    }
+    settlement.register(claim).await.unwrap();
+}
