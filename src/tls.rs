@@ -397,6 +397,12 @@ pub fn serve_incoming(
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
+                    // A bare TCP probe (health checkers, port scans) closes
+                    // before any TLS: not worth a warning.
+                    Ok(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(peer.addr = %remote_addr, %error, "connection closed before the TLS handshake");
+                        return;
+                    }
                     Ok(Err(error)) => {
                         tracing::warn!(peer.addr = %remote_addr, %error, "mTLS handshake refused");
                         return;

@@ -802,3 +802,70 @@ async fn a_grpc_service_can_move_to_another_mesh_service_once_its_owner_is_gone(
     }
     settlement.register(claim).await.unwrap();
 }
+
+// Multi-threaded: the client connections must be able to close while the
+// test blocks waiting for the registry to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_health_and_reflection_and_drains_on_sigterm() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mut mesh = Mesh::start();
+    let mut reflection = ServerReflectionClient::new(mesh.channel("edge"));
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        replies.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "trellis.registry.v1.RegistryService",
+        "trellis.config.v1.ConfigService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not in {names:?}"
+        );
+    }
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(mesh.channel("edge"));
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "trellis.registry.v1.RegistryService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    // With no call in flight, the drain is immediate and clean.
+    drop((replies, reflection, health));
+    mesh.registry.process.terminate();
+    let exit = mesh
+        .registry
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .expect("registry exits after SIGTERM");
+    assert!(
+        exit.success(),
+        "{exit:?}: {}",
+        mesh.registry.process.output()
+    );
+    let output = mesh.registry.process.output();
+    assert!(output.contains("drained cleanly"), "{output}");
+}
