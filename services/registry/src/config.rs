@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use trellis::pb::trellis::config::v1 as pb;
 
 use crate::registry::Registry;
-use crate::validate;
+use crate::{proto_duration, validate};
 
 /// How often the directory is re-read.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -420,11 +420,7 @@ impl ConfigStore {
             }
         }
         reader.seen = texts;
-        let changed = files.len() != current.files.len()
-            || files
-                .iter()
-                .zip(current.files.iter())
-                .any(|(a, b)| a.0 != b.0 || a.1.0 != b.1.0);
+        let changed = files != current.files;
         if changed {
             let next = Snapshot {
                 revision: current.revision + 1,
@@ -634,13 +630,6 @@ impl ConfigStore {
             }
         });
         ReceiverStream::new(out)
-    }
-}
-
-fn proto_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
     }
 }
 

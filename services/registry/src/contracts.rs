@@ -105,22 +105,12 @@ impl Contract {
         Some(self.with_dependencies(&file))
     }
 
-    /// Whether the contract defines `symbol`.
-    pub fn defines(&self, symbol: &str) -> bool {
-        self.find_file(symbol).is_some()
-    }
-
     /// Whether the contract defines gRPC service `service` with method
     /// `method` (`method` of `None` means any method).
     pub fn has_method(&self, service: &str, method: Option<&str>) -> bool {
         self.pool
             .get_service_by_name(service)
             .is_some_and(|s| method.is_none_or(|m| s.methods().any(|d| d.name() == m)))
-    }
-
-    /// The names of the gRPC services defined.
-    pub fn services(&self) -> impl Iterator<Item = String> + '_ {
-        self.pool.services().map(|s| s.full_name().to_owned())
     }
 
     fn find_file(&self, symbol: &str) -> Option<FileDescriptor> {

@@ -7,3 +7,9 @@ pub mod config;
 pub mod contracts;
 pub mod registry;
 pub mod validate;
+
+/// A `std` duration as a protobuf `Duration`. Every duration the registry
+/// sends is bounded (TTLs, backoffs), far inside the protobuf range.
+pub(crate) fn proto_duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).expect("bounded durations fit a protobuf Duration")
+}

@@ -20,7 +20,7 @@ use trellis::status::FieldViolations;
 use trellis::tls::peer_identity;
 
 use crate::contracts::Contract;
-use crate::validate;
+use crate::{proto_duration, validate};
 
 use pb::registry_service_server::RegistryService;
 use pb::{RemovalReason, ServingStatus, WatchEventKind};
@@ -135,17 +135,6 @@ fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
-fn timestamp(at: SystemTime) -> prost_types::Timestamp {
-    prost_types::Timestamp::from(at)
-}
-
-fn proto_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
 impl Registry {
     /// A new, empty registry. Callers whose service name or SPIFFE ID is in
     /// `read_only` may resolve and watch but not register.
@@ -197,11 +186,6 @@ impl Registry {
             .contracts
             .values()
             .any(|c| c.has_method(service, method))
-    }
-
-    /// Whether any contract is registered at all.
-    pub fn has_contracts(&self) -> bool {
-        !self.lock().contracts.is_empty()
     }
 
     fn check_may_register(&self, caller: &SpiffeId, service: &str) -> Result<(), Status> {
@@ -314,8 +298,8 @@ impl Registry {
             metadata: req.metadata,
             health: req.health,
             identity: caller.to_string(),
-            registered_at: Some(timestamp(now)),
-            lease_expires_at: Some(timestamp(now + ttl)),
+            registered_at: Some(prost_types::Timestamp::from(now)),
+            lease_expires_at: Some(prost_types::Timestamp::from(now + ttl)),
         };
         if let Some(contract) = contract {
             state.contracts.insert(req.service.clone(), contract);
@@ -378,7 +362,8 @@ impl Registry {
             )));
         }
         entry.expires = Instant::now() + entry.ttl;
-        entry.instance.lease_expires_at = Some(timestamp(SystemTime::now() + entry.ttl));
+        entry.instance.lease_expires_at =
+            Some(prost_types::Timestamp::from(SystemTime::now() + entry.ttl));
         Ok(Some(entry.ttl))
     }
 
