@@ -1,0 +1,59 @@
+//! The echo service: the mesh's own test and benchmark workload
+//! (`trellis.echo.v1.EchoService`).
+//!
+//! It listens on loopback (h2c) behind its sidecar, with grpc.health.v1 and
+//! server reflection, and drains on SIGTERM within the grace period.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use trellis::cli::exit_with;
+use trellis_echo::{EchoServer, EchoServiceServer};
+
+/// The Trellis echo service, a test and benchmark workload.
+#[derive(Debug, Parser)]
+#[command(name = "trellis-echo", version, about)]
+struct Args {
+    /// Address to serve gRPC on (plaintext h2c; its sidecar fronts it).
+    #[arg(long, env = "TRELLIS_ECHO_LISTEN", default_value = "127.0.0.1:7200")]
+    listen: SocketAddr,
+    /// Instance name carried by every response; defaults to the listen
+    /// address.
+    #[arg(long, env = "TRELLIS_ECHO_NAME")]
+    name: Option<String>,
+    /// How long in-flight calls may take to finish after SIGTERM (e.g. `5s`).
+    #[arg(long, env = "TRELLIS_ECHO_GRACE", default_value = "5s", value_parser = trellis::cli::parse_duration)]
+    grace: Duration,
+    /// If set, EchoService turns NOT_SERVING in grpc.health.v1 this long
+    /// after start-up (e.g. `2s`), to test health-based routing. Unset, it
+    /// stays SERVING.
+    #[arg(long, env = "TRELLIS_ECHO_NOT_SERVING_AFTER", value_parser = trellis::cli::parse_duration)]
+    not_serving_after: Option<Duration>,
+}
+
+#[tokio::main]
+async fn main() {
+    trellis::telemetry::init("warn,trellis=info,trellis_echo=info");
+    let args = Args::parse();
+    let name = args.name.unwrap_or_else(|| args.listen.to_string());
+    tracing::info!(instance = %name, "starting echo service");
+
+    let (router, health) = trellis_echo::router(EchoServer::new(name)).await;
+    if let Some(after) = args.not_serving_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            health
+                .set_not_serving::<EchoServiceServer<EchoServer>>()
+                .await;
+            tracing::info!(
+                service = trellis_echo::SERVICE_NAME,
+                "health now NOT_SERVING"
+            );
+        });
+    }
+
+    if let Err(e) = trellis::server::run_plaintext("echo", args.listen, args.grace, router).await {
+        exit_with("trellis-echo", &format!("{e:#}"));
+    }
+}
