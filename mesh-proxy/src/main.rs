@@ -1,27 +1,210 @@
-//! mesh-proxy: the Trellis sidecar and edge proxy.
+//! mesh-proxy: the Trellis sidecar.
 //!
-//! The data plane (outbound and inbound listeners, discovery, balancing,
-//! retries, timeouts, the admin port) is not built yet; this binary checks
-//! its identity files and says so, rather than pretending to proxy.
+//! Reads top to bottom: tracing, configuration (every bad value printed,
+//! exit 2), identity, the mesh view and its watches, the listeners, the
+//! local service's registration; then SIGTERM: deregister, keep serving
+//! while peers notice, stop accepting, finish calls in flight, exit 0.
+
+mod admin;
+mod body;
+mod config;
+mod directory;
+mod discovery;
+mod endpoint;
+mod forward;
+mod grpc;
+mod inbound;
+mod lifecycle;
+mod metrics;
+mod outbound;
+mod policy;
+mod retry;
+mod serve;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use trellis::cli::IdentityArgs;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use trellis::cli::exit_with;
+use trellis::identity::SpiffeId;
 
-/// The Trellis sidecar and edge proxy.
-#[derive(Debug, Parser)]
-#[command(name = "mesh-proxy", version, about)]
-struct Args {
-    #[command(flatten)]
-    identity: IdentityArgs,
-}
+use crate::config::Args;
+use crate::discovery::{ControlPlane, Discovery};
+use crate::endpoint::{Endpoint, Transport};
 
-fn main() {
+#[tokio::main]
+async fn main() {
     trellis::telemetry::init("warn,mesh_proxy=info");
     let args = Args::parse();
-    let workload = args.identity.load_or_exit("mesh-proxy");
-    eprintln!(
-        "mesh-proxy: identity {} loaded; the data plane is not built yet",
-        workload.id()
-    );
-    std::process::exit(3);
+    let problems = args.problems();
+    if !problems.is_empty() {
+        exit_with("mesh-proxy", &problems.join("\n  "));
+    }
+    let workload = Arc::new(args.identity.load_or_exit("mesh-proxy"));
+    let Some(service) = workload.id().service().map(str::to_owned) else {
+        exit_with(
+            "mesh-proxy",
+            &format!("{} does not name a service (…/sa/<service>)", workload.id()),
+        );
+    };
+    if let Err(e) = run(args, workload, service).await {
+        exit_with("mesh-proxy", &format!("{e:#}"));
+    }
+}
+
+async fn run(
+    args: Args,
+    workload: Arc<trellis::identity::Workload>,
+    service: String,
+) -> anyhow::Result<()> {
+    // Bind everything first: a taken port is a start-up error, not a
+    // surprise later.
+    let outbound_listener = trellis::server::bind(args.outbound).await?;
+    let inbound_listener = match args.app {
+        Some(_) => Some(trellis::server::bind(args.inbound).await?),
+        None => None,
+    };
+    let admin_listener = trellis::server::bind(args.admin).await?;
+    let inbound_addr = match &inbound_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+
+    let discovery = Discovery::new(workload.clone(), args.static_routes.clone());
+    let view = discovery.view();
+    let control = match args.registry {
+        Some(addr) => {
+            let identity = match args.registry_identity.clone() {
+                Some(id) => id,
+                None => registry_identity(workload.id())?,
+            };
+            let control = ControlPlane::new(&workload, addr, identity)?;
+            let own = args.app.map(|_| service.clone());
+            tokio::spawn(discovery.run(control.clone(), own));
+            Some(control)
+        }
+        None => {
+            discovery.run_static();
+            None
+        }
+    };
+
+    let draining = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let outbound = outbound::Outbound::new(view.clone(), "outbound");
+    let outbound_task = tokio::spawn(serve::serve(
+        "outbound",
+        TcpListenerStream::new(outbound_listener),
+        move |_tcp: &tokio::net::TcpStream| {
+            let outbound = outbound.clone();
+            move |request| {
+                let outbound = outbound.clone();
+                async move { outbound.handle(request).await }
+            }
+        },
+        stop_rx.clone(),
+        args.grace,
+    ));
+    tracing::info!(addr = %args.outbound, "outbound listening (h2c)");
+
+    let mut lifecycle = None;
+    let inbound_task = match (args.app, inbound_listener) {
+        (Some(app), Some(listener)) => {
+            let app_endpoint = Endpoint::new(app, Transport::H2c);
+            let inbound = inbound::Inbound::new(app_endpoint, service.clone(), view.clone());
+            let tls = workload.server_config()?;
+            let task = tokio::spawn(serve::serve(
+                "inbound",
+                trellis::tls::serve_incoming(listener, tls),
+                move |stream: &trellis::tls::MeshTlsStream| {
+                    let peer = stream.peer().clone();
+                    let inbound = inbound.clone();
+                    move |request| {
+                        let inbound = inbound.clone();
+                        let peer = peer.clone();
+                        async move { inbound.handle(&peer, request).await }
+                    }
+                },
+                stop_rx.clone(),
+                args.grace,
+            ));
+            let advertise = args.advertise.or(inbound_addr).expect("inbound is bound");
+            tracing::info!(addr = %args.inbound, app = %app, "inbound listening (mTLS)");
+            if let Some(control) = &control {
+                lifecycle = Some(lifecycle::Lifecycle::start(
+                    app,
+                    control.clone(),
+                    lifecycle::Registration {
+                        service: service.clone(),
+                        advertise: advertise.to_string(),
+                        version: args.service_version.clone(),
+                        zone: args.zone.clone(),
+                        grpc_services: args.grpc_services.clone(),
+                        lease_ttl: args.lease_ttl,
+                    },
+                ));
+            }
+            Some(task)
+        }
+        _ => None,
+    };
+
+    let ready: admin::ReadyCheck = {
+        let view = view.clone();
+        let draining = draining.clone();
+        let registered = lifecycle.as_ref().map(|l| l.registered.clone());
+        Arc::new(move || {
+            if draining.load(Ordering::Relaxed) {
+                return Err("draining".into());
+            }
+            if !view.synced.load(Ordering::Acquire) {
+                return Err("no registry snapshot yet".into());
+            }
+            if let Some(r) = &registered
+                && !*r.borrow()
+            {
+                return Err("the local service is not registered yet".into());
+            }
+            Ok(())
+        })
+    };
+    tokio::spawn(admin::serve(admin_listener, ready));
+    tracing::info!(addr = %args.admin, "admin listening (/metrics, /live, /ready)");
+
+    let signal = trellis::server::shutdown_signal().await;
+    tracing::info!(signal, "shutting down: deregistering");
+    draining.store(true, Ordering::Relaxed);
+    if let Some(mut lifecycle) = lifecycle {
+        lifecycle
+            .deregister(std::time::Duration::from_secs(2))
+            .await;
+    }
+    // Peers learn of the removal by push; until they have, calls still
+    // arrive and are served.
+    tokio::time::sleep(args.drain_delay).await;
+    let _ = stop_tx.send(true);
+    let mut clean = outbound_task.await.unwrap_or(false);
+    if let Some(task) = inbound_task {
+        clean &= task.await.unwrap_or(false);
+    }
+    if clean {
+        tracing::info!("drained cleanly");
+    } else {
+        tracing::warn!("grace period over with calls still in flight; exiting");
+    }
+    Ok(())
+}
+
+/// The registry's default identity: service `registry` in our own trust
+/// domain and namespace.
+fn registry_identity(own: &SpiffeId) -> anyhow::Result<SpiffeId> {
+    let namespace = own.namespace().unwrap_or("default");
+    Ok(SpiffeId::for_service(
+        own.trust_domain(),
+        namespace,
+        "registry",
+    )?)
 }

@@ -1,0 +1,267 @@
+//! The proxy's configuration: flags and `TRELLIS_PROXY_*` environment
+//! variables, parsed and checked once at start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use trellis::cli::IdentityArgs;
+use trellis::identity::SpiffeId;
+
+use crate::discovery::StaticRoute;
+
+/// The Trellis sidecar: carries every call between the service beside it
+/// and the rest of the mesh, over mTLS, with discovery, round-robin
+/// balancing, deadlines, retries and ejection.
+#[derive(Debug, Parser)]
+#[command(name = "mesh-proxy", version, about, long_about = None)]
+pub struct Args {
+    /// The local service (plaintext h2c, usually on loopback). Omit for a
+    /// proxy that only sends calls out (a client with no server).
+    #[arg(long, env = "TRELLIS_PROXY_APP")]
+    pub app: Option<SocketAddr>,
+
+    /// Where the local service sends its calls to the mesh (h2c; keep it
+    /// on loopback).
+    #[arg(long, env = "TRELLIS_PROXY_OUTBOUND", default_value = "127.0.0.1:4140")]
+    pub outbound: SocketAddr,
+
+    /// Where other sidecars reach the local service (mTLS).
+    #[arg(long, env = "TRELLIS_PROXY_INBOUND", default_value = "127.0.0.1:4143")]
+    pub inbound: SocketAddr,
+
+    /// The inbound address registered for peers to dial, when it differs
+    /// from --inbound (e.g. --inbound 0.0.0.0:4143). Default: --inbound.
+    #[arg(long, env = "TRELLIS_PROXY_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+
+    /// The admin port: /metrics, /live, /ready (plain HTTP).
+    #[arg(long, env = "TRELLIS_PROXY_ADMIN", default_value = "127.0.0.1:4191")]
+    pub admin: SocketAddr,
+
+    /// The registry (Registry and Config APIs, mTLS). Without it only
+    /// --static-route endpoints are known and nothing is registered.
+    #[arg(long, env = "TRELLIS_PROXY_REGISTRY")]
+    pub registry: Option<SocketAddr>,
+
+    /// The SPIFFE ID the registry must present. Default: service
+    /// `registry` in this proxy's own trust domain and namespace.
+    #[arg(long, env = "TRELLIS_PROXY_REGISTRY_IDENTITY")]
+    pub registry_identity: Option<SpiffeId>,
+
+    /// The local service's gRPC services, comma-separated, when it has no
+    /// server reflection. Default: listed through its reflection.
+    #[arg(long, env = "TRELLIS_PROXY_GRPC_SERVICES", value_delimiter = ',')]
+    pub grpc_services: Vec<String>,
+
+    /// A fixed route, `SERVICE=URL[,URL...]`: a gRPC service (or `*` for
+    /// every service not otherwise known) served by fixed endpoints;
+    /// `http://ip:port` is h2c, `https://ip:port` is mesh mTLS (any
+    /// identity of this trust domain). Repeatable; in the environment,
+    /// separate routes with `;`.
+    #[arg(long = "static-route", env = "TRELLIS_PROXY_STATIC_ROUTES", value_delimiter = ';', value_parser = parse_static_route)]
+    pub static_routes: Vec<StaticRoute>,
+
+    /// The registration's lease time to live (e.g. `10s`); renewed every
+    /// third of it.
+    #[arg(long, env = "TRELLIS_PROXY_LEASE_TTL", default_value = "10s", value_parser = trellis::cli::parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// After SIGTERM and deregistration, how long to keep serving new calls
+    /// while peers see the instance go (e.g. `2s`).
+    #[arg(long, env = "TRELLIS_PROXY_DRAIN_DELAY", default_value = "2s", value_parser = trellis::cli::parse_duration)]
+    pub drain_delay: Duration,
+
+    /// Then how long calls in flight may take to finish (e.g. `10s`).
+    #[arg(long, env = "TRELLIS_PROXY_GRACE", default_value = "10s", value_parser = trellis::cli::parse_duration)]
+    pub grace: Duration,
+
+    /// Version label registered with the instance.
+    #[arg(
+        long = "service-version",
+        env = "TRELLIS_PROXY_SERVICE_VERSION",
+        default_value = ""
+    )]
+    pub service_version: String,
+
+    /// Zone label registered with the instance.
+    #[arg(long, env = "TRELLIS_PROXY_ZONE", default_value = "")]
+    pub zone: String,
+
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+/// Parses `SERVICE=URL[,URL...]`.
+pub fn parse_static_route(text: &str) -> Result<StaticRoute, String> {
+    let (service, urls) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected SERVICE=URL[,URL...]"))?;
+    let service = service.trim();
+    if service.is_empty() {
+        return Err(format!("{text:?}: the service name is empty"));
+    }
+    let mut endpoints = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (tls, addr) = if let Some(a) = url.strip_prefix("http://") {
+            (false, a)
+        } else if let Some(a) = url.strip_prefix("https://") {
+            (true, a)
+        } else {
+            return Err(format!(
+                "{url:?}: endpoints start with http:// (h2c) or https:// (mTLS)"
+            ));
+        };
+        let addr: SocketAddr = addr
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| format!("{url:?}: not ip:port ({e})"))?;
+        endpoints.push((addr, tls));
+    }
+    if endpoints.is_empty() {
+        return Err(format!("{text:?}: no endpoints given"));
+    }
+    Ok(StaticRoute {
+        service: service.to_owned(),
+        endpoints,
+    })
+}
+
+impl Args {
+    /// Cross-field rules, checked before anything starts; every problem is
+    /// listed.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let ports = [
+            ("--outbound", Some(self.outbound)),
+            ("--inbound", self.app.map(|_| self.inbound)),
+            ("--admin", Some(self.admin)),
+        ];
+        for (i, (a, x)) in ports.iter().enumerate() {
+            for (b, y) in &ports[i + 1..] {
+                if let (Some(x), Some(y)) = (x, y)
+                    && x == y
+                    && x.port() != 0
+                {
+                    problems.push(format!("{a} and {b} are both {x}"));
+                }
+            }
+        }
+        if let Some(app) = self.app
+            && (app == self.inbound || app == self.outbound)
+        {
+            problems.push(format!("--app {app} is one of the proxy's own ports"));
+        }
+        if self.registry.is_none() && self.static_routes.is_empty() {
+            problems.push(
+                "nothing to route to: give --registry or at least one --static-route".to_owned(),
+            );
+        }
+        if self.lease_ttl < Duration::from_secs(1) || self.lease_ttl > Duration::from_secs(3600) {
+            problems.push(format!(
+                "--lease-ttl {:?} is outside 1s..=1h",
+                self.lease_ttl
+            ));
+        }
+        for s in &self.grpc_services {
+            if s.is_empty() || s.contains('/') || !s.contains('.') {
+                problems.push(format!(
+                    "--grpc-services: {s:?} is not a qualified gRPC service name (package.Service)"
+                ));
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        let mut all = vec![
+            "mesh-proxy",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--ca",
+            "ca.pem",
+        ];
+        all.extend_from_slice(args);
+        Args::try_parse_from(all).unwrap()
+    }
+
+    #[test]
+    fn static_routes_parse_and_bad_ones_are_named() {
+        let r = parse_static_route("a.v1.S=http://127.0.0.1:1,https://127.0.0.1:2").unwrap();
+        assert_eq!(r.service, "a.v1.S");
+        assert_eq!(r.endpoints.len(), 2);
+        assert!(r.endpoints[1].1);
+        for bad in [
+            "a.v1.S",
+            "=http://127.0.0.1:1",
+            "a=ftp://x",
+            "a=http://nohost",
+            "a=",
+        ] {
+            let e = parse_static_route(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+        assert!(
+            parse_static_route("a=tcp://1.2.3.4:5")
+                .unwrap_err()
+                .contains("http://")
+        );
+    }
+
+    #[test]
+    fn cross_field_problems_are_all_listed() {
+        let args = parse(&[
+            "--outbound",
+            "127.0.0.1:5000",
+            "--admin",
+            "127.0.0.1:5000",
+            "--lease-ttl",
+            "100ms",
+        ]);
+        let problems = args.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("--outbound and --admin")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("nothing to route to")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("--lease-ttl")),
+            "{problems:?}"
+        );
+        assert!(
+            parse(&["--registry", "127.0.0.1:7000"])
+                .problems()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_flag() {
+        let e = Args::try_parse_from([
+            "mesh-proxy",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "a",
+            "--grace",
+            "soon",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--grace") && e.contains("soon"), "{e}");
+    }
+}

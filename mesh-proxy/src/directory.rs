@@ -1,0 +1,166 @@
+//! The routing table: which endpoints serve each gRPC service, replaced
+//! whole on every change so the request path reads it without locks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::endpoint::Endpoint;
+
+/// The endpoints of one mesh service, as seen for one gRPC service.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The mesh service that serves it (its config applies), or the
+    /// static route's name.
+    pub mesh_service: String,
+    /// Healthy endpoints, in a stable order.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    /// An upstream over `endpoints`.
+    pub fn new(mesh_service: String, endpoints: Vec<Arc<Endpoint>>) -> Arc<Self> {
+        Arc::new(Self {
+            mesh_service,
+            endpoints,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The next endpoint round robin, skipping ejected ones and `avoid`
+    /// (the one that just failed). When every endpoint is ejected, one is
+    /// used anyway: a probe beats failing the call outright.
+    pub fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let is_avoided = |e: &Arc<Endpoint>| avoid.is_some_and(|a| Arc::ptr_eq(a, e));
+        let mut fallback = None;
+        for i in 0..n {
+            let e = &self.endpoints[(start + i) % n];
+            if is_avoided(e) {
+                continue;
+            }
+            if e.available() {
+                return Some(e.clone());
+            }
+            fallback.get_or_insert_with(|| e.clone());
+        }
+        fallback.or_else(|| Some(self.endpoints[start % n].clone()))
+    }
+}
+
+/// gRPC service name to upstream.
+#[derive(Debug, Default)]
+pub struct Table {
+    routes: HashMap<String, Arc<Upstream>>,
+    /// Services seen at some point that have no endpoint now.
+    known: HashSet<String>,
+    fallback: Option<Arc<Upstream>>,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Endpoints to choose from (possibly none healthy).
+    Found(Arc<Upstream>),
+    /// Known to the mesh, but no endpoint serves it now.
+    NoEndpoints,
+    /// No mesh service has ever served it.
+    Unknown,
+}
+
+impl Table {
+    /// A table of `routes`; `known` are services with no endpoints left;
+    /// `fallback` serves every other service (a plain hop).
+    pub fn new(
+        routes: HashMap<String, Arc<Upstream>>,
+        known: HashSet<String>,
+        fallback: Option<Arc<Upstream>>,
+    ) -> Self {
+        Self {
+            routes,
+            known,
+            fallback,
+        }
+    }
+
+    /// Finds the upstream for `grpc_service`.
+    pub fn lookup(&self, grpc_service: &str) -> Lookup {
+        match self.routes.get(grpc_service) {
+            Some(u) if u.endpoints.is_empty() => Lookup::NoEndpoints,
+            Some(u) => Lookup::Found(u.clone()),
+            None if self.known.contains(grpc_service) => Lookup::NoEndpoints,
+            None => match &self.fallback {
+                Some(u) => Lookup::Found(u.clone()),
+                None => Lookup::Unknown,
+            },
+        }
+    }
+}
+
+/// The shared, swappable routing table.
+pub type Directory = Arc<ArcSwap<Table>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::{Outcome, Transport};
+
+    fn endpoints(n: u16) -> Vec<Arc<Endpoint>> {
+        (0..n)
+            .map(|i| {
+                Endpoint::new(
+                    format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
+                    Transport::H2c,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_visits_every_endpoint_in_turn() {
+        let u = Upstream::new("s".into(), endpoints(3));
+        let mut counts = HashMap::new();
+        for _ in 0..300 {
+            *counts.entry(u.pick(None).unwrap().addr).or_insert(0) += 1;
+        }
+        assert!(counts.values().all(|c| *c == 100), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn ejected_and_avoided_endpoints_are_skipped_while_others_remain() {
+        let u = Upstream::new("s".into(), endpoints(3));
+        let bad = u.endpoints[1].clone();
+        bad.record(Outcome::Unreachable);
+        for _ in 0..10 {
+            assert_ne!(u.pick(None).unwrap().addr, bad.addr);
+        }
+        let first = u.endpoints[0].clone();
+        for _ in 0..10 {
+            assert_eq!(u.pick(Some(&first)).unwrap().addr, u.endpoints[2].addr);
+        }
+        for e in &u.endpoints {
+            e.record(Outcome::Unreachable);
+        }
+        assert!(u.pick(None).is_some(), "all ejected: probe one anyway");
+    }
+
+    #[test]
+    fn lookups_tell_unknown_from_unserved() {
+        let mut routes = HashMap::new();
+        routes.insert("a.S".to_owned(), Upstream::new("a".into(), endpoints(1)));
+        routes.insert("b.S".to_owned(), Upstream::new("b".into(), vec![]));
+        let known = HashSet::from(["c.S".to_owned()]);
+        let table = Table::new(routes, known, None);
+        assert!(matches!(table.lookup("a.S"), Lookup::Found(_)));
+        assert!(matches!(table.lookup("b.S"), Lookup::NoEndpoints));
+        assert!(matches!(table.lookup("c.S"), Lookup::NoEndpoints));
+        assert!(matches!(table.lookup("d.S"), Lookup::Unknown));
+    }
+}

@@ -1,0 +1,470 @@
+//! What the proxy knows of the mesh, kept current by push from the
+//! registry: endpoints (Registry `Watch`), policies (Config `WatchConfig`)
+//! and which methods the contracts mark safe to repeat. Every view is
+//! swapped whole so the request path reads it without locks; when the
+//! registry is unreachable the last views stay in force and the watches
+//! resubscribe with backoff.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prost::Message;
+use tonic::transport::Channel;
+use trellis::identity::{SpiffeId, Workload};
+use trellis::pb::trellis::config::v1 as config_pb;
+use trellis::pb::trellis::registry::v1 as registry_pb;
+use trellis::tls::ExpectedPeer;
+
+use crate::directory::{Directory, Table, Upstream};
+use crate::endpoint::{Endpoint, Transport};
+use crate::policy::ServicePolicy;
+use crate::retry::Budgets;
+
+use config_pb::config_service_client::ConfigServiceClient;
+use registry_pb::registry_service_client::RegistryServiceClient;
+
+const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+
+/// A fixed route: a gRPC service (or `*`, every service) served by fixed
+/// endpoints, with no registry involved.
+#[derive(Clone, Debug)]
+pub struct StaticRoute {
+    /// A gRPC service name, or `*`.
+    pub service: String,
+    /// Its endpoints.
+    pub endpoints: Vec<(SocketAddr, bool)>,
+}
+
+/// The mesh as the request path sees it.
+#[derive(Debug)]
+pub struct MeshView {
+    /// gRPC service to endpoints.
+    pub directory: Directory,
+    /// Mesh service to its compiled configuration.
+    pub policies: ArcSwap<HashMap<String, Arc<ServicePolicy>>>,
+    /// gRPC service to the methods its contract marks NO_SIDE_EFFECTS or
+    /// IDEMPOTENT.
+    pub safe_methods: ArcSwap<HashMap<String, Arc<HashSet<String>>>>,
+    /// Retry budgets.
+    pub budgets: Budgets,
+    /// The first registry snapshot has arrived (or there is no registry).
+    pub synced: AtomicBool,
+}
+
+impl MeshView {
+    /// The compiled configuration of `mesh_service` (built-in defaults
+    /// until the Config API has answered).
+    pub fn policy(&self, mesh_service: &str) -> Arc<ServicePolicy> {
+        self.policies
+            .load()
+            .get(mesh_service)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether the contract marks `service/method` safe to repeat.
+    pub fn contract_safe(&self, service: &str, method: &str) -> bool {
+        self.safe_methods
+            .load()
+            .get(service)
+            .is_some_and(|m| m.contains(method))
+    }
+}
+
+/// Builds the view and the tasks that keep it current.
+#[derive(Debug)]
+pub struct Discovery {
+    view: Arc<MeshView>,
+    workload: Arc<Workload>,
+    statics: Vec<StaticRoute>,
+    /// Endpoints by (address, identity), kept across updates so that
+    /// connections and ejection state survive them.
+    endpoints: HashMap<(SocketAddr, String), Arc<Endpoint>>,
+    instances: HashMap<String, registry_pb::Instance>,
+    known: HashSet<String>,
+    watched_configs: HashSet<String>,
+    fetched_contracts: HashSet<String>,
+}
+
+/// Clients of the control plane.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    /// The Registry API.
+    pub registry: RegistryServiceClient<Channel>,
+    /// The Config API.
+    pub config: ConfigServiceClient<Channel>,
+}
+
+impl ControlPlane {
+    /// Lazily connecting clients of the registry at `addr`, which must
+    /// present `identity`.
+    pub fn new(workload: &Workload, addr: SocketAddr, identity: SpiffeId) -> anyhow::Result<Self> {
+        let channel = trellis::tls::channel(workload, addr, ExpectedPeer::Exactly(identity))?;
+        Ok(Self {
+            registry: RegistryServiceClient::new(channel.clone()),
+            config: ConfigServiceClient::new(channel),
+        })
+    }
+}
+
+impl Discovery {
+    /// A view holding only the static routes.
+    pub fn new(workload: Arc<Workload>, statics: Vec<StaticRoute>) -> Self {
+        let view = Arc::new(MeshView {
+            directory: Arc::new(ArcSwap::from_pointee(Table::default())),
+            policies: ArcSwap::from_pointee(HashMap::new()),
+            safe_methods: ArcSwap::from_pointee(HashMap::new()),
+            budgets: Budgets::default(),
+            synced: AtomicBool::new(false),
+        });
+        let mut discovery = Self {
+            view,
+            workload,
+            statics,
+            endpoints: HashMap::new(),
+            instances: HashMap::new(),
+            known: HashSet::new(),
+            watched_configs: HashSet::new(),
+            fetched_contracts: HashSet::new(),
+        };
+        discovery.rebuild();
+        discovery
+    }
+
+    /// The view the request path reads.
+    pub fn view(&self) -> Arc<MeshView> {
+        self.view.clone()
+    }
+
+    /// Without a registry: the static routes are all there is.
+    pub fn run_static(self) {
+        self.view.synced.store(true, Ordering::Release);
+    }
+
+    /// Follows the registry and the configs of `own_service` and of every
+    /// mesh service the registry names, until the process ends.
+    pub async fn run(mut self, control: ControlPlane, own_service: Option<String>) {
+        if let Some(own) = own_service {
+            self.watch_config(&control, own);
+        }
+        let mut backoff = RESUBSCRIBE_MIN;
+        loop {
+            let mut client = control.registry.clone();
+            match client
+                .watch(registry_pb::WatchRequest { targets: vec![] })
+                .await
+            {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(event)) => {
+                                backoff = RESUBSCRIBE_MIN;
+                                self.apply(&control, event);
+                            }
+                            Ok(None) => {
+                                tracing::warn!(
+                                    "registry ended the watch; routing from the last known endpoints"
+                                );
+                                break;
+                            }
+                            Err(status) => {
+                                tracing::warn!(code = ?status.code(), message = status.message(), "registry watch lost; routing from the last known endpoints");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), message = status.message(), retry_ms = backoff.as_millis() as u64, "cannot watch the registry; routing from the last known endpoints");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+        }
+    }
+
+    fn apply(&mut self, control: &ControlPlane, event: registry_pb::WatchResponse) {
+        use registry_pb::WatchEventKind as Kind;
+        match event.kind() {
+            Kind::Snapshot => {
+                self.instances = event
+                    .instances
+                    .into_iter()
+                    .map(|i| (i.instance_id.clone(), i))
+                    .collect();
+                if !self.view.synced.swap(true, Ordering::AcqRel) {
+                    tracing::info!(instances = self.instances.len(), "first registry snapshot");
+                } else {
+                    tracing::info!(instances = self.instances.len(), "registry resubscribed");
+                }
+                // Contracts may have changed while we were away.
+                self.fetched_contracts.clear();
+            }
+            Kind::Upsert => {
+                for i in event.instances {
+                    if !self.instances.contains_key(&i.instance_id) {
+                        // A new instance may bring a new contract.
+                        for s in &i.grpc_services {
+                            self.fetched_contracts.remove(s);
+                        }
+                    }
+                    self.instances.insert(i.instance_id.clone(), i);
+                }
+            }
+            Kind::Remove => {
+                for i in event.instances {
+                    self.instances.remove(&i.instance_id);
+                }
+            }
+            Kind::Unspecified => return,
+        }
+        let mesh_services: HashSet<String> =
+            self.instances.values().map(|i| i.service.clone()).collect();
+        for service in mesh_services {
+            self.watch_config(control, service);
+        }
+        let grpc_services: HashSet<String> = self
+            .instances
+            .values()
+            .flat_map(|i| i.grpc_services.iter().cloned())
+            .collect();
+        for service in grpc_services {
+            if self.fetched_contracts.insert(service.clone()) {
+                tokio::spawn(fetch_contract(control.clone(), self.view.clone(), service));
+            }
+        }
+        self.rebuild();
+    }
+
+    fn watch_config(&mut self, control: &ControlPlane, service: String) {
+        if self.watched_configs.insert(service.clone()) {
+            tokio::spawn(watch_config(control.clone(), self.view.clone(), service));
+        }
+    }
+
+    fn endpoint(
+        &mut self,
+        addr: SocketAddr,
+        identity: Option<SpiffeId>,
+        tls: bool,
+    ) -> Option<Arc<Endpoint>> {
+        let key = (
+            addr,
+            identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| format!("tls={tls}")),
+        );
+        if let Some(e) = self.endpoints.get(&key) {
+            return Some(e.clone());
+        }
+        let transport = match (&identity, tls) {
+            (Some(id), _) => Transport::Mtls {
+                expected: id.to_string(),
+                config: self
+                    .workload
+                    .client_config(ExpectedPeer::Exactly(id.clone()))
+                    .ok()?,
+            },
+            (None, true) => {
+                let domain = self.workload.id().trust_domain().to_owned();
+                Transport::Mtls {
+                    expected: format!("any identity in {domain}"),
+                    config: self
+                        .workload
+                        .client_config(ExpectedPeer::TrustDomain(domain))
+                        .ok()?,
+                }
+            }
+            (None, false) => Transport::H2c,
+        };
+        let e = Endpoint::new(addr, transport);
+        self.endpoints.insert(key, e.clone());
+        Some(e)
+    }
+
+    fn rebuild(&mut self) {
+        let mut by_service: HashMap<String, (String, Vec<Arc<Endpoint>>)> = HashMap::new();
+        let mut instances: Vec<registry_pb::Instance> = self.instances.values().cloned().collect();
+        // A stable order, so round robin is fair across updates.
+        instances.sort_by(|a, b| {
+            a.address
+                .cmp(&b.address)
+                .then(a.instance_id.cmp(&b.instance_id))
+        });
+        let mut used = HashSet::new();
+        for instance in instances {
+            for grpc in &instance.grpc_services {
+                self.known.insert(grpc.clone());
+            }
+            if instance.health() != registry_pb::ServingStatus::Serving {
+                continue;
+            }
+            let Ok(addr) = instance.address.parse::<SocketAddr>() else {
+                tracing::warn!(instance = %instance.instance_id, address = %instance.address, "instance address is not ip:port; skipped");
+                continue;
+            };
+            let Ok(identity) = SpiffeId::parse(&instance.identity) else {
+                tracing::warn!(instance = %instance.instance_id, identity = %instance.identity, "instance identity is not a SPIFFE ID; skipped");
+                continue;
+            };
+            let key = (addr, identity.to_string());
+            let Some(endpoint) = self.endpoint(addr, Some(identity), true) else {
+                continue;
+            };
+            used.insert(key);
+            for grpc in &instance.grpc_services {
+                let entry = by_service
+                    .entry(grpc.clone())
+                    .or_insert_with(|| (instance.service.clone(), Vec::new()));
+                if !entry.1.iter().any(|e| Arc::ptr_eq(e, &endpoint)) {
+                    entry.1.push(endpoint.clone());
+                }
+            }
+        }
+        let mut routes: HashMap<String, Arc<Upstream>> = by_service
+            .into_iter()
+            .map(|(grpc, (mesh, endpoints))| (grpc, Upstream::new(mesh, endpoints)))
+            .collect();
+        let mut fallback = None;
+        for route in self.statics.clone() {
+            let endpoints: Vec<Arc<Endpoint>> = route
+                .endpoints
+                .iter()
+                .filter_map(|(addr, tls)| {
+                    used.insert((*addr, format!("tls={tls}")));
+                    self.endpoint(*addr, None, *tls)
+                })
+                .collect();
+            let upstream = Upstream::new(route.service.clone(), endpoints);
+            if route.service == "*" {
+                fallback = Some(upstream);
+            } else {
+                routes.insert(route.service.clone(), upstream);
+            }
+        }
+        // Endpoints no longer named by anyone are dropped with their
+        // connections.
+        self.endpoints.retain(|k, _| used.contains(k));
+        self.view
+            .directory
+            .store(Arc::new(Table::new(routes, self.known.clone(), fallback)));
+    }
+}
+
+/// Follows one mesh service's configuration.
+async fn watch_config(control: ControlPlane, view: Arc<MeshView>, service: String) {
+    let mut backoff = RESUBSCRIBE_MIN;
+    loop {
+        let mut client = control.config.clone();
+        let request = config_pb::WatchConfigRequest {
+            service: service.clone(),
+        };
+        match client.watch_config(request).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                while let Ok(Some(update)) = stream.message().await {
+                    backoff = RESUBSCRIBE_MIN;
+                    let Some(config) = update.config else {
+                        continue;
+                    };
+                    let policy = Arc::new(ServicePolicy::from_proto(&config));
+                    tracing::debug!(%service, revision = update.revision, "config updated");
+                    view.policies.rcu(|current| {
+                        let mut next = HashMap::clone(current);
+                        next.insert(service.clone(), policy.clone());
+                        next
+                    });
+                }
+            }
+            Err(status) => {
+                tracing::debug!(%service, code = ?status.code(), message = status.message(), "cannot watch config");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+    }
+}
+
+/// Learns which methods of `grpc_service` its contract marks safe to
+/// repeat (`idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT).
+async fn fetch_contract(control: ControlPlane, view: Arc<MeshView>, grpc_service: String) {
+    let mut client = control.registry.clone();
+    let request = registry_pb::GetServiceDescriptorsRequest {
+        grpc_service: grpc_service.clone(),
+    };
+    let files = match client.get_service_descriptors(request).await {
+        Ok(r) => r.into_inner().file_descriptors,
+        Err(status) => {
+            // Registered without descriptors: only config can mark methods safe.
+            tracing::debug!(service = %grpc_service, code = ?status.code(), "no contract for service");
+            return;
+        }
+    };
+    let safe = safe_methods(&files, &grpc_service);
+    tracing::debug!(service = %grpc_service, safe = safe.len(), "contract loaded");
+    let safe = Arc::new(safe);
+    view.safe_methods.rcu(|current| {
+        let mut next = HashMap::clone(current);
+        next.insert(grpc_service.clone(), safe.clone());
+        next
+    });
+}
+
+/// The methods of `grpc_service` in `files` whose idempotency level says
+/// a repeat is harmless.
+pub fn safe_methods(files: &[Vec<u8>], grpc_service: &str) -> HashSet<String> {
+    use prost_types::method_options::IdempotencyLevel;
+    let mut safe = HashSet::new();
+    for bytes in files {
+        let Ok(file) = prost_types::FileDescriptorProto::decode(bytes.as_slice()) else {
+            continue;
+        };
+        for service in &file.service {
+            let full = match file.package() {
+                "" => service.name().to_owned(),
+                p => format!("{p}.{}", service.name()),
+            };
+            if full != grpc_service {
+                continue;
+            }
+            for method in &service.method {
+                let level = method
+                    .options
+                    .as_ref()
+                    .map(|o| o.idempotency_level())
+                    .unwrap_or(IdempotencyLevel::IdempotencyUnknown);
+                if matches!(
+                    level,
+                    IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent
+                ) {
+                    safe.insert(method.name().to_owned());
+                }
+            }
+        }
+    }
+    safe
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_marks_read_and_idempotent_methods_safe() {
+        let set = prost_types::FileDescriptorSet::decode(trellis::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let files: Vec<Vec<u8>> = set.file.iter().map(|f| f.encode_to_vec()).collect();
+        let safe = safe_methods(&files, "trellis.registry.v1.RegistryService");
+        for m in ["RenewLease", "Deregister", "Resolve", "Watch"] {
+            assert!(safe.contains(m), "{m}");
+        }
+        assert!(!safe.contains("Register"));
+        assert!(!safe.contains("KeepAlive"));
+    }
+}

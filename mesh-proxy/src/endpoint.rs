@@ -1,0 +1,287 @@
+//! One upstream endpoint: where it is, whom it must be, its pooled
+//! HTTP/2 connection, and whether it is in rotation.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+
+/// How long to wait for a TCP connection to an endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Consecutive failed calls that take an endpoint out of rotation.
+const FAILURES_TO_EJECT: u32 = 5;
+/// The first ejection; each further one in a row doubles, up to the cap.
+const EJECT_BASE: Duration = Duration::from_secs(1);
+const EJECT_MAX: Duration = Duration::from_secs(30);
+
+/// How to reach an endpoint.
+#[derive(Clone)]
+pub enum Transport {
+    /// Plaintext HTTP/2 (the local service, or a static h2c upstream).
+    H2c,
+    /// Mesh mTLS, checking the peer against the config's expected identity.
+    Mtls {
+        /// The identity the registry named (or the trust domain, for a
+        /// static TLS upstream); shown in errors.
+        expected: String,
+        /// Client configuration that checks it.
+        config: Arc<ClientConfig>,
+    },
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::H2c => f.write_str("h2c"),
+            Self::Mtls { expected, .. } => write!(f, "mtls({expected})"),
+        }
+    }
+}
+
+/// Why no request could be sent to an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP or TLS failed: the request never left.
+    #[error("cannot connect to {addr}: {source}")]
+    Io {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The HTTP/2 handshake failed.
+    #[error("HTTP/2 handshake with {addr} failed: {source}")]
+    Http2 {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What failed.
+        source: hyper::Error,
+    },
+}
+
+/// A typed upstream target and its state.
+pub struct Endpoint {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its address as a request authority.
+    pub authority: http::uri::Authority,
+    /// How to reach it.
+    pub transport: Transport,
+    conn: ArcSwapOption<SendRequest<RequestBody>>,
+    connecting: tokio::sync::Mutex<()>,
+    failures: AtomicU32,
+    ejections: AtomicU32,
+    /// Milliseconds since `epoch` until which the endpoint is out of rotation.
+    ejected_until: AtomicU64,
+    epoch: Instant,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened to one call through an endpoint, for ejection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It answered (whatever the status, bar UNAVAILABLE).
+    Success,
+    /// The call failed in a way that says the endpoint is unwell.
+    Failure,
+    /// It could not be reached at all: out of rotation at once.
+    Unreachable,
+}
+
+impl Endpoint {
+    /// A new endpoint, with no connection yet.
+    pub fn new(addr: SocketAddr, transport: Transport) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            authority: http::uri::Authority::try_from(addr.to_string())
+                .expect("ip:port is an authority"),
+            transport,
+            conn: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether the endpoint is in rotation now (an endpoint whose ejection
+    /// has run out is back in, on probation: one more failure ejects it
+    /// for longer).
+    pub fn available(&self) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) <= self.now_ms()
+    }
+
+    /// Records how a call went; returns true when this took the endpoint
+    /// out of rotation.
+    pub fn record(&self, outcome: Outcome) -> bool {
+        match outcome {
+            Outcome::Success => {
+                if self.failures.load(Ordering::Relaxed) != 0 {
+                    self.failures.store(0, Ordering::Relaxed);
+                }
+                if self.ejections.load(Ordering::Relaxed) != 0 {
+                    self.ejections.store(0, Ordering::Relaxed);
+                }
+                false
+            }
+            Outcome::Failure | Outcome::Unreachable => {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                let on_probation = self.ejections.load(Ordering::Relaxed) > 0;
+                if outcome == Outcome::Unreachable || failures >= FAILURES_TO_EJECT || on_probation
+                {
+                    if !self.available() {
+                        return false;
+                    }
+                    let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(5);
+                    let period = (EJECT_BASE * 2u32.pow(n)).min(EJECT_MAX);
+                    self.ejected_until
+                        .store(self.now_ms() + period.as_millis() as u64, Ordering::Relaxed);
+                    self.failures.store(0, Ordering::Relaxed);
+                    tracing::info!(endpoint.addr = %self.addr, eject_ms = period.as_millis() as u64, "endpoint ejected");
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// A sender on the endpoint's pooled connection, connecting first if
+    /// there is none (one connection attempt at a time per endpoint).
+    pub async fn sender(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+        if let Some(sender) = self.conn.load().as_deref()
+            && !sender.is_closed()
+        {
+            return Ok(sender.clone());
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(sender) = self.conn.load().as_deref()
+            && !sender.is_closed()
+        {
+            return Ok(sender.clone());
+        }
+        let sender = self.connect().await?;
+        self.conn.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    /// Forgets the pooled connection (it failed).
+    pub fn reset(&self) {
+        self.conn.store(None);
+    }
+
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+        let addr = self.addr;
+        let io_err = |source| ConnectError::Io { addr, source };
+        let builder = {
+            let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+                .adaptive_window(true)
+                .max_header_list_size(64 * 1024);
+            b
+        };
+        let handshake = |e| ConnectError::Http2 { addr, source: e };
+        match &self.transport {
+            Transport::H2c => {
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| io_err(std::io::ErrorKind::TimedOut.into()))?
+                    .map_err(io_err)?;
+                let _ = tcp.set_nodelay(true);
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(handshake)?;
+                tokio::spawn(drive(addr, conn));
+                Ok(sender)
+            }
+            Transport::Mtls { config, .. } => {
+                let tls = trellis::tls::connect(addr, config.clone())
+                    .await
+                    .map_err(io_err)?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(handshake)?;
+                tokio::spawn(drive(addr, conn));
+                Ok(sender)
+            }
+        }
+    }
+}
+
+async fn drive<F>(addr: SocketAddr, conn: F)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    crate::metrics::get().connection_opened("upstream");
+    if let Err(error) = conn.await {
+        tracing::debug!(endpoint.addr = %addr, %error, "upstream connection ended");
+    }
+    crate::metrics::get().connection_closed("upstream");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> Arc<Endpoint> {
+        Endpoint::new("127.0.0.1:9".parse().unwrap(), Transport::H2c)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_failures_eject_for_a_growing_interval() {
+        let e = endpoint();
+        for _ in 0..FAILURES_TO_EJECT - 1 {
+            assert!(!e.record(Outcome::Failure));
+        }
+        assert!(e.available());
+        assert!(e.record(Outcome::Failure));
+        assert!(!e.available());
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(10)).await;
+        assert!(e.available(), "back in rotation on probation");
+        assert!(
+            e.record(Outcome::Failure),
+            "one failure on probation ejects again"
+        );
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(10)).await;
+        assert!(!e.available(), "the second ejection lasts longer");
+        tokio::time::advance(EJECT_BASE).await;
+        assert!(e.available());
+        e.record(Outcome::Success);
+        assert!(!e.record(Outcome::Failure), "a success ends probation");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_endpoint_is_ejected_at_once() {
+        let e = endpoint();
+        assert!(e.record(Outcome::Unreachable));
+        assert!(!e.available());
+    }
+}

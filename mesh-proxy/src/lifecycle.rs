@@ -1,0 +1,366 @@
+//! The local service's life in the mesh: wait until it reports SERVING on
+//! grpc.health.v1, learn its gRPC services and contracts through its own
+//! server reflection (whatever language it is written in), register it
+//! under a lease, keep the lease alive, mirror its health, and deregister
+//! it on shutdown. A registry that forgot the instance (restarted) gets it
+//! registered again.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{oneshot, watch};
+use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus as AppStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use trellis::pb::trellis::registry::v1 as pb;
+
+use crate::discovery::ControlPlane;
+
+/// What to register.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    /// The mesh service.
+    pub service: String,
+    /// The address peers reach this sidecar's inbound side on.
+    pub advertise: String,
+    /// Free-form version label.
+    pub version: String,
+    /// Zone label.
+    pub zone: String,
+    /// gRPC services given by configuration; empty: ask reflection.
+    pub grpc_services: Vec<String>,
+    /// The lease's time to live.
+    pub lease_ttl: Duration,
+}
+
+/// Services every gRPC server carries that are not part of its contract.
+fn is_infrastructure(service: &str) -> bool {
+    service == "grpc.health.v1.Health" || service.starts_with("grpc.reflection.")
+}
+
+/// A running lifecycle; dropping it leaves the instance registered until
+/// its lease runs out, so call [`Lifecycle::deregister`] on shutdown.
+#[derive(Debug)]
+pub struct Lifecycle {
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    /// True while the instance is registered.
+    pub registered: watch::Receiver<bool>,
+}
+
+impl Lifecycle {
+    /// Starts following the local service at `app`.
+    pub fn start(app: SocketAddr, control: ControlPlane, registration: Registration) -> Self {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (registered_tx, registered) = watch::channel(false);
+        let channel = TonicEndpoint::from_shared(format!("http://{app}"))
+            .expect("ip:port makes an endpoint")
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        let done = tokio::spawn(run(channel, control, registration, stop_rx, registered_tx));
+        Self {
+            stop: Some(stop_tx),
+            done: Some(done),
+            registered,
+        }
+    }
+
+    /// Deregisters the instance (waiting at most `within`).
+    pub async fn deregister(&mut self, within: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take()
+            && tokio::time::timeout(within, done).await.is_err()
+        {
+            tracing::warn!("deregistration did not finish in time; the lease will expire instead");
+        }
+    }
+}
+
+async fn run(
+    app: Channel,
+    control: ControlPlane,
+    registration: Registration,
+    mut stop: oneshot::Receiver<()>,
+    registered: watch::Sender<bool>,
+) {
+    let (health_tx, mut health) = watch::channel(pb::ServingStatus::NotServing);
+    let follow = tokio::spawn(follow_health(app.clone(), health_tx));
+    let _follow = AbortOnDrop(follow);
+
+    // Registration waits until the service first says SERVING.
+    tokio::select! {
+        _ = health.wait_for(|s| *s == pb::ServingStatus::Serving) => {}
+        _ = &mut stop => return,
+    }
+    let (grpc_services, files) = tokio::select! {
+        found = discover(&app, &registration.grpc_services) => found,
+        _ = &mut stop => return,
+    };
+    tracing::info!(service = %registration.service, grpc_services = ?grpc_services, "local service is serving");
+
+    let mut registry = control.registry.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let request = pb::RegisterRequest {
+            service: registration.service.clone(),
+            version: registration.version.clone(),
+            zone: registration.zone.clone(),
+            address: registration.advertise.clone(),
+            grpc_services: grpc_services.clone(),
+            metadata: Default::default(),
+            health: *health.borrow_and_update() as i32,
+            lease_ttl: Some(duration(registration.lease_ttl)),
+            file_descriptors: files.clone(),
+        };
+        let registered_now = tokio::select! {
+            r = registry.register(request) => r,
+            _ = &mut stop => return,
+        };
+        let response = match registered_now {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), retry_ms = backoff.as_millis() as u64, "cannot register with the registry");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut stop => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let instance_id = response.instance_id;
+        let lease_id = response.lease_id;
+        let ttl = response
+            .ttl
+            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .unwrap_or(registration.lease_ttl);
+        tracing::info!(instance = %instance_id, address = %registration.advertise, ttl_ms = ttl.as_millis() as u64, "registered");
+        let _ = registered.send(true);
+
+        // Hold the lease; mirror health; until stopped or forgotten.
+        let mut renew = tokio::time::interval(ttl / 3);
+        renew.tick().await;
+        let forgotten = loop {
+            tokio::select! {
+                _ = renew.tick() => {
+                    let r = registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
+                    match r {
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::NotFound => break true,
+                        Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "cannot renew the lease; will keep trying"),
+                    }
+                }
+                changed = health.changed() => {
+                    if changed.is_err() { break false; }
+                    let status = *health.borrow_and_update();
+                    tracing::info!(health = ?status, "local service health changed");
+                    let r = registry.set_health(pb::SetHealthRequest { instance_id: instance_id.clone(), health: status as i32 }).await;
+                    match r {
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::NotFound => break true,
+                        Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "cannot report health"),
+                    }
+                }
+                _ = &mut stop => {
+                    let _ = registered.send(false);
+                    let r = registry.deregister(pb::DeregisterRequest { instance_id: instance_id.clone() }).await;
+                    match r {
+                        Ok(_) => tracing::info!(instance = %instance_id, "deregistered"),
+                        Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "deregistration failed; the lease will expire instead"),
+                    }
+                    return;
+                }
+            }
+        };
+        let _ = registered.send(false);
+        if forgotten {
+            tracing::warn!(instance = %instance_id, "the registry no longer knows this instance; registering again");
+        } else {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Mirrors the local service's overall health (`""` on grpc.health.v1)
+/// into `out`: Watch when the service supports it, Check polling when
+/// not, NOT_SERVING while it cannot be reached.
+async fn follow_health(app: Channel, out: watch::Sender<pb::ServingStatus>) {
+    let mut client = HealthClient::new(app);
+    let mut waiting_logged = false;
+    loop {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        match client.watch(request.clone()).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(update)) = stream.message().await {
+                    out.send_replace(mesh_status(update.status()));
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                match client.check(request).await {
+                    Ok(r) => {
+                        out.send_replace(mesh_status(r.into_inner().status()));
+                    }
+                    Err(_) => {
+                        out.send_replace(pb::ServingStatus::NotServing);
+                    }
+                }
+            }
+            Err(status) => {
+                if !waiting_logged {
+                    tracing::info!(code = ?status.code(), "waiting for the local service's grpc.health.v1");
+                    waiting_logged = true;
+                }
+            }
+        }
+        // The watch ended: the service stopped or restarted.
+        if *out.borrow() == pb::ServingStatus::Serving {
+            tracing::warn!("lost the local service's health stream; marking it NOT_SERVING");
+        }
+        out.send_replace(pb::ServingStatus::NotServing);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn mesh_status(status: AppStatus) -> pb::ServingStatus {
+    match status {
+        AppStatus::Serving => pb::ServingStatus::Serving,
+        _ => pb::ServingStatus::NotServing,
+    }
+}
+
+/// The local service's gRPC services (configured, or listed by its
+/// reflection) and the file descriptors defining them, dependencies
+/// included. A service without reflection registers without contracts.
+async fn discover(app: &Channel, configured: &[String]) -> (Vec<String>, Vec<Vec<u8>>) {
+    let mut logged = false;
+    loop {
+        match reflect(app.clone(), configured).await {
+            Ok(found) => return found,
+            Err(status) if !configured.is_empty() => {
+                tracing::info!(code = ?status.code(), message = status.message(), "no server reflection; registering the configured services without contracts");
+                return (configured.to_vec(), Vec::new());
+            }
+            Err(status) => {
+                if !logged {
+                    tracing::error!(code = ?status.code(), message = status.message(), "cannot list the local service's gRPC services through server reflection; give them with --grpc-services");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn reflect(
+    app: Channel,
+    configured: &[String],
+) -> Result<(Vec<String>, Vec<Vec<u8>>), tonic::Status> {
+    let mut client = ServerReflectionClient::new(app);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses = client
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut ask = async |request: MessageRequest| -> Result<MessageResponse, tonic::Status> {
+        tx.send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        })
+        .await
+        .map_err(|_| tonic::Status::unavailable("reflection stream closed"))?;
+        let response = responses
+            .message()
+            .await?
+            .and_then(|r| r.message_response)
+            .ok_or_else(|| tonic::Status::unavailable("reflection stream ended"))?;
+        match response {
+            MessageResponse::ErrorResponse(e) => Err(tonic::Status::new(
+                tonic::Code::from_i32(e.error_code),
+                e.error_message,
+            )),
+            other => Ok(other),
+        }
+    };
+    let services: Vec<String> = if configured.is_empty() {
+        match ask(MessageRequest::ListServices(String::new())).await? {
+            MessageResponse::ListServicesResponse(list) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .filter(|s| !is_infrastructure(s))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            _ => {
+                return Err(tonic::Status::internal(
+                    "unexpected reflection answer to list",
+                ));
+            }
+        }
+    } else {
+        configured.to_vec()
+    };
+    // Files by name, following imports until every dependency is present
+    // (some servers send only the file asked for).
+    let mut files: Vec<Vec<u8>> = Vec::new();
+    let mut have: HashSet<String> = HashSet::new();
+    let mut wanted: Vec<String> = Vec::new();
+    let mut take = |bytes: Vec<Vec<u8>>, have: &mut HashSet<String>, wanted: &mut Vec<String>| {
+        for b in bytes {
+            let Ok(file) = prost_types::FileDescriptorProto::decode(b.as_slice()) else {
+                continue;
+            };
+            if have.insert(file.name().to_owned()) {
+                wanted.extend(file.dependency.iter().cloned());
+                files.push(b);
+            }
+        }
+    };
+    for service in &services {
+        if let MessageResponse::FileDescriptorResponse(r) =
+            ask(MessageRequest::FileContainingSymbol(service.clone())).await?
+        {
+            take(r.file_descriptor_proto, &mut have, &mut wanted);
+        }
+    }
+    while let Some(name) = wanted.pop() {
+        if have.contains(&name) {
+            continue;
+        }
+        if let MessageResponse::FileDescriptorResponse(r) =
+            ask(MessageRequest::FileByFilename(name.clone())).await?
+        {
+            take(r.file_descriptor_proto, &mut have, &mut wanted);
+        }
+    }
+    drop(take);
+    Ok((services, files))
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}

@@ -1,0 +1,277 @@
+//! A mesh service's configuration from the Config API, compiled for the
+//! request path: route policies (deadline, retries) and authorization.
+
+use std::time::Duration;
+
+use tonic::Code;
+use trellis::identity::SpiffeId;
+use trellis::pb::trellis::config::v1 as pb;
+
+use crate::grpc;
+
+/// Retry settings of a route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; 1 disables retries.
+    pub max_attempts: u32,
+    /// Statuses worth another attempt on a safe method.
+    pub retryable: Vec<Code>,
+    /// The first backoff; doubles per retry, with full jitter.
+    pub initial_backoff: Duration,
+    /// The cap on one backoff.
+    pub max_backoff: Duration,
+    /// Retries may be at most this fraction of calls.
+    pub budget_ratio: f64,
+    /// Requests larger than this are not recorded for replay.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            retryable: vec![Code::Unavailable],
+            initial_backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_millis(250),
+            budget_ratio: 0.2,
+            max_buffered_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The policy for calls matching one `method_match`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Route {
+    /// `*`, `pkg.Service/*` or `pkg.Service/Method`.
+    pub method_match: String,
+    /// The whole call's deadline, retries included (the caller's
+    /// `grpc-timeout` applies too, whichever is sooner).
+    pub timeout: Option<Duration>,
+    /// Retry settings.
+    pub retry: RetryPolicy,
+    /// Config says the method is safe to repeat.
+    pub idempotent: bool,
+}
+
+/// Who may call; see `trellis.config.v1.AuthorizationRule`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    callers: Vec<String>,
+    methods: Vec<String>,
+    allow: bool,
+}
+
+/// One mesh service's compiled configuration.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ServicePolicy {
+    routes: Vec<Route>,
+    rules: Vec<Rule>,
+}
+
+/// Whether `pattern` (`*`, `pkg.Service/*`, `pkg.Service/Method`) covers
+/// the method, and how specifically (higher is more specific).
+fn specificity(pattern: &str, service: &str, method: &str) -> Option<u8> {
+    if pattern == "*" {
+        return Some(0);
+    }
+    let (s, m) = pattern.split_once('/')?;
+    if s != service {
+        return None;
+    }
+    match m {
+        "*" => Some(1),
+        m if m == method => Some(2),
+        _ => None,
+    }
+}
+
+impl ServicePolicy {
+    /// Compiles the Config API's view of a service. Values the registry
+    /// validated are trusted; a code name it did not know is skipped.
+    pub fn from_proto(config: &pb::ServiceConfig) -> Self {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let retry = r.retry.as_ref().map_or_else(RetryPolicy::default, |p| {
+                    let d = RetryPolicy::default();
+                    RetryPolicy {
+                        max_attempts: p.max_attempts.max(1),
+                        retryable: p
+                            .retryable_status_codes
+                            .iter()
+                            .filter_map(|c| grpc::parse_code(c))
+                            .collect(),
+                        initial_backoff: p
+                            .initial_backoff
+                            .as_ref()
+                            .map_or(d.initial_backoff, duration),
+                        max_backoff: p.max_backoff.as_ref().map_or(d.max_backoff, duration),
+                        budget_ratio: p.budget_ratio.clamp(0.0, 1.0),
+                        max_buffered_bytes: p.max_buffered_bytes as usize,
+                    }
+                });
+                Route {
+                    method_match: r.method_match.clone(),
+                    timeout: r.timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
+                    retry,
+                    idempotent: r.idempotent,
+                }
+            })
+            .collect();
+        let rules = config
+            .authorization
+            .iter()
+            .map(|r| Rule {
+                callers: r.callers.clone(),
+                methods: r.methods.clone(),
+                allow: r.action() != pb::AuthorizationAction::Deny,
+            })
+            .collect();
+        Self { routes, rules }
+    }
+
+    /// The most specific route covering the method; the built-in policy
+    /// when none does.
+    pub fn route(&self, service: &str, method: &str) -> Route {
+        self.routes
+            .iter()
+            .filter_map(|r| specificity(&r.method_match, service, method).map(|s| (s, r)))
+            .max_by_key(|(s, _)| *s)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| Route {
+                method_match: "*".into(),
+                ..Route::default()
+            })
+    }
+
+    /// Whether `caller` may call the method: the first matching rule
+    /// decides; with rules and no match, no; with no rules, any mesh
+    /// identity may. The error names the rule's outcome for the caller.
+    pub fn authorize(&self, caller: &SpiffeId, service: &str, method: &str) -> Result<(), String> {
+        if self.rules.is_empty() {
+            return Ok(());
+        }
+        let caller_matches = |c: &String| {
+            c == "*" || c == caller.as_str() || caller.service().is_some_and(|s| s == c)
+        };
+        for (i, rule) in self.rules.iter().enumerate() {
+            let method_matches = rule
+                .methods
+                .iter()
+                .any(|m| specificity(m, service, method).is_some());
+            if method_matches && rule.callers.iter().any(caller_matches) {
+                return if rule.allow {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{caller} may not call {service}/{method}: denied by authorization rule {}",
+                        i + 1
+                    ))
+                };
+            }
+        }
+        Err(format!(
+            "{caller} may not call {service}/{method}: no authorization rule allows it"
+        ))
+    }
+}
+
+fn duration(d: &prost_types::Duration) -> Duration {
+    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(
+        callers: &[&str],
+        methods: &[&str],
+        action: pb::AuthorizationAction,
+    ) -> pb::AuthorizationRule {
+        pb::AuthorizationRule {
+            callers: callers.iter().map(|s| s.to_string()).collect(),
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+            action: action as i32,
+        }
+    }
+
+    fn id(service: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://trellis.local/ns/default/sa/{service}")).unwrap()
+    }
+
+    #[test]
+    fn the_most_specific_route_applies() {
+        let config = pb::ServiceConfig {
+            routes: vec![
+                pb::RoutePolicy {
+                    method_match: "*".into(),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 10,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                },
+                pb::RoutePolicy {
+                    method_match: "a.S/*".into(),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 5,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                },
+                pb::RoutePolicy {
+                    method_match: "a.S/M".into(),
+                    idempotent: true,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let policy = ServicePolicy::from_proto(&config);
+        assert!(policy.route("a.S", "M").idempotent);
+        assert_eq!(
+            policy.route("a.S", "N").timeout,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            policy.route("b.T", "M").timeout,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            ServicePolicy::default().route("a.S", "M").retry,
+            RetryPolicy::default()
+        );
+    }
+
+    #[test]
+    fn the_first_matching_rule_decides_and_no_match_denies() {
+        use pb::AuthorizationAction::{Allow, Deny};
+        let config = pb::ServiceConfig {
+            authorization: vec![
+                rule(&["billing"], &["a.S/Delete"], Deny),
+                rule(
+                    &["billing", "spiffe://trellis.local/ns/default/sa/edge"],
+                    &["a.S/*"],
+                    Allow,
+                ),
+            ],
+            ..Default::default()
+        };
+        let policy = ServicePolicy::from_proto(&config);
+        assert!(policy.authorize(&id("billing"), "a.S", "Get").is_ok());
+        assert!(policy.authorize(&id("edge"), "a.S", "Delete").is_ok());
+        let denied = policy
+            .authorize(&id("billing"), "a.S", "Delete")
+            .unwrap_err();
+        assert!(denied.contains("rule 1"), "{denied}");
+        let unmatched = policy.authorize(&id("web"), "a.S", "Get").unwrap_err();
+        assert!(unmatched.contains("no authorization rule"), "{unmatched}");
+        assert!(
+            ServicePolicy::default()
+                .authorize(&id("web"), "a.S", "Get")
+                .is_ok()
+        );
+    }
+}

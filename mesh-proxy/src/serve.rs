@@ -1,0 +1,88 @@
+//! Serving HTTP/2 connections: each connection its own task (one slow or
+//! broken peer never holds up another), bounded headers and streams, and
+//! a graceful stop that sends GOAWAY and lets calls in flight finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use crate::body::ResponseBody;
+use crate::metrics;
+
+/// Largest header block a peer may send (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Concurrent streams per connection.
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+fn builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .adaptive_window(true);
+    b
+}
+
+/// Serves connections from `incoming` until `stop` turns true, then stops
+/// accepting, asks every connection to finish (GOAWAY) and waits up to
+/// `grace` for calls in flight. `handler` makes the per-connection
+/// request handler. Returns whether the drain finished in time.
+pub async fn serve<I, IO, H, F, Fut>(
+    name: &'static str,
+    mut incoming: I,
+    handler: H,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> bool
+where
+    I: Stream<Item = std::io::Result<IO>> + Unpin,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(&IO) -> F,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let builder = builder();
+    let graceful = GracefulShutdown::new();
+    loop {
+        let io = tokio::select! {
+            next = incoming.next() => match next {
+                Some(Ok(io)) => io,
+                Some(Err(error)) => {
+                    tracing::debug!(listener = name, %error, "accept failed");
+                    continue;
+                }
+                None => break,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let handle = handler(&io);
+        let service = hyper::service::service_fn(move |request| {
+            let handle = handle.clone();
+            async move { Ok::<_, Infallible>(handle(request).await) }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
+        tokio::spawn(async move {
+            metrics::get().connection_opened(name);
+            if let Err(error) = connection.await {
+                tracing::debug!(listener = name, %error, "connection ended with an error");
+            }
+            metrics::get().connection_closed(name);
+        });
+    }
+    // Dropping the listener stops accepting.
+    drop(incoming);
+    tokio::select! {
+        () = graceful.shutdown() => true,
+        () = tokio::time::sleep(grace) => false,
+    }
+}
