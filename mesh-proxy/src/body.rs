@@ -56,7 +56,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Direct(body) => body.is_end_stream(),
-            Self::Replay(_) => false,
+            Self::Replay(body) => body.is_end_stream(),
             Self::Empty => true,
         }
     }
@@ -142,6 +142,11 @@ impl Body for ReplayBody {
     type Data = Bytes;
     type Error = BoxError;
 
+    fn is_end_stream(&self) -> bool {
+        let rec = self.shared.lock().expect("recording lock");
+        rec.ended && self.pos >= rec.frames.len() && (self.trailers_sent || rec.trailers.is_none())
+    }
+
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -187,6 +192,13 @@ impl Body for ReplayBody {
                                 rec.frames.push(data.clone());
                                 this.pos = rec.frames.len();
                             }
+                        }
+                        // Knowing the end now lets the last DATA frame carry
+                        // END_STREAM (an empty DATA frame per call instead
+                        // is what HTTP/2 flood protection counts against us).
+                        if rec.source.as_ref().is_some_and(|s| s.is_end_stream()) {
+                            rec.ended = true;
+                            rec.source = None;
                         }
                         Poll::Ready(Some(Ok(Frame::data(data))))
                     }

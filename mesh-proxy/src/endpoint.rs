@@ -242,7 +242,7 @@ where
 {
     crate::metrics::get().connection_opened("upstream");
     if let Err(error) = conn.await {
-        tracing::debug!(endpoint.addr = %addr, %error, "upstream connection ended");
+        tracing::debug!(endpoint.addr = %addr, error = %crate::forward::describe(&error), "upstream connection ended");
     }
     crate::metrics::get().connection_closed("upstream");
 }

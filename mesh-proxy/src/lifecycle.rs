@@ -354,7 +354,6 @@ async fn reflect(
             take(r.file_descriptor_proto, &mut have, &mut wanted);
         }
     }
-    drop(take);
     Ok((services, files))
 }
 

@@ -138,6 +138,9 @@ struct Call<'a> {
 }
 
 /// What to do after an attempt that did not succeed.
+// Lives on the stack for one decision; boxing the response would cost an
+// allocation per call.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     /// Give this answer to the caller.
     Answer(Response<ResponseBody>),
@@ -436,6 +439,7 @@ impl Call<'_> {
 }
 
 /// The verdict on one response.
+#[allow(clippy::large_enum_variant)]
 enum Judged {
     /// Pass this on (the call's end is attached by the caller).
     Answer(Response<ResponseBody>),

@@ -74,7 +74,7 @@ where
         tokio::spawn(async move {
             metrics::get().connection_opened(name);
             if let Err(error) = connection.await {
-                tracing::debug!(listener = name, %error, "connection ended with an error");
+                tracing::debug!(listener = name, error = %crate::forward::describe(&error), "connection ended with an error");
             }
             metrics::get().connection_closed(name);
         });

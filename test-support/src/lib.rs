@@ -2,11 +2,15 @@
 //! authorities made at test time, and child processes that are killed when
 //! the test ends.
 
+pub mod mesh;
 pub mod pki;
 pub mod postgres;
 pub mod process;
 pub mod registry;
 
+pub use mesh::{
+    ProxyOptions, RunningEcho, RunningProxy, http_get, sibling_binary, spawn_echo, spawn_proxy,
+};
 pub use pki::TestPki;
 pub use postgres::TestDb;
 pub use process::{ChildGuard, free_port, wait_for_tcp};

@@ -56,7 +56,7 @@ async fn main() {
         .await
         .unwrap_or_else(|e| exit_with(PROGRAM, &e));
 
-    let _expiry = registry.spawn_expiry();
+    let expiry = registry.spawn_expiry();
     let _config_watch = config.spawn_watcher();
     let (router, health) = trellis::server::standard_router();
     health
@@ -75,6 +75,13 @@ async fn main() {
         "registry listening"
     );
     let served = trellis::server::run_until_signal("registry", args.grace, |drain| async {
+        // A draining registry no longer hears renewals, so it must not
+        // expire leases either: that would push removals of healthy
+        // instances to every watcher still connected.
+        let drain = Box::pin(async move {
+            drain.await;
+            expiry.abort();
+        });
         trellis::server::serve_mtls(router, listener, &workload, drain).await
     })
     .await;
