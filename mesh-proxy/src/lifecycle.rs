@@ -15,10 +15,9 @@ use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as AppStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
-use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 use trellis::pb::trellis::registry::v1 as pb;
 
 use crate::discovery::ControlPlane;
@@ -272,23 +271,70 @@ async fn discover(app: &Channel, configured: &[String]) -> (Vec<String>, Vec<Vec
     }
 }
 
+const REFLECTION_V1: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+const REFLECTION_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+
+/// Opens a reflection conversation at `path`. v1 and v1alpha messages are
+/// the same on the wire, so the v1 types serve for both.
+async fn open_reflection(
+    app: Channel,
+    path: &'static str,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<ServerReflectionRequest>,
+        tonic::Streaming<ServerReflectionResponse>,
+    ),
+    tonic::Status,
+> {
+    let mut grpc = tonic::client::Grpc::new(app);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("local service: {e}")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    // Ask something at once: some servers (gRPC Python) send response
+    // headers only with the first answer, so an empty request stream would
+    // never see the call open.
+    tx.try_send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .expect("a new channel has room");
+    let codec =
+        tonic_prost::ProstCodec::<ServerReflectionRequest, ServerReflectionResponse>::default();
+    let responses = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            http::uri::PathAndQuery::from_static(path),
+            codec,
+        )
+        .await?
+        .into_inner();
+    Ok((tx, responses))
+}
+
 async fn reflect(
     app: Channel,
     configured: &[String],
 ) -> Result<(Vec<String>, Vec<Vec<u8>>), tonic::Status> {
-    let mut client = ServerReflectionClient::new(app);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut responses = client
-        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (tx, mut responses) = match open_reflection(app.clone(), REFLECTION_V1).await {
+        Err(status) if status.code() == tonic::Code::Unimplemented => {
+            // Some servers (gRPC Python, older gRPC Go) serve only v1alpha.
+            open_reflection(app, REFLECTION_V1ALPHA).await?
+        }
+        other => other?,
+    };
+    let mut pending_list = true;
     let mut ask = async |request: MessageRequest| -> Result<MessageResponse, tonic::Status> {
-        tx.send(ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(request),
-        })
-        .await
-        .map_err(|_| tonic::Status::unavailable("reflection stream closed"))?;
+        // The list request went out with the call itself.
+        if !(pending_list && matches!(request, MessageRequest::ListServices(_))) {
+            tx.send(ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request),
+            })
+            .await
+            .map_err(|_| tonic::Status::unavailable("reflection stream closed"))?;
+        }
+        pending_list = false;
         let response = responses
             .message()
             .await?
@@ -302,8 +348,9 @@ async fn reflect(
             other => Ok(other),
         }
     };
+    let listed = ask(MessageRequest::ListServices(String::new())).await?;
     let services: Vec<String> = if configured.is_empty() {
-        match ask(MessageRequest::ListServices(String::new())).await? {
+        match listed {
             MessageResponse::ListServicesResponse(list) => list
                 .service
                 .into_iter()

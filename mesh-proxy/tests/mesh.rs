@@ -16,7 +16,7 @@ use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
 use trellis_test_support::{
     ProxyOptions, RunningEcho, RunningProxy, RunningRegistry, TestPki, sibling_binary, spawn_echo,
-    spawn_proxy, spawn_registry,
+    spawn_proxy, spawn_registry, spawn_registry_at,
 };
 
 use echo::echo_service_client::EchoServiceClient;
@@ -37,7 +37,7 @@ fn echo_bin() -> PathBuf {
 struct Mesh {
     pki: TestPki,
     registry: RunningRegistry,
-    _config: tempfile::TempDir,
+    config: tempfile::TempDir,
 }
 
 /// One echo instance and its sidecar.
@@ -62,7 +62,7 @@ impl Mesh {
         Self {
             pki,
             registry,
-            _config: dir,
+            config: dir,
         }
     }
 
@@ -76,7 +76,12 @@ impl Mesh {
 
     /// An echo instance named `name` behind a sidecar of mesh service `echo`.
     fn instance(&self, name: &str, sidecar_args: &[&str]) -> Instance {
-        let echo = spawn_echo(&echo_bin(), name, &[]);
+        self.instance_with(name, &[], sidecar_args)
+    }
+
+    /// The same, with flags for the echo service too.
+    fn instance_with(&self, name: &str, echo_args: &[&str], sidecar_args: &[&str]) -> Instance {
+        let echo = spawn_echo(&echo_bin(), name, echo_args);
         let identity = self.identity("echo");
         let proxy = spawn_proxy(
             &proxy_bin(),
@@ -328,7 +333,9 @@ async fn killed_instance_and_stopped_registry_lose_no_idempotent_call() {
         if i == 100 {
             // Kill an instance outright, service and sidecar: no
             // deregistration, connections reset.
-            let victim = instances.remove(1);
+            // The sidecar first, so that no health change warns anyone.
+            let mut victim = instances.remove(1);
+            victim.proxy.process.kill();
             drop(victim);
         }
         if i == 200 {
@@ -892,4 +899,135 @@ async fn closed_soon(stream: &mut tokio::net::TcpStream) -> bool {
     })
     .await
     .is_ok()
+}
+
+/// Calls Echo until `n` calls in a row are answered by `only`.
+async fn wait_only(client: &mut EchoServiceClient<Channel>, only: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut streak = 0;
+    while streak < n {
+        match client.echo(say("who?")).await {
+            Ok(r) if r.get_ref().instance == only => streak += 1,
+            _ => streak = 0,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "calls still reach others than {only}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_going_not_serving_leaves_rotation() {
+    let mesh = Mesh::start(&[]);
+    let _steady = mesh.instance("steady", &[]);
+    let _fading = mesh.instance_with("fading", &["--not-serving-after", "3s"], &[]);
+    let caller = mesh.caller("frontend");
+    mesh.wait_serving(2).await;
+    let mut client = client(&caller);
+    wait_seen(&mut client, &["steady", "fading"]).await;
+    // Its sidecar follows grpc.health.v1 and tells the registry, which
+    // tells every caller.
+    wait_only(&mut client, "steady", 20).await;
+    mesh.wait_serving(1).await;
+}
+
+#[tokio::test]
+async fn a_restarted_registry_is_resubscribed_and_relearns_every_instance() {
+    let mut mesh = Mesh::start(&[]);
+    let _first = mesh.instance("before", &[]);
+    let caller = mesh.caller("frontend");
+    mesh.wait_serving(1).await;
+    let mut client = client(&caller);
+    wait_seen(&mut client, &["before"]).await;
+
+    // The registry crashes (state is in memory) and comes back on its address.
+    let addr = mesh.registry.addr;
+    mesh.registry.process.kill();
+    for i in 0..20 {
+        client
+            .echo(say(&format!("registry down {i}")))
+            .await
+            .expect("calls go on from the last known endpoints");
+    }
+    let registry_bin = sibling_binary(PROXY, "trellis-registry");
+    mesh.registry = spawn_registry_at(
+        registry_bin.to_str().unwrap(),
+        &mesh.identity("registry"),
+        mesh.config.path(),
+        addr,
+    );
+    // The old instance registers again by itself; a new one is learnt by
+    // the caller through its resubscribed watch.
+    mesh.wait_serving(1).await;
+    let _second = mesh.instance("after", &[]);
+    mesh.wait_serving(2).await;
+    wait_seen(&mut client, &["before", "after"]).await;
+}
+
+#[tokio::test]
+async fn a_python_service_joins_the_mesh_through_its_sidecar() {
+    // Stubs for the Python service, generated from proto/ as its
+    // developers would (grpcio-tools, installed by scripts/test).
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let generated = tempfile::tempdir().unwrap();
+    let protoc = std::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(root.join("proto"))
+        .arg(format!("--python_out={}", generated.path().display()))
+        .arg(format!("--grpc_python_out={}", generated.path().display()))
+        .arg(root.join("proto/trellis/echo/v1/echo.proto"))
+        .output()
+        .expect("python3 runs; run the tests through scripts/test, which installs grpcio-tools");
+    assert!(
+        protoc.status.success(),
+        "grpc_tools.protoc failed (run the tests through scripts/test): {}",
+        String::from_utf8_lossy(&protoc.stderr)
+    );
+
+    let mesh = Mesh::start(&[]);
+    let port = trellis_test_support::free_port();
+    let app: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(root.join("mesh-proxy/tests/python/echo_server.py"))
+        .arg(app.to_string())
+        .arg("py-1")
+        .env("PYTHONPATH", generated.path());
+    let python = trellis_test_support::ChildGuard::spawn("python-echo", cmd).unwrap();
+    assert!(
+        trellis_test_support::wait_for_tcp(app, Duration::from_secs(20)),
+        "the Python service did not start: {}",
+        python.output()
+    );
+    let identity = mesh.identity("echo");
+    let _sidecar = spawn_proxy(
+        &proxy_bin(),
+        "python-echo",
+        ProxyOptions::new(&identity, Some(app), Some(mesh.registry.addr)),
+    );
+    let caller = mesh.caller("frontend");
+    mesh.wait_serving(1).await;
+
+    // Registered with its contract, learnt through grpcio's reflection.
+    let mut registry = mesh.registry_client();
+    let contract = registry
+        .get_service_descriptors(reg::GetServiceDescriptorsRequest {
+            grpc_service: ECHO.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(contract.service, "echo");
+    assert!(!contract.file_descriptors.is_empty());
+
+    let mut client = client(&caller);
+    wait_seen(&mut client, &["py-1"]).await;
+    let r = client
+        .echo(say("hello, python"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.message, "hello, python");
+    assert_eq!(r.caller, "spiffe://trellis.local/ns/default/sa/frontend");
 }

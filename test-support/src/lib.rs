@@ -14,4 +14,4 @@ pub use mesh::{
 pub use pki::TestPki;
 pub use postgres::TestDb;
 pub use process::{ChildGuard, free_port, wait_for_tcp};
-pub use registry::{RunningRegistry, spawn_registry};
+pub use registry::{RunningRegistry, spawn_registry, spawn_registry_at};

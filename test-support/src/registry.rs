@@ -22,6 +22,17 @@ pub struct RunningRegistry {
 /// from `config_dir`, and waits until it listens.
 pub fn spawn_registry(bin: &str, identity: &IdentityPaths, config_dir: &Path) -> RunningRegistry {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    spawn_registry_at(bin, identity, config_dir, addr)
+}
+
+/// Starts the registry on `addr` (e.g. to restart one where its clients
+/// expect it) and waits until it listens.
+pub fn spawn_registry_at(
+    bin: &str,
+    identity: &IdentityPaths,
+    config_dir: &Path,
+    addr: SocketAddr,
+) -> RunningRegistry {
     let mut cmd = Command::new(bin);
     cmd.arg("--listen")
         .arg(addr.to_string())

@@ -46,6 +46,10 @@ async fn main() {
             health
                 .set_not_serving::<EchoServiceServer<EchoServer>>()
                 .await;
+            // The server as a whole ("") too: that is what sidecars follow.
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
             tracing::info!(
                 service = trellis_echo::SERVICE_NAME,
                 "health now NOT_SERVING"
