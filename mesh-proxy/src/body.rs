@@ -123,6 +123,11 @@ impl Recorder {
         }
     }
 
+    /// Whether the caller has sent its whole request.
+    pub fn complete(&self) -> bool {
+        self.shared.lock().expect("recording lock").ended
+    }
+
     /// Whether another attempt could send the whole request again.
     pub fn replayable(&self) -> bool {
         let recording = self.shared.lock().expect("recording lock");

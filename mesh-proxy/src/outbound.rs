@@ -189,6 +189,12 @@ impl BodySlot {
         }
     }
 
+    /// Whether the caller has finished sending (so a response may be
+    /// waited on without waiting on the caller).
+    fn complete(&self) -> bool {
+        self.recorder.as_ref().is_some_and(Recorder::complete)
+    }
+
     /// Whether another attempt could send the whole request.
     fn replayable(&self) -> bool {
         match &self.recorder {
@@ -373,9 +379,15 @@ impl Call<'_> {
                 retry::pushback(&parts.headers),
                 parts.headers.contains_key(grpc::UNPROCESSED_HEADER),
             )
-        } else if self.safe && attempt < policy.max_attempts && body_slot.replayable() {
+        } else if self.safe
+            && attempt < policy.max_attempts
+            && body_slot.replayable()
+            && body_slot.complete()
+        {
             // A status may follow at once in trailers, with no message:
             // look before committing, so that it can still be retried.
+            // Only once the caller has sent everything: a streaming caller
+            // may be waiting for these very headers before it sends more.
             let frame = match self.deadline {
                 Some(d) => tokio::time::timeout_at(d, first_frame(&mut body))
                     .await

@@ -4,6 +4,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -21,6 +23,10 @@ use crate::metrics;
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// Concurrent streams per connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// A connection that has not sent a single request by then is closed
+/// (slow-loris protection); after its first request, HTTP/2 keep-alive
+/// pings find dead peers.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -66,14 +72,32 @@ where
             _ = stop.wait_for(|s| *s) => break,
         };
         let handle = handler(&io);
-        let service = hyper::service::service_fn(move |request| {
-            let handle = handle.clone();
-            async move { Ok::<_, Infallible>(handle(request).await) }
-        });
+        let used = Arc::new(AtomicBool::new(false));
+        let service = {
+            let used = used.clone();
+            hyper::service::service_fn(move |request| {
+                used.store(true, Ordering::Relaxed);
+                let handle = handle.clone();
+                async move { Ok::<_, Infallible>(handle(request).await) }
+            })
+        };
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
         tokio::spawn(async move {
             metrics::get().connection_opened(name);
-            if let Err(error) = connection.await {
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = &mut connection => Some(result),
+                () = tokio::time::sleep(FIRST_REQUEST_TIMEOUT) => None,
+            };
+            let result = match result {
+                Some(result) => result,
+                None if !used.load(Ordering::Relaxed) => {
+                    tracing::debug!(listener = name, "closing a connection that sent no request");
+                    Ok(())
+                }
+                None => connection.await,
+            };
+            if let Err(error) = result {
                 tracing::debug!(listener = name, error = %crate::forward::describe(&error), "connection ended with an error");
             }
             metrics::get().connection_closed(name);
