@@ -16,13 +16,43 @@ use crate::identity::Workload;
 
 /// A server builder with grpc.health.v1 and server reflection (v1 and
 /// v1alpha) already added. Add the server's own services to the router;
-/// use the reporter to publish their health.
+/// use the reporter to publish their health. Reflection lists every
+/// Trellis contract; see [`router_serving`] to list only one's own.
 pub fn standard_router() -> (Router, HealthReporter) {
+    router_with_reflection(&[])
+}
+
+/// Like [`standard_router`], but reflection lists only `services` (plus
+/// health and reflection themselves): every binary embeds all of Trellis's
+/// contracts, while a service should show only those it serves.
+pub fn router_serving(services: &[&str]) -> (Router, HealthReporter) {
+    router_with_reflection(services)
+}
+
+fn router_with_reflection(listed: &[&str]) -> (Router, HealthReporter) {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
+        let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        if !listed.is_empty() {
+            // Naming services turns off listing everything; name the
+            // infrastructure too, with the reflection contracts so each
+            // listed service can be described.
+            builder = builder
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                );
+            for name in listed.iter().copied().chain([
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]) {
+                builder = builder.with_service_name(name);
+            }
+        }
+        builder
     };
     // The descriptor sets are compiled into the binary: failure here is a
     // build defect, not a runtime condition.

@@ -206,34 +206,39 @@ impl Endpoint {
                 .max_header_list_size(64 * 1024);
             b
         };
-        let handshake = |e| ConnectError::Http2 { addr, source: e };
-        match &self.transport {
+        let sender = match &self.transport {
             Transport::H2c => {
                 let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                     .await
                     .map_err(|_| io_err(std::io::ErrorKind::TimedOut.into()))?
                     .map_err(io_err)?;
                 let _ = tcp.set_nodelay(true);
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(handshake)?;
-                tokio::spawn(drive(addr, conn));
-                Ok(sender)
+                http2(&builder, addr, tcp).await
             }
             Transport::Mtls { config, .. } => {
                 let tls = trellis::tls::connect(addr, config.clone())
                     .await
                     .map_err(io_err)?;
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(handshake)?;
-                tokio::spawn(drive(addr, conn));
-                Ok(sender)
+                http2(&builder, addr, tls).await
             }
-        }
+        };
+        sender.map_err(|source| ConnectError::Http2 { addr, source })
     }
+}
+
+/// The HTTP/2 handshake on a connected stream; the connection is driven by
+/// its own task.
+async fn http2<IO>(
+    builder: &hyper::client::conn::http2::Builder<TokioExecutor>,
+    addr: SocketAddr,
+    io: IO,
+) -> Result<SendRequest<RequestBody>, hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
+    tokio::spawn(drive(addr, conn));
+    Ok(sender)
 }
 
 async fn drive<F>(addr: SocketAddr, conn: F)

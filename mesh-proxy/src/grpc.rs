@@ -42,6 +42,26 @@ impl<'a> GrpcPath<'a> {
     }
 }
 
+/// The gRPC method a request calls, or the answer to give a request that
+/// is not a gRPC call (`side` names the port in the message).
+pub fn method_of<'a, B, R: Default>(
+    request: &'a http::Request<B>,
+    side: &str,
+) -> Result<GrpcPath<'a>, Response<R>> {
+    if !is_grpc(request.headers()) {
+        return Err(not_grpc_response(side));
+    }
+    GrpcPath::parse(request.uri().path()).ok_or_else(|| {
+        status_response(
+            Code::Unimplemented,
+            &format!(
+                "{:?} is not a gRPC method path (/package.Service/Method)",
+                request.uri().path()
+            ),
+        )
+    })
+}
+
 /// Whether the request's content type is gRPC (`application/grpc`,
 /// optionally `+proto`, `+json`, ...).
 pub fn is_grpc(headers: &HeaderMap) -> bool {

@@ -17,7 +17,7 @@ use crate::body::{CallEnd, RequestBody, ResponseBody};
 use crate::discovery::MeshView;
 use crate::endpoint::Endpoint;
 use crate::forward::{self, AttemptError};
-use crate::grpc::{self, GrpcPath};
+use crate::grpc;
 use crate::metrics;
 
 /// The inbound proxy in front of one local service.
@@ -42,17 +42,9 @@ impl Inbound {
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
-        if !grpc::is_grpc(request.headers()) {
-            return grpc::not_grpc_response("the inbound port");
-        }
-        let Some(path) = GrpcPath::parse(request.uri().path()) else {
-            return grpc::status_response(
-                Code::Unimplemented,
-                &format!(
-                    "{:?} is not a gRPC method path (/package.Service/Method)",
-                    request.uri().path()
-                ),
-            );
+        let path = match grpc::method_of(&request, "the inbound port") {
+            Ok(path) => path,
+            Err(answer) => return answer,
         };
         let mut end = CallEnd::new(
             metrics::get().call("inbound", path.service, path.method),

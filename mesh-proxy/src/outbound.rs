@@ -29,7 +29,7 @@ use crate::directory::{Lookup, Upstream};
 use crate::discovery::MeshView;
 use crate::endpoint::{Endpoint, Outcome};
 use crate::forward::{self, AttemptError};
-use crate::grpc::{self, GrpcPath};
+use crate::grpc;
 use crate::metrics;
 use crate::policy::Route;
 use crate::retry::{self, Pushback};
@@ -55,17 +55,9 @@ impl Outbound {
     /// Handles one call from the local service.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
-        if !grpc::is_grpc(request.headers()) {
-            return grpc::not_grpc_response("the outbound port");
-        }
-        let Some(path) = GrpcPath::parse(request.uri().path()) else {
-            return grpc::status_response(
-                Code::Unimplemented,
-                &format!(
-                    "{:?} is not a gRPC method path (/package.Service/Method)",
-                    request.uri().path()
-                ),
-            );
+        let path = match grpc::method_of(&request, "the outbound port") {
+            Ok(path) => path,
+            Err(answer) => return answer,
         };
         let (service, method) = (path.service.to_owned(), path.method.to_owned());
         let mut end = CallEnd::new(

@@ -14,7 +14,6 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::server::NamedService;
-use tonic::transport::Server;
 use tonic::transport::server::Router;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
@@ -348,41 +347,12 @@ impl pb::echo_service_server::EchoService for EchoServer {
 /// health and reflection: the binary embeds every Trellis contract, but
 /// serves only this one.
 pub async fn router(echo: EchoServer) -> (Router, HealthReporter) {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (router, reporter) = trellis::server::router_serving(&[SERVICE_NAME]);
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
     reporter
         .set_serving::<EchoServiceServer<EchoServer>>()
         .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(trellis::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // Both reflection contracts, so each reflection service can
-            // describe every service it lists.
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(
-                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-            )
-            .with_service_name(SERVICE_NAME)
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name("grpc.reflection.v1.ServerReflection")
-            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
-    };
-    // The descriptor sets are compiled into the binary: failure here is a
-    // build defect, not a runtime condition.
-    let v1 = reflection()
-        .build_v1()
-        .expect("embedded descriptor set is valid");
-    let v1alpha = reflection()
-        .build_v1alpha()
-        .expect("embedded descriptor set is valid");
-    let router = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health)
-        .add_service(v1)
-        .add_service(v1alpha)
-        .add_service(EchoServiceServer::new(echo));
-    (router, reporter)
+    (router.add_service(EchoServiceServer::new(echo)), reporter)
 }

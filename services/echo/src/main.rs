@@ -25,9 +25,9 @@ struct Args {
     /// How long in-flight calls may take to finish after SIGTERM (e.g. `5s`).
     #[arg(long, env = "TRELLIS_ECHO_GRACE", default_value = "5s", value_parser = trellis::cli::parse_duration)]
     grace: Duration,
-    /// If set, EchoService turns NOT_SERVING in grpc.health.v1 this long
-    /// after start-up (e.g. `2s`), to test health-based routing. Unset, it
-    /// stays SERVING.
+    /// If set, EchoService and the server as a whole ("") turn NOT_SERVING
+    /// in grpc.health.v1 this long after start-up (e.g. `2s`), to test
+    /// health-based routing. Unset, they stay SERVING.
     #[arg(long, env = "TRELLIS_ECHO_NOT_SERVING_AFTER", value_parser = trellis::cli::parse_duration)]
     not_serving_after: Option<Duration>,
 }
