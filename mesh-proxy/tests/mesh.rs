@@ -144,6 +144,22 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// Echo instances named `names`, a `frontend` caller's sidecar, and a
+    /// client of that sidecar that every instance has answered.
+    async fn pool(
+        &self,
+        names: &[&str],
+    ) -> (Vec<Instance>, RunningProxy, EchoServiceClient<Channel>) {
+        let instances: Vec<Instance> = names.iter().map(|n| self.instance(n, &[])).collect();
+        let caller = self.caller("frontend");
+        self.wait_serving(names.len()).await;
+        let mut client = client(&caller);
+        wait_seen(&mut client, names).await;
+        (instances, caller, client)
+    }
+}
+
 fn client(proxy: &RunningProxy) -> EchoServiceClient<Channel> {
     let channel = Channel::from_shared(format!("http://{}", proxy.outbound))
         .unwrap()
@@ -175,11 +191,7 @@ async fn wait_seen(client: &mut EchoServiceClient<Channel>, names: &[&str]) {
 #[tokio::test]
 async fn calls_cross_two_sidecars_with_the_callers_verified_identity() {
     let mesh = Mesh::start(&[]);
-    let _b = mesh.instance("b1", &[]);
-    let caller = mesh.caller("frontend");
-    mesh.wait_serving(1).await;
-    let mut client = client(&caller);
-    wait_seen(&mut client, &["b1"]).await;
+    let (b, caller, mut client) = mesh.pool(&["b1"]).await;
 
     // Unary, with a spoofed identity header that must be replaced.
     let mut request = tonic::Request::new(say("hello"));
@@ -282,7 +294,7 @@ async fn calls_cross_two_sidecars_with_the_callers_verified_identity() {
         "{metrics}"
     );
     assert!(metrics.contains("trellis_proxy_request_duration_seconds_bucket"));
-    let (_, metrics) = _b.proxy.admin_get("/metrics");
+    let (_, metrics) = b[0].proxy.admin_get("/metrics");
     assert!(
         metrics.contains(r#"direction="inbound",service="trellis.echo.v1.EchoService",method="Fail",grpc_status="NOT_FOUND""#),
         "{metrics}"
@@ -294,14 +306,7 @@ async fn calls_cross_two_sidecars_with_the_callers_verified_identity() {
 #[tokio::test]
 async fn three_instances_share_calls_round_robin() {
     let mesh = Mesh::start(&[]);
-    let _instances: Vec<Instance> = ["r1", "r2", "r3"]
-        .iter()
-        .map(|n| mesh.instance(n, &[]))
-        .collect();
-    let caller = mesh.caller("frontend");
-    mesh.wait_serving(3).await;
-    let mut client = client(&caller);
-    wait_seen(&mut client, &["r1", "r2", "r3"]).await;
+    let (_instances, _caller, mut client) = mesh.pool(&["r1", "r2", "r3"]).await;
 
     let mut counts: HashMap<String, i64> = HashMap::new();
     for _ in 0..300 {
@@ -319,14 +324,7 @@ async fn three_instances_share_calls_round_robin() {
 #[tokio::test]
 async fn killed_instance_and_stopped_registry_lose_no_idempotent_call() {
     let mut mesh = Mesh::start(&[]);
-    let mut instances: Vec<Instance> = ["k1", "k2", "k3"]
-        .iter()
-        .map(|n| mesh.instance(n, &[]))
-        .collect();
-    let caller = mesh.caller("frontend");
-    mesh.wait_serving(3).await;
-    let mut client = client(&caller);
-    wait_seen(&mut client, &["k1", "k2", "k3"]).await;
+    let (mut instances, caller, mut client) = mesh.pool(&["k1", "k2", "k3"]).await;
 
     let mut answered_by: HashMap<String, u32> = HashMap::new();
     for i in 0..300 {
@@ -366,11 +364,7 @@ async fn killed_instance_and_stopped_registry_lose_no_idempotent_call() {
 #[tokio::test]
 async fn a_caller_deadline_ends_the_call_and_cancels_the_callee() {
     let mesh = Mesh::start(&[]);
-    let _b = mesh.instance("slow", &[]);
-    let caller = mesh.caller("frontend");
-    mesh.wait_serving(1).await;
-    let mut client = client(&caller);
-    wait_seen(&mut client, &["slow"]).await;
+    let (_b, caller, mut client) = mesh.pool(&["slow"]).await;
 
     // A raw HTTP/2 client: generated clients enforce `grpc-timeout`
     // themselves, and here the sidecar must be what ends the call.
@@ -731,11 +725,8 @@ async fn raw_call(
 async fn bad_requests_are_refused_without_affecting_other_callers() {
     use tokio::io::AsyncWriteExt;
     let mesh = Mesh::start(&[]);
-    let b = mesh.instance("sturdy", &[]);
-    let caller = mesh.caller("frontend");
-    mesh.wait_serving(1).await;
-    let mut client = client(&caller);
-    wait_seen(&mut client, &["sturdy"]).await;
+    let (instances, caller, mut client) = mesh.pool(&["sturdy"]).await;
+    let b = &instances[0];
 
     // A slow-loris connection that sends half a preface and stalls, on
     // both sides, held open throughout.
