@@ -154,7 +154,7 @@ pub async fn run_plaintext(
     let listener = bind(addr).await?;
     let local = listener.local_addr()?;
     tracing::info!(server = name, addr = %local, "listening (h2c)");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = nodelay_incoming(listener);
     run_until_signal(name, grace, |drain| async move {
         router
             .serve_with_incoming_shutdown(incoming, drain)
@@ -162,4 +162,18 @@ pub async fn run_plaintext(
             .map_err(anyhow::Error::from)
     })
     .await
+}
+
+/// Accepted connections with Nagle's algorithm off. gRPC writes a
+/// response's trailers apart from its data; with Nagle on, that small
+/// write waits for the peer's delayed ACK (about 40 ms on Linux).
+pub fn nodelay_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Unpin {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    })
 }

@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use trellis::cli::exit_with;
 use trellis::identity::SpiffeId;
 
@@ -97,12 +96,14 @@ async fn run(
     let outbound = outbound::Outbound::new(view.clone(), "outbound");
     let outbound_task = tokio::spawn(serve::serve(
         "outbound",
-        TcpListenerStream::new(outbound_listener),
+        trellis::server::nodelay_incoming(outbound_listener),
         move |_tcp: &tokio::net::TcpStream| {
             let outbound = outbound.clone();
             move |request| {
                 let outbound = outbound.clone();
-                async move { outbound.handle(request).await }
+                // Boxed: hyper moves every stream's future into its own
+                // task, and this one is large.
+                Box::pin(async move { outbound.handle(request).await })
             }
         },
         stop_rx.clone(),
@@ -125,7 +126,7 @@ async fn run(
                     move |request| {
                         let inbound = inbound.clone();
                         let peer = peer.clone();
-                        async move { inbound.handle(&peer, request).await }
+                        Box::pin(async move { inbound.handle(&peer, request).await })
                     }
                 },
                 stop_rx.clone(),
