@@ -38,11 +38,12 @@ impl Upstream {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let is_avoided = |e: &Arc<Endpoint>| avoid.is_some_and(|a| Arc::ptr_eq(a, e));
         let mut fallback = None;
-        for i in 0..n {
-            let e = &self.endpoints[(start + i) % n];
+        // A skipped endpoint uses up its turn, so its share goes round
+        // the others evenly rather than all to its successor.
+        for _ in 0..n {
+            let e = &self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % n];
             if is_avoided(e) {
                 continue;
             }
@@ -51,7 +52,8 @@ impl Upstream {
             }
             fallback.get_or_insert_with(|| e.clone());
         }
-        fallback.or_else(|| Some(self.endpoints[start % n].clone()))
+        fallback
+            .or_else(|| Some(self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % n].clone()))
     }
 }
 
@@ -131,6 +133,21 @@ mod tests {
             *counts.entry(u.pick(None).unwrap().addr).or_insert(0) += 1;
         }
         assert!(counts.values().all(|c| *c == 100), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn an_ejected_endpoints_share_is_spread_evenly() {
+        let u = Upstream::new("s".into(), endpoints(3));
+        u.endpoints[1].record(Outcome::Unreachable);
+        let mut counts = HashMap::new();
+        for _ in 0..200 {
+            *counts.entry(u.pick(None).unwrap().addr).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert!(
+            counts.values().all(|c| (99..=101).contains(c)),
+            "{counts:?}"
+        );
     }
 
     #[tokio::test]

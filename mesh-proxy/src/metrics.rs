@@ -1,6 +1,9 @@
 //! The proxy's Prometheus metrics, served on the admin port.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -54,7 +57,11 @@ pub struct Metrics {
     retries: Family<ServiceLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     connections: Family<DirectionLabels, Gauge>,
+    calls: ArcSwap<CallIndex>,
 }
+
+/// Direction, then gRPC service, then method.
+type CallIndex = HashMap<&'static str, HashMap<String, HashMap<String, Arc<Call>>>>;
 
 fn latency_histogram() -> Histogram {
     // 100 µs to ~6.5 s.
@@ -101,6 +108,7 @@ impl Metrics {
             retries,
             ejections,
             connections,
+            calls: ArcSwap::default(),
         }
     }
 
@@ -144,45 +152,79 @@ impl Metrics {
             .dec();
     }
 
-    /// An observer that counts one call when it ends.
+    /// An observer that counts one call when it ends. Observers are kept
+    /// per direction, service and method, so a call allocates nothing here
+    /// once its method has been seen.
     pub fn call(
         &self,
         direction: &'static str,
         service: &str,
         method: &str,
     ) -> Arc<dyn CallObserver> {
-        Arc::new(Call {
+        let found = self
+            .calls
+            .load()
+            .get(direction)
+            .and_then(|by_service| by_service.get(service))
+            .and_then(|by_method| by_method.get(method))
+            .cloned();
+        if let Some(found) = found {
+            return found;
+        }
+        let created = Arc::new(Call {
             direction,
             service: service.to_owned(),
             method: method.to_owned(),
-        })
+            by_status: Default::default(),
+            latency: self
+                .latency
+                .get_or_create(&LatencyLabels {
+                    direction,
+                    service: service.to_owned(),
+                    method: method.to_owned(),
+                })
+                .clone(),
+        });
+        self.calls.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.entry(direction)
+                .or_default()
+                .entry(service.to_owned())
+                .or_default()
+                .entry(method.to_owned())
+                .or_insert_with(|| created.clone());
+            next
+        });
+        created
     }
 }
 
+/// One method's metrics in one direction: counters by final status, made
+/// on first use, and the latency histogram.
+#[derive(Debug)]
 struct Call {
     direction: &'static str,
     service: String,
     method: String,
+    by_status: [OnceLock<Counter>; 17],
+    latency: Histogram,
 }
 
 impl CallObserver for Call {
     fn finished(&self, code: Code, started: Instant) {
-        let m = get();
-        m.requests
-            .get_or_create(&CallLabels {
-                direction: self.direction,
-                service: self.service.clone(),
-                method: self.method.clone(),
-                grpc_status: grpc::code_name(code),
-            })
-            .inc();
-        m.latency
-            .get_or_create(&LatencyLabels {
-                direction: self.direction,
-                service: self.service.clone(),
-                method: self.method.clone(),
-            })
-            .observe(started.elapsed().as_secs_f64());
+        let counter = self.by_status[(code as usize).min(16)].get_or_init(|| {
+            get()
+                .requests
+                .get_or_create(&CallLabels {
+                    direction: self.direction,
+                    service: self.service.clone(),
+                    method: self.method.clone(),
+                    grpc_status: grpc::code_name(code),
+                })
+                .clone()
+        });
+        counter.inc();
+        self.latency.observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -213,6 +255,9 @@ mod tests {
             text.contains(r#"grpc_status="CANCELLED"} 1"#),
             "a call dropped before its end counts as cancelled: {text}"
         );
-        assert!(text.contains("trellis_proxy_request_duration_seconds_bucket"));
+        assert!(
+            text.contains(r#"trellis_proxy_request_duration_seconds_count{direction="outbound",service="a.v1.S",method="M"} 2"#),
+            "both calls timed: {text}"
+        );
     }
 }

@@ -81,10 +81,8 @@ impl Outbound {
                 );
             }
         };
-        let route = self
-            .view
-            .policy(&upstream.mesh_service)
-            .route(&service, &method);
+        let policy = self.view.policy(&upstream.mesh_service);
+        let route = policy.route(&service, &method);
         let safe = route.idempotent || self.view.contract_safe(&service, &method);
         let caller_timeout = request
             .headers()
@@ -108,7 +106,7 @@ impl Outbound {
             outbound: self,
             service: &service,
             upstream: &upstream,
-            route: &route,
+            route,
             safe,
             deadline,
             headers,

@@ -133,16 +133,16 @@ impl ServicePolicy {
 
     /// The most specific route covering the method; the built-in policy
     /// when none does.
-    pub fn route(&self, service: &str, method: &str) -> Route {
+    pub fn route(&self, service: &str, method: &str) -> &Route {
+        static BUILT_IN: std::sync::LazyLock<Route> = std::sync::LazyLock::new(|| Route {
+            method_match: "*".into(),
+            ..Route::default()
+        });
         self.routes
             .iter()
             .filter_map(|r| specificity(&r.method_match, service, method).map(|s| (s, r)))
             .max_by_key(|(s, _)| *s)
-            .map(|(_, r)| r.clone())
-            .unwrap_or_else(|| Route {
-                method_match: "*".into(),
-                ..Route::default()
-            })
+            .map_or(&*BUILT_IN, |(_, r)| r)
     }
 
     /// Whether `caller` may call the method: the first matching rule

@@ -22,14 +22,21 @@ const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 /// lock-free; a new budget is added copy-on-write (rare).
 #[derive(Debug, Default)]
 pub struct Budgets {
-    budgets: ArcSwap<HashMap<(String, u32), Arc<TpsBudget>>>,
+    // Service, then ratio in thousandths: looked up by `&str`, no
+    // allocation per call.
+    budgets: ArcSwap<HashMap<String, HashMap<u32, Arc<TpsBudget>>>>,
 }
 
 impl Budgets {
     /// The budget for calls to `service` under `ratio`.
     pub fn get(&self, service: &str, ratio: f64) -> Arc<TpsBudget> {
         let key_ratio = (ratio * 1000.0).round() as u32;
-        if let Some(b) = self.budgets.load().get(&(service.to_owned(), key_ratio)) {
+        if let Some(b) = self
+            .budgets
+            .load()
+            .get(service)
+            .and_then(|by_ratio| by_ratio.get(&key_ratio))
+        {
             return b.clone();
         }
         let budget = Arc::new(TpsBudget::new(
@@ -39,11 +46,13 @@ impl Budgets {
         ));
         self.budgets.rcu(|current| {
             let mut next = HashMap::clone(current);
-            next.entry((service.to_owned(), key_ratio))
+            next.entry(service.to_owned())
+                .or_default()
+                .entry(key_ratio)
                 .or_insert_with(|| budget.clone());
             next
         });
-        self.budgets.load()[&(service.to_owned(), key_ratio)].clone()
+        self.budgets.load()[service][&key_ratio].clone()
     }
 }
 

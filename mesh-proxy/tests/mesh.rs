@@ -347,7 +347,7 @@ async fn killed_instance_and_stopped_registry_lose_no_idempotent_call() {
         *answered_by.entry(r.into_inner().instance).or_default() += 1;
     }
     assert!(
-        answered_by["k1"] > 100 && answered_by["k3"] > 100,
+        answered_by["k1"] >= 100 && answered_by["k3"] >= 100,
         "{answered_by:?}"
     );
     let (_, metrics) = caller.admin_get("/metrics");
