@@ -170,6 +170,45 @@ impl CertAuthority {
         })
     }
 
+    /// Issues a TLS server certificate for external clients (the edge's
+    /// listener) naming `names`: DNS names, or IP addresses, as clients
+    /// dial them. Not a mesh identity: it has no SPIFFE ID.
+    pub fn issue_server(&self, names: &[String], days: i64) -> Result<IssuedCert, CertError> {
+        let what = format!("server certificate for {}", names.join(", "));
+        let key = KeyPair::generate().map_err(gen_err(what.clone()))?;
+        let mut params =
+            CertificateParams::new(Vec::<String>::new()).map_err(gen_err(what.clone()))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Trellis");
+        dn.push(
+            DnType::CommonName,
+            names.first().map_or("edge", String::as_str),
+        );
+        params.distinguished_name = dn;
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.clone().try_into().map_err(gen_err(what.clone()))?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(days);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(gen_err(what))?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Issues a workload certificate for `id`, valid for `days` from now.
     pub fn issue(&self, id: &SpiffeId, days: i64) -> Result<IssuedCert, CertError> {
         let now = OffsetDateTime::now_utc();
@@ -184,6 +223,8 @@ pub struct CertReport {
     pub created_ca: bool,
     /// The workload certificates written, with their identities.
     pub workloads: Vec<(SpiffeId, PathBuf)>,
+    /// The edge's server certificate (`edge-server.pem`), if names were given.
+    pub server: Option<PathBuf>,
 }
 
 /// Makes (or keeps) the CA in `dir` and issues one certificate per workload.
@@ -192,6 +233,7 @@ pub fn write_dev_certs(
     trust_domain: &str,
     namespace: &str,
     workloads: &[String],
+    server_names: &[String],
     days: i64,
 ) -> Result<CertReport, anyhow::Error> {
     std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
@@ -229,7 +271,16 @@ pub fn write_dev_certs(
         write_file(&dir.join(format!("{name}.key")), &issued.key_pem, true)?;
         written.push((id, cert_path));
     }
+    let mut server = None;
+    if !server_names.is_empty() {
+        let issued = ca.issue_server(server_names, days)?;
+        let cert_path = dir.join("edge-server.pem");
+        write_file(&cert_path, &issued.cert_pem, false)?;
+        write_file(&dir.join("edge-server.key"), &issued.key_pem, true)?;
+        server = Some(cert_path);
+    }
     Ok(CertReport {
+        server,
         created_ca,
         workloads: written,
     })

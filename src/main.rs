@@ -34,6 +34,11 @@ enum Command {
             default_value = "registry,edge,user,usage,settlement"
         )]
         workloads: Vec<String>,
+        /// Names external clients dial the edge by (DNS names or IP
+        /// addresses; repeat or comma-separate): issues edge-server.pem and
+        /// edge-server.key, the edge's TLS certificate for --edge-tls-cert.
+        #[arg(long = "server-name", value_delimiter = ',')]
+        server_names: Vec<String>,
         /// Validity of each workload certificate, in days.
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(i64).range(1..=3650))]
         days: i64,
@@ -49,13 +54,18 @@ fn main() {
             trust_domain,
             namespace,
             workloads,
+            server_names,
             days,
         } => {
-            let report =
-                trellis::certs::write_dev_certs(&dir, &trust_domain, &namespace, &workloads, days)
-                    .unwrap_or_else(|e| {
-                        trellis::cli::exit_with("trellis certs", &format!("{e:#}"))
-                    });
+            let report = trellis::certs::write_dev_certs(
+                &dir,
+                &trust_domain,
+                &namespace,
+                &workloads,
+                &server_names,
+                days,
+            )
+            .unwrap_or_else(|e| trellis::cli::exit_with("trellis certs", &format!("{e:#}")));
             let ca = dir.join("ca.pem");
             if report.created_ca {
                 println!("created CA {}", ca.display());
@@ -64,6 +74,13 @@ fn main() {
             }
             for (id, path) in &report.workloads {
                 println!("issued {} for {id}", path.display());
+            }
+            if let Some(path) = &report.server {
+                println!(
+                    "issued {} for {} (the edge's TLS certificate)",
+                    path.display(),
+                    server_names.join(", ")
+                );
             }
         }
     }

@@ -31,6 +31,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum RequestBody {
     /// Streamed straight from the caller.
     Direct(Incoming),
+    /// Any other body (the edge's gRPC-Web and JSON callers), streamed.
+    /// In a mutex only to be `Sync`: it is polled through `&mut`, which
+    /// needs no lock.
+    Other(Mutex<UnsyncBoxBody<Bytes, BoxError>>),
     /// Streamed from the caller and recorded, or replayed (a retry).
     Replay(ReplayBody),
     /// No body.
@@ -48,6 +52,10 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Direct(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            Self::Other(body) => {
+                let body = body.get_mut().unwrap_or_else(|e| e.into_inner());
+                Pin::new(body).poll_frame(cx)
+            }
             Self::Replay(body) => Pin::new(body).poll_frame(cx),
             Self::Empty => Poll::Ready(None),
         }
@@ -56,6 +64,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Direct(body) => body.is_end_stream(),
+            Self::Other(body) => body.lock().is_ok_and(|b| b.is_end_stream()),
             Self::Replay(body) => body.is_end_stream(),
             Self::Empty => true,
         }
@@ -64,9 +73,29 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Direct(body) => body.size_hint(),
+            Self::Other(body) => body.lock().map(|b| b.size_hint()).unwrap_or_default(),
             Self::Replay(_) => SizeHint::default(),
             Self::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        Self::Direct(body)
+    }
+}
+
+impl From<UnsyncBoxBody<Bytes, BoxError>> for RequestBody {
+    fn from(body: UnsyncBoxBody<Bytes, BoxError>) -> Self {
+        Self::Other(Mutex::new(body))
+    }
+}
+
+impl RequestBody {
+    /// Whether this is a caller's body not yet sent anywhere.
+    pub fn is_fresh(&self) -> bool {
+        matches!(self, Self::Direct(_) | Self::Other(_))
     }
 }
 

@@ -88,6 +88,52 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_PROXY_ZONE", default_value = "")]
     pub zone: String,
 
+    /// Services (SPIFFE service names, comma-separated) whose calls may
+    /// carry an external caller in `x-trellis-principal`: the edges. From
+    /// anyone else the header is removed.
+    #[arg(
+        long = "trusted-edge",
+        env = "TRELLIS_PROXY_TRUSTED_EDGES",
+        value_delimiter = ',',
+        default_value = "edge"
+    )]
+    pub trusted_edges: Vec<String>,
+
+    /// Edge mode: listen here for clients outside the mesh (gRPC over
+    /// HTTP/2, gRPC-Web and JSON over HTTP/1.1 or HTTP/2). Plaintext
+    /// unless --edge-tls-cert and --edge-tls-key are given.
+    #[arg(long, env = "TRELLIS_PROXY_EDGE")]
+    pub edge: Option<SocketAddr>,
+
+    /// The edge's TLS certificate chain (PEM), with --edge-tls-key: the
+    /// name external clients check, not a mesh identity.
+    #[arg(long, env = "TRELLIS_PROXY_EDGE_TLS_CERT")]
+    pub edge_tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM) of --edge-tls-cert.
+    #[arg(long, env = "TRELLIS_PROXY_EDGE_TLS_KEY")]
+    pub edge_tls_key: Option<std::path::PathBuf>,
+
+    /// Who may call through the edge, and how often (TOML; see README).
+    /// Without it every call, reflection and health are public and
+    /// unlimited: fine on a laptop, not in production.
+    #[arg(long, env = "TRELLIS_PROXY_EDGE_POLICY")]
+    pub edge_policy: Option<std::path::PathBuf>,
+
+    /// Largest JSON request body the edge reads, in bytes.
+    #[arg(long, env = "TRELLIS_PROXY_EDGE_MAX_JSON_BODY", default_value_t = 4 * 1024 * 1024)]
+    pub edge_max_json_body: usize,
+
+    /// Origins allowed to call through the edge from a browser (gRPC-Web
+    /// and JSON; comma-separated, e.g. `https://app.example.com`).
+    /// Default: any origin.
+    #[arg(
+        long = "edge-cors-origin",
+        env = "TRELLIS_PROXY_EDGE_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub edge_cors_origins: Vec<String>,
+
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -136,6 +182,7 @@ impl Args {
             ("--outbound", Some(self.outbound)),
             ("--inbound", self.app.map(|_| self.inbound)),
             ("--admin", Some(self.admin)),
+            ("--edge", self.edge),
         ];
         for (i, (a, x)) in ports.iter().enumerate() {
             for (b, y) in &ports[i + 1..] {
@@ -162,6 +209,28 @@ impl Args {
                 "--lease-ttl {:?} is outside 1s..=1h",
                 self.lease_ttl
             ));
+        }
+        if self.edge_tls_cert.is_some() != self.edge_tls_key.is_some() {
+            problems.push("--edge-tls-cert and --edge-tls-key go together".to_owned());
+        }
+        if self.edge.is_none()
+            && (self.edge_tls_cert.is_some()
+                || self.edge_policy.is_some()
+                || !self.edge_cors_origins.is_empty())
+        {
+            problems.push("--edge-* settings need --edge ADDR".to_owned());
+        }
+        for origin in &self.edge_cors_origins {
+            if http::HeaderValue::from_str(origin).is_err()
+                || !(origin.starts_with("http://") || origin.starts_with("https://"))
+            {
+                problems.push(format!(
+                    "--edge-cors-origin {origin:?} is not an origin (https://host[:port])"
+                ));
+            }
+        }
+        if self.edge_max_json_body == 0 {
+            problems.push("--edge-max-json-body must be above 0".to_owned());
         }
         for s in &self.grpc_services {
             if s.is_empty() || s.contains('/') || !s.contains('.') {

@@ -92,6 +92,20 @@ impl Table {
         }
     }
 
+    /// Every gRPC service the mesh has named (static catch-all aside),
+    /// and whether at least one healthy endpoint serves it now.
+    pub fn services(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.routes
+            .iter()
+            .map(|(name, u)| (name.as_str(), !u.endpoints.is_empty()))
+            .chain(
+                self.known
+                    .iter()
+                    .filter(|k| !self.routes.contains_key(*k))
+                    .map(|k| (k.as_str(), false)),
+            )
+    }
+
     /// Finds the upstream for `grpc_service`.
     pub fn lookup(&self, grpc_service: &str) -> Lookup {
         match self.routes.get(grpc_service) {

@@ -5,14 +5,16 @@
 //! registry is unreachable the last views stay in force and the watches
 //! resubscribe with backoff.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use prost::Message;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 use trellis::identity::{SpiffeId, Workload};
 use trellis::pb::trellis::config::v1 as config_pb;
@@ -54,6 +56,15 @@ pub struct MeshView {
     pub budgets: Budgets,
     /// The first registry snapshot has arrived (or there is no registry).
     pub synced: AtomicBool,
+    /// gRPC services with at least one registered instance (whatever its
+    /// health), to the mesh service that serves them.
+    pub registered: ArcSwap<BTreeMap<String, String>>,
+    /// gRPC service to its registered contract: the defining file first,
+    /// then its transitive dependencies (serialized FileDescriptorProtos).
+    pub contracts: ArcSwap<HashMap<String, Arc<Vec<Bytes>>>>,
+    /// Bumped whenever the routing table, `registered` or `contracts`
+    /// change; the edge rebuilds reflection and health from it.
+    pub changes: watch::Sender<u64>,
 }
 
 impl MeshView {
@@ -121,6 +132,9 @@ impl Discovery {
             safe_methods: ArcSwap::from_pointee(HashMap::new()),
             budgets: Budgets::default(),
             synced: AtomicBool::new(false),
+            registered: ArcSwap::from_pointee(BTreeMap::new()),
+            contracts: ArcSwap::from_pointee(HashMap::new()),
+            changes: watch::channel(0).0,
         });
         let mut discovery = Self {
             view,
@@ -355,6 +369,17 @@ impl Discovery {
         self.view
             .directory
             .store(Arc::new(Table::new(routes, self.known.clone(), fallback)));
+        let registered: BTreeMap<String, String> = self
+            .instances
+            .values()
+            .flat_map(|i| {
+                i.grpc_services
+                    .iter()
+                    .map(|g| (g.clone(), i.service.clone()))
+            })
+            .collect();
+        self.view.registered.store(Arc::new(registered));
+        self.view.changes.send_modify(|n| *n += 1);
     }
 }
 
@@ -415,6 +440,13 @@ async fn fetch_contract(control: ControlPlane, view: Arc<MeshView>, grpc_service
         next.insert(grpc_service.clone(), safe.clone());
         next
     });
+    let files: Arc<Vec<Bytes>> = Arc::new(files.into_iter().map(Bytes::from).collect());
+    view.contracts.rcu(|current| {
+        let mut next = HashMap::clone(current);
+        next.insert(grpc_service.clone(), files.clone());
+        next
+    });
+    view.changes.send_modify(|n| *n += 1);
 }
 
 /// The methods of `grpc_service` in `files` whose idempotency level says

@@ -11,6 +11,12 @@ use tonic::Code;
 /// sent under this name is removed first, on both sides.
 pub const CALLER_HEADER: &str = "x-trellis-caller";
 
+/// The external caller an edge verified (`api-key:<name>` or
+/// `jwt:<subject>`). The edge sets it after authentication, removing
+/// whatever the caller sent; an inbound proxy passes it to its service
+/// only on calls from a trusted edge identity.
+pub const PRINCIPAL_HEADER: &str = "x-trellis-principal";
+
 /// Set by an inbound proxy on an UNAVAILABLE it answered because the local
 /// service could not be reached at all: the request never reached
 /// application code, so the caller's side may retry it on another endpoint
@@ -152,6 +158,30 @@ fn encode_message(message: &str) -> HeaderValue {
     HeaderValue::from_str(&out).expect("percent-encoded text is a valid header")
 }
 
+/// The `grpc-message` in `headers`, percent-decoded (empty if none).
+pub fn message_of(headers: &HeaderMap) -> String {
+    let Some(raw) = headers.get("grpc-message") else {
+        return String::new();
+    };
+    let raw = raw.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if raw[i] == b'%'
+            && i + 2 < raw.len()
+            && let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Adds `grpc-status` and `grpc-message` to `headers`.
 pub fn set_status(headers: &mut HeaderMap, code: Code, message: &str) {
     headers.insert("grpc-status", HeaderValue::from(code as i32));
@@ -261,6 +291,9 @@ mod tests {
     fn messages_are_percent_encoded() {
         assert_eq!(encode_message("no endpoints: 100%"), "no endpoints: 100%25");
         assert_eq!(encode_message("caf\u{e9}"), "caf%C3%A9");
+        let mut headers = HeaderMap::new();
+        set_status(&mut headers, Code::NotFound, "caf\u{e9} at 100% (no %zz)");
+        assert_eq!(message_of(&headers), "caf\u{e9} at 100% (no %zz)");
     }
 
     #[test]

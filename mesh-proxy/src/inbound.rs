@@ -26,13 +26,26 @@ pub struct Inbound {
     app: Arc<Endpoint>,
     service: String,
     view: Arc<MeshView>,
+    trusted_edges: Vec<String>,
 }
 
 impl Inbound {
     /// An inbound proxy forwarding to `app`, enforcing the authorization
     /// rules of mesh service `service`.
-    pub fn new(app: Arc<Endpoint>, service: String, view: Arc<MeshView>) -> Arc<Self> {
-        Arc::new(Self { app, service, view })
+    /// Calls from `trusted_edges` (service names) may carry an external
+    /// caller's principal.
+    pub fn new(
+        app: Arc<Endpoint>,
+        service: String,
+        view: Arc<MeshView>,
+        trusted_edges: Vec<String>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            app,
+            service,
+            view,
+            trusted_edges,
+        })
     }
 
     /// Handles one call from `peer`.
@@ -67,6 +80,13 @@ impl Inbound {
         let (parts, body) = request.into_parts();
         let mut headers = parts.headers;
         headers.remove(grpc::CALLER_HEADER);
+        if !peer
+            .id
+            .service()
+            .is_some_and(|s| self.trusted_edges.iter().any(|t| t == s))
+        {
+            headers.remove(grpc::PRINCIPAL_HEADER);
+        }
         headers.insert(
             grpc::CALLER_HEADER,
             HeaderValue::from_str(peer.id.as_str()).expect("a SPIFFE ID is a valid header value"),

@@ -5,11 +5,13 @@
 //! local service's registration; then SIGTERM: deregister, keep serving
 //! while peers notice, stop accepting, finish calls in flight, exit 0.
 
+mod access;
 mod admin;
 mod body;
 mod config;
 mod directory;
 mod discovery;
+mod edge;
 mod endpoint;
 mod forward;
 mod grpc;
@@ -66,6 +68,20 @@ async fn run(
         None => None,
     };
     let admin_listener = trellis::server::bind(args.admin).await?;
+    let edge_listener = match args.edge {
+        Some(addr) => Some(trellis::server::bind(addr).await?),
+        None => None,
+    };
+    // Read before anything serves: a bad policy or certificate is a
+    // start-up error naming the file.
+    let edge_policy = match &args.edge_policy {
+        Some(path) => edge::policy::EdgePolicy::load(path)?,
+        None => edge::policy::EdgePolicy::development(),
+    };
+    let edge_tls = match (&args.edge_tls_cert, &args.edge_tls_key) {
+        (Some(cert), Some(key)) => Some(edge::listener::tls_config(cert, key)?),
+        _ => None,
+    };
     let inbound_addr = match &inbound_listener {
         Some(l) => Some(l.local_addr()?),
         None => None,
@@ -92,10 +108,12 @@ async fn run(
 
     let draining = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (drain_tx, drain_rx) = watch::channel(false);
 
     let outbound = outbound::Outbound::new(view.clone(), "outbound");
     let outbound_task = tokio::spawn(serve::serve(
         "outbound",
+        serve::Protocol::Http2,
         trellis::server::nodelay_incoming(outbound_listener),
         move |_tcp: &tokio::net::TcpStream| {
             let outbound = outbound.clone();
@@ -115,10 +133,16 @@ async fn run(
     let inbound_task = match (args.app, inbound_listener) {
         (Some(app), Some(listener)) => {
             let app_endpoint = Endpoint::new(app, Transport::H2c);
-            let inbound = inbound::Inbound::new(app_endpoint, service.clone(), view.clone());
+            let inbound = inbound::Inbound::new(
+                app_endpoint,
+                service.clone(),
+                view.clone(),
+                args.trusted_edges.clone(),
+            );
             let tls = workload.server_config()?;
             let task = tokio::spawn(serve::serve(
                 "inbound",
+                serve::Protocol::Http2,
                 trellis::tls::serve_incoming(listener, tls),
                 move |stream: &trellis::tls::MeshTlsStream| {
                     let peer = stream.peer().clone();
@@ -153,6 +177,56 @@ async fn run(
         _ => None,
     };
 
+    let edge_task = match edge_listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            tracing::info!(policy = %edge_policy.summary(), "edge policy");
+            let edge = edge::Edge::start(
+                view.clone(),
+                edge::EdgeConfig {
+                    policy: edge_policy,
+                    max_json_body: args.edge_max_json_body,
+                    cors_origins: args
+                        .edge_cors_origins
+                        .iter()
+                        .filter_map(|o| http::HeaderValue::from_str(o).ok())
+                        .collect(),
+                },
+                drain_rx.clone(),
+            );
+            let task = match edge_tls {
+                Some(tls) => {
+                    tracing::info!(%addr, "edge listening (TLS)");
+                    tokio::spawn(serve::serve(
+                        "edge",
+                        serve::Protocol::Auto,
+                        edge::listener::tls_incoming(listener, tls),
+                        move |io: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+                            edge_handler(edge.clone(), io.get_ref().0.peer_addr())
+                        },
+                        stop_rx.clone(),
+                        args.grace,
+                    ))
+                }
+                None => {
+                    tracing::info!(%addr, "edge listening (h2c and HTTP/1.1, no TLS)");
+                    tokio::spawn(serve::serve(
+                        "edge",
+                        serve::Protocol::Auto,
+                        trellis::server::nodelay_incoming(listener),
+                        move |io: &tokio::net::TcpStream| {
+                            edge_handler(edge.clone(), io.peer_addr())
+                        },
+                        stop_rx.clone(),
+                        args.grace,
+                    ))
+                }
+            };
+            Some(task)
+        }
+        None => None,
+    };
+
     let ready: admin::ReadyCheck = {
         let view = view.clone();
         let draining = draining.clone();
@@ -178,6 +252,7 @@ async fn run(
     let signal = trellis::server::shutdown_signal().await;
     tracing::info!(signal, "shutting down: deregistering");
     draining.store(true, Ordering::Relaxed);
+    let _ = drain_tx.send(true);
     if let Some(mut lifecycle) = lifecycle {
         lifecycle
             .deregister(std::time::Duration::from_secs(2))
@@ -188,7 +263,7 @@ async fn run(
     tokio::time::sleep(args.drain_delay).await;
     let _ = stop_tx.send(true);
     let mut clean = outbound_task.await.unwrap_or(false);
-    if let Some(task) = inbound_task {
+    for task in [inbound_task, edge_task].into_iter().flatten() {
         clean &= task.await.unwrap_or(false);
     }
     if clean {
@@ -197,6 +272,25 @@ async fn run(
         tracing::warn!("grace period over with calls still in flight; exiting");
     }
     Ok(())
+}
+
+/// The per-connection request handler of the edge.
+fn edge_handler(
+    edge: Arc<edge::Edge>,
+    peer: std::io::Result<std::net::SocketAddr>,
+) -> impl Fn(
+    http::Request<hyper::body::Incoming>,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = http::Response<edge::EdgeBody>> + Send>,
+> + Send
++ Sync
++ Clone
++ 'static {
+    let peer = peer.unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    move |request| {
+        let edge = edge.clone();
+        Box::pin(edge.handle(request, peer))
+    }
 }
 
 /// The registry's default identity: service `registry` in our own trust

@@ -24,6 +24,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tonic::Code;
 
+use crate::access::{AccessInfo, AccessLog};
 use crate::body::{CallEnd, Recorder, RequestBody, ResponseBody, first_frame};
 use crate::directory::{Lookup, Upstream};
 use crate::discovery::MeshView;
@@ -53,17 +54,26 @@ impl Outbound {
     }
 
     /// Handles one call from the local service.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle<B: Into<RequestBody>>(
+        &self,
+        request: Request<B>,
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
         let path = match grpc::method_of(&request, "the outbound port") {
             Ok(path) => path,
             Err(answer) => return answer,
         };
         let (service, method) = (path.service.to_owned(), path.method.to_owned());
-        let mut end = CallEnd::new(
-            metrics::get().call(self.direction, &service, &method),
-            started,
-        );
+        let mut observer = metrics::get().call(self.direction, &service, &method);
+        if let Some(info) = request.extensions().get::<AccessInfo>() {
+            observer = Arc::new(AccessLog {
+                inner: observer,
+                info: info.clone(),
+                service: service.clone(),
+                method: method.clone(),
+            });
+        }
+        let mut end = CallEnd::new(observer, started);
         let upstream = match self.view.directory.load().lookup(&service) {
             Lookup::Found(upstream) => upstream,
             Lookup::NoEndpoints => {
@@ -112,7 +122,7 @@ impl Outbound {
             headers,
             path: path_and_query,
         };
-        call.run(body, end).await
+        call.run(body.into(), end).await
     }
 }
 
@@ -141,11 +151,11 @@ enum Next {
 /// The caller's request body, streamed once or recorded for replay.
 struct BodySlot {
     recorder: Option<Recorder>,
-    direct: Option<Incoming>,
+    direct: Option<RequestBody>,
 }
 
 impl BodySlot {
-    fn new(body: Incoming, policy: &crate::policy::RetryPolicy) -> Self {
+    fn new(body: RequestBody, policy: &crate::policy::RetryPolicy) -> Self {
         // Recording costs a reference count per frame; only calls that
         // may be retried pay it.
         if policy.max_attempts > 1 {
@@ -165,17 +175,14 @@ impl BodySlot {
     fn take(&mut self) -> RequestBody {
         match &self.recorder {
             Some(r) => RequestBody::Replay(r.body()),
-            None => self
-                .direct
-                .take()
-                .map_or(RequestBody::Empty, RequestBody::Direct),
+            None => self.direct.take().unwrap_or_default(),
         }
     }
 
     /// Takes back the body of an attempt that never left.
     fn put_back(&mut self, body: RequestBody) {
-        if let RequestBody::Direct(b) = body {
-            self.direct = Some(b);
+        if body.is_fresh() {
+            self.direct = Some(body);
         }
     }
 
@@ -195,7 +202,7 @@ impl BodySlot {
 }
 
 impl Call<'_> {
-    async fn run(self, body: Incoming, mut end: CallEnd) -> Response<ResponseBody> {
+    async fn run(self, body: RequestBody, mut end: CallEnd) -> Response<ResponseBody> {
         let policy = &self.route.retry;
         let budget = self
             .outbound

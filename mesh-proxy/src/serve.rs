@@ -16,7 +16,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use crate::body::ResponseBody;
+use crate::body::BoxError;
 use crate::metrics;
 
 /// Largest header block a peer may send (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
@@ -39,12 +39,39 @@ fn builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     b
 }
 
+/// Which HTTP versions a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/2 only (gRPC between proxies and services).
+    Http2,
+    /// HTTP/1.1 and HTTP/2, chosen per connection (the edge: browsers,
+    /// gRPC-Web and JSON callers as well as gRPC clients).
+    Auto,
+}
+
+fn auto_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(FIRST_REQUEST_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .adaptive_window(true);
+    b
+}
+
 /// Serves connections from `incoming` until `stop` turns true, then stops
 /// accepting, asks every connection to finish (GOAWAY) and waits up to
 /// `grace` for calls in flight. `handler` makes the per-connection
 /// request handler. Returns whether the drain finished in time.
-pub async fn serve<I, IO, H, F, Fut>(
+pub async fn serve<I, IO, H, F, Fut, B>(
     name: &'static str,
+    protocol: Protocol,
     mut incoming: I,
     handler: H,
     mut stop: watch::Receiver<bool>,
@@ -55,9 +82,12 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(&IO) -> F,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
-    let builder = builder();
+    let h2 = builder();
+    let auto = Arc::new(auto_builder());
     let graceful = GracefulShutdown::new();
     loop {
         let io = tokio::select! {
@@ -81,27 +111,21 @@ where
                 async move { Ok::<_, Infallible>(handle(request).await) }
             })
         };
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
-        tokio::spawn(async move {
-            metrics::get().connection_opened(name);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = &mut connection => Some(result),
-                () = tokio::time::sleep(FIRST_REQUEST_TIMEOUT) => None,
-            };
-            let result = match result {
-                Some(result) => result,
-                None if !used.load(Ordering::Relaxed) => {
-                    tracing::debug!(listener = name, "closing a connection that sent no request");
-                    Ok(())
-                }
-                None => connection.await,
-            };
-            if let Err(error) = result {
-                tracing::debug!(listener = name, error = %crate::forward::describe(&error), "connection ended with an error");
+        match protocol {
+            Protocol::Http2 => {
+                let connection = graceful.watch(h2.serve_connection(TokioIo::new(io), service));
+                tokio::spawn(run_connection(name, connection, used));
             }
-            metrics::get().connection_closed(name);
-        });
+            Protocol::Auto => {
+                let watcher = graceful.watcher();
+                let auto = auto.clone();
+                tokio::spawn(async move {
+                    let connection =
+                        watcher.watch(auto.serve_connection(TokioIo::new(io), service));
+                    run_connection(name, connection, used).await;
+                });
+            }
+        }
     }
     // Dropping the listener stops accepting.
     drop(incoming);
@@ -109,4 +133,32 @@ where
         () = graceful.shutdown() => true,
         () = tokio::time::sleep(grace) => false,
     }
+}
+
+/// Drives one connection to its end, closing it early if it sends no
+/// request in time.
+async fn run_connection<C, E>(name: &'static str, connection: C, used: Arc<AtomicBool>)
+where
+    C: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    metrics::get().connection_opened(name);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = &mut connection => Some(result),
+        () = tokio::time::sleep(FIRST_REQUEST_TIMEOUT) => None,
+    };
+    let result = match result {
+        Some(result) => result,
+        None if !used.load(Ordering::Relaxed) => {
+            tracing::debug!(listener = name, "closing a connection that sent no request");
+            Ok(())
+        }
+        None => connection.await,
+    };
+    if let Err(error) = result {
+        let error: BoxError = error.into();
+        tracing::debug!(listener = name, error = %crate::forward::describe(&*error), "connection ended with an error");
+    }
+    metrics::get().connection_closed(name);
 }

@@ -37,6 +37,18 @@ impl TestPki {
         self.dir.path().join("ca.pem")
     }
 
+    /// Issues a TLS server certificate for `names` (DNS names or IPs), as
+    /// the edge's external listener uses: (certificate file, key file).
+    pub fn issue_server(&self, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let issued = self.ca.issue_server(&names, 1).expect("server certificate");
+        let cert = self.dir.path().join("edge-server.pem");
+        let key = self.dir.path().join("edge-server.key");
+        write_file(&cert, &issued.cert_pem, false).expect("write certificate");
+        write_file(&key, &issued.key_pem, true).expect("write key");
+        (cert, key)
+    }
+
     /// The SPIFFE ID of `service` in this trust domain.
     pub fn id(&self, service: &str) -> SpiffeId {
         SpiffeId::for_service(&self.trust_domain, DEFAULT_NAMESPACE, service).expect("valid id")

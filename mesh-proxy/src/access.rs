@@ -1,0 +1,58 @@
+//! The edge's access log: one structured line per call, with who called,
+//! what, how it ended and how long it took (target `access`, level info).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tonic::Code;
+
+use crate::body::CallObserver;
+use crate::grpc;
+
+/// Who made a call and how; put in a request's extensions by the edge so
+/// the outbound path logs the call when it ends.
+#[derive(Clone, Debug)]
+pub struct AccessInfo {
+    /// The verified external caller, or `anonymous`.
+    pub caller: String,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// `grpc`, `grpc-web` or `json`.
+    pub protocol: &'static str,
+}
+
+impl AccessInfo {
+    /// Logs a call that ended at once (refused, or answered by the edge).
+    pub fn log(&self, service: &str, method: &str, code: Code, started: Instant) {
+        tracing::info!(
+            target: "access",
+            caller = %self.caller,
+            peer = %self.peer,
+            protocol = self.protocol,
+            service,
+            method,
+            status = grpc::code_name(code),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+/// Passes a call's end on to `inner` (metrics) and logs it.
+pub struct AccessLog {
+    /// The metrics observer.
+    pub inner: Arc<dyn CallObserver>,
+    /// Who called.
+    pub info: AccessInfo,
+    /// The gRPC service.
+    pub service: String,
+    /// The method.
+    pub method: String,
+}
+
+impl CallObserver for AccessLog {
+    fn finished(&self, code: Code, started: Instant) {
+        self.inner.finished(code, started);
+        self.info.log(&self.service, &self.method, code, started);
+    }
+}
