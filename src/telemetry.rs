@@ -4,6 +4,8 @@
 //! lines); `RUST_LOG` takes any `tracing_subscriber` filter for more detail.
 //! `TRELLIS_LOG_FORMAT=json` switches to one JSON object per line.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber, writing to stderr. `default_filter`
@@ -14,6 +16,8 @@ pub fn init(default_filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, plain text for log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(true);
     let result = if std::env::var("TRELLIS_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().flatten_event(true).try_init()

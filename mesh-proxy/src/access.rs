@@ -1,5 +1,7 @@
 //! The edge's access log: one structured line per call, with who called,
-//! what, how it ended and how long it took (target `access`, level info).
+//! what, how it ended and how long it took (target `mesh_proxy::access`,
+//! level info, so on by default; `RUST_LOG=mesh_proxy::access=off` silences
+//! it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ impl AccessInfo {
     /// Logs a call that ended at once (refused, or answered by the edge).
     pub fn log(&self, service: &str, method: &str, code: Code, started: Instant) {
         tracing::info!(
-            target: "access",
+            target: "mesh_proxy::access",
             caller = %self.caller,
             peer = %self.peer,
             protocol = self.protocol,

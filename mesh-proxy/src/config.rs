@@ -10,9 +10,11 @@ use trellis::identity::SpiffeId;
 
 use crate::discovery::StaticRoute;
 
-/// The Trellis sidecar: carries every call between the service beside it
-/// and the rest of the mesh, over mTLS, with discovery, round-robin
-/// balancing, deadlines, retries and ejection.
+/// The Trellis sidecar and edge: carries every call between the service
+/// beside it and the rest of the mesh, over mTLS, with discovery,
+/// round-robin balancing, deadlines, retries and ejection; with --edge, the
+/// mesh's front door for outside clients (gRPC, gRPC-Web, JSON; reflection
+/// and health for the whole mesh; API keys, JWTs and rate limits).
 #[derive(Debug, Parser)]
 #[command(name = "mesh-proxy", version, about, long_about = None)]
 pub struct Args {

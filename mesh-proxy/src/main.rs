@@ -1,9 +1,10 @@
-//! mesh-proxy: the Trellis sidecar.
+//! mesh-proxy: the Trellis sidecar, and with `--edge` the mesh's front door.
 //!
 //! Reads top to bottom: tracing, configuration (every bad value printed,
-//! exit 2), identity, the mesh view and its watches, the listeners, the
-//! local service's registration; then SIGTERM: deregister, keep serving
-//! while peers notice, stop accepting, finish calls in flight, exit 0.
+//! exit 2), identity, the mesh view and its watches, the listeners
+//! (outbound, inbound, edge), the local service's registration; then
+//! SIGTERM: deregister, keep serving while peers notice, stop accepting,
+//! finish calls in flight, exit 0.
 
 mod access;
 mod admin;

@@ -607,6 +607,27 @@ auth = "required"
             .await
             .is_ok()
     );
+
+    // Every call, refused or not, has its access-log line; no secret does.
+    let log = mesh.edge_proxy.process.output();
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("mesh_proxy::access"))
+        .collect();
+    for want in [
+        "caller=api-key:ci-bot",
+        "caller=jwt:alice",
+        "caller=anonymous",
+        "UNAUTHENTICATED",
+        "RESOURCE_EXHAUSTED",
+        "method=\"Count\"",
+    ] {
+        assert!(
+            access.iter().any(|l| l.contains(want)),
+            "no access line with {want}:\n{log}"
+        );
+    }
+    assert!(!log.contains(API_KEY), "the API key leaked into the log");
 }
 
 fn base64url(bytes: &[u8]) -> String {

@@ -14,7 +14,7 @@
 //!    the same outbound path a sidecar uses (discovery, balancing,
 //!    deadlines, retries, mTLS under the edge's identity). JSON is
 //!    transcoded just before and after that path.
-//! 5. Log the call (target `access`) when it ends.
+//! 5. Log the call (target `mesh_proxy::access`) when it ends.
 
 pub mod health;
 pub mod json;
