@@ -386,8 +386,45 @@ pub fn serve_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
 ) -> ReceiverStream<io::Result<MeshTlsStream>> {
+    tls_incoming(listener, config, "mTLS", |tls, remote_addr| {
+        let Some(id) = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| spiffe_id_of(leaf).ok())
+        else {
+            // The verifier guarantees a SPIFFE ID; this is defence in depth.
+            tracing::warn!(peer.addr = %remote_addr, "mTLS peer without identity dropped");
+            return None;
+        };
+        Some(MeshTlsStream {
+            inner: tls,
+            peer: PeerIdentity { id, remote_addr },
+        })
+    })
+}
+
+/// Accepts TLS connections on `listener` under `config`, handshakes
+/// concurrently (each within a timeout), and yields what `accepted` makes
+/// of each completed one (`None` drops it). `kind` names the listener in
+/// logs.
+pub fn tls_incoming<T, F>(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    kind: &'static str,
+    accepted: F,
+) -> ReceiverStream<io::Result<T>>
+where
+    T: Send + 'static,
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr) -> Option<T>
+        + Send
+        + Sync
+        + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let accepted = Arc::new(accepted);
     tokio::spawn(async move {
         loop {
             let (tcp, remote_addr) = tokio::select! {
@@ -404,6 +441,7 @@ pub fn serve_incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let accepted = accepted.clone();
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 let tls = match handshake {
@@ -415,30 +453,17 @@ pub fn serve_incoming(
                         return;
                     }
                     Ok(Err(error)) => {
-                        tracing::warn!(peer.addr = %remote_addr, %error, "mTLS handshake refused");
+                        tracing::warn!(peer.addr = %remote_addr, %error, kind, "TLS handshake refused");
                         return;
                     }
                     Err(_) => {
-                        tracing::warn!(peer.addr = %remote_addr, "mTLS handshake timed out");
+                        tracing::warn!(peer.addr = %remote_addr, kind, "TLS handshake timed out");
                         return;
                     }
                 };
-                let Some(id) = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|leaf| spiffe_id_of(leaf).ok())
-                else {
-                    // The verifier guarantees a SPIFFE ID; this is defence in depth.
-                    tracing::warn!(peer.addr = %remote_addr, "mTLS peer without identity dropped");
-                    return;
-                };
-                let stream = MeshTlsStream {
-                    inner: tls,
-                    peer: PeerIdentity { id, remote_addr },
-                };
-                let _ = tx.send(Ok(stream)).await;
+                if let Some(stream) = accepted(tls, remote_addr) {
+                    let _ = tx.send(Ok(stream)).await;
+                }
             });
         }
     });

@@ -68,10 +68,15 @@ fn error_value(code: Code, message: &str) -> serde_json::Value {
 
 /// A JSON error answer.
 pub fn error(code: Code, message: &str) -> Response<JsonBody> {
-    let mut body = serde_json::to_vec(&error_value(code, message)).unwrap_or_default();
+    json_response(http_status(code), &error_value(code, message))
+}
+
+/// `value` as one JSON line, with `status`.
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<JsonBody> {
+    let mut body = serde_json::to_vec(value).unwrap_or_default();
     body.push(b'\n');
     let mut response = Response::new(full(Bytes::from(body)));
-    *response.status_mut() = http_status(code);
+    *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -244,17 +249,10 @@ pub async fn answer(
             Some(Item::End(code, message)) => return error(code, &message),
         }
     }
-    let Some(value) = first else {
-        return error(Code::Internal, "the service answered with no message");
-    };
-    let mut body = serde_json::to_vec(&value).unwrap_or_default();
-    body.push(b'\n');
-    let mut response = Response::new(full(Bytes::from(body)));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    match first {
+        Some(value) => json_response(StatusCode::OK, &value),
+        None => error(Code::Internal, "the service answered with no message"),
+    }
 }
 
 enum Item {
