@@ -471,10 +471,17 @@ impl EdgePolicy {
                     .map_err(|_| unauthenticated("the authorization header is not text"))?;
                 let (scheme, token) = text.split_once(' ').unwrap_or((text, ""));
                 if !scheme.eq_ignore_ascii_case("bearer") {
-                    return Err(unauthenticated(format!(
-                        "authorization scheme {:?} is not accepted; send authorization: Bearer <JWT>",
-                        scheme.chars().take(20).collect::<String>()
-                    )));
+                    // Only a known scheme is named: a header with no scheme
+                    // is often a raw secret, which must not be echoed.
+                    const KNOWN: [&str; 5] = ["Basic", "Digest", "Negotiate", "NTLM", "Token"];
+                    return Err(unauthenticated(
+                        match KNOWN.iter().find(|k| k.eq_ignore_ascii_case(scheme)) {
+                            Some(k) => format!(
+                                "authorization scheme {k} is not accepted; send authorization: Bearer <JWT>"
+                            ),
+                            None => "the authorization header must be \"Bearer <JWT>\"".to_owned(),
+                        },
+                    ));
                 }
                 let Some(jwt) = &self.jwt else {
                     return Err(unauthenticated("this edge does not accept JWTs"));
@@ -554,7 +561,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
 
 fn parse_hex32(text: &str) -> Option<[u8; 32]> {
     let text = text.trim();
-    if text.len() != 64 {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -692,6 +699,10 @@ mod tests {
         let basic = headers(&[("authorization", "Basic dXNlcg==")]);
         let e = p.admit(call("a.v1.S", "Open"), &basic, LOCAL).unwrap_err();
         assert!(e.message.contains("Basic"), "{}", e.message);
+        let raw = headers(&[("authorization", "s3cr3t-raw-token-value")]);
+        let e = p.admit(call("a.v1.S", "Open"), &raw, LOCAL).unwrap_err();
+        assert!(!e.message.contains("s3cr3t"), "{}", e.message);
+        assert!(parse_hex32(&"+f".repeat(32)).is_none());
     }
 
     #[test]
