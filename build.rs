@@ -36,7 +36,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .include_file("_includes.rs")
-        .compile_fds(fds)?;
+        // Type names let events carry a payload as `google.protobuf.Any`
+        // and be checked against the type their topic calls for.
+        .compile_fds_with_config(fds, {
+            let mut config = prost_build::Config::new();
+            config
+                .enable_type_names()
+                .type_name_domain(["."], "type.googleapis.com");
+            config
+        })?;
     Ok(())
 }
 

@@ -3,13 +3,18 @@
 //! This crate is what every Trellis component shares: the code generated
 //! from the contracts in `proto/` ([`pb`]), workload identity ([`identity`])
 //! and mutual TLS ([`tls`]), the development CA ([`certs`]), logging
-//! ([`telemetry`]) and the bootstrap every gRPC server uses ([`server`]).
+//! ([`telemetry`]) the bootstrap every gRPC server uses ([`server`]), and for services with
+//! a database: PostgreSQL ([`db`]), the service bootstrap ([`service`]) and
+//! events through an outbox and inbox ([`events`]).
 
 pub mod certs;
 pub mod cli;
+pub mod db;
+pub mod events;
 pub mod identity;
 pub mod pb;
 pub mod server;
+pub mod service;
 pub mod status;
 pub mod telemetry;
 pub mod tls;

@@ -1,0 +1,428 @@
+//! Delivers a producer's outbox through its sidecar.
+//!
+//! One instance of a producer dispatches at a time: it holds a PostgreSQL
+//! advisory lock on a connection of its own, and the others wait for it;
+//! when the holder dies its session ends, the lock is freed and another
+//! instance takes over within a second. The holder listens for the
+//! `trellis_outbox` notification that every publish sends at commit, and
+//! polls as well.
+//!
+//! Each round reads the head of every (subscriber, key) line, at most
+//! [`RUN`] events per line, and delivers the lines concurrently, each in
+//! sequence: an acknowledged event is deleted; INVALID_ARGUMENT parks it
+//! (a redelivery would not help) and its line goes on; any other failure
+//! stops the line until its backoff ends, and other lines go on.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use rand::Rng;
+use tokio::sync::{Notify, watch};
+use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tonic::Code;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::Channel;
+
+use crate::db::{self, Pool};
+use crate::pb::trellis::events::v1::{DeliverRequest, DeliverResponse, Event};
+
+/// Most events of one (subscriber, key) line delivered in one round.
+const RUN: i64 = 32;
+/// Most events read in one round.
+const BATCH: i64 = 4096;
+/// Lines delivered at once.
+const CONCURRENCY: usize = 64;
+/// Longest wait between rounds when nothing wakes the dispatcher.
+const POLL: Duration = Duration::from_millis(250);
+/// How long one delivery may take.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Backoff after a failed delivery: doubling from the first to the last.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Subscribers whose delivery statistics are kept (names come from
+/// configuration; more than this is a configuration mistake).
+const MAX_TRACKED: usize = 64;
+
+/// What one instance's dispatcher has done since it started.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    dispatching: AtomicBool,
+    per_subscriber: Mutex<HashMap<String, SubscriberStats>>,
+}
+
+#[derive(Debug)]
+struct SubscriberStats {
+    delivered: i64,
+    /// Commit-to-acknowledgement time in microseconds.
+    lag: Histogram<u64>,
+}
+
+impl DispatchStats {
+    /// Whether this instance holds the dispatch lock now.
+    pub fn dispatching(&self) -> bool {
+        self.dispatching.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, subscriber: &str, lag: Duration) {
+        let mut map = self.per_subscriber.lock().expect("stats lock");
+        if !map.contains_key(subscriber) {
+            if map.len() >= MAX_TRACKED {
+                tracing::warn!(
+                    subscriber,
+                    "more than {MAX_TRACKED} subscribers; delivery statistics not kept for this one"
+                );
+                return;
+            }
+            map.insert(
+                subscriber.to_owned(),
+                SubscriberStats {
+                    delivered: 0,
+                    lag: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
+                },
+            );
+        }
+        let stats = map.get_mut(subscriber).expect("inserted above");
+        stats.delivered += 1;
+        let micros = (lag.as_micros() as u64).clamp(1, 3_600_000_000);
+        let _ = stats.lag.record(micros);
+    }
+
+    /// Per subscriber: (delivered, lag p50, lag p99).
+    pub fn snapshot(&self) -> HashMap<String, (i64, Duration, Duration)> {
+        let map = self.per_subscriber.lock().expect("stats lock");
+        map.iter()
+            .map(|(name, s)| {
+                let q = |p: f64| Duration::from_micros(s.lag.value_at_quantile(p));
+                (name.clone(), (s.delivered, q(0.5), q(0.99)))
+            })
+            .collect()
+    }
+}
+
+/// What the dispatcher needs.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    /// The producer's mesh service name.
+    pub source: &'static str,
+    /// The producer's database.
+    pub pool: Pool,
+    /// Connection settings for the lock connection.
+    pub config: Config,
+    /// The producer's sidecar (outbound, h2c).
+    pub channel: Channel,
+    /// Woken by publishes in this process and by notifications.
+    pub wake: Arc<Notify>,
+    /// Statistics for the status RPC.
+    pub stats: Arc<DispatchStats>,
+}
+
+impl Dispatcher {
+    /// Dispatches whenever this instance holds the lock, until `stop`
+    /// turns true; a round in progress is finished first.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let lock_name = format!("trellis.outbox.{}", self.source);
+        while !*stop.borrow() {
+            let (client, connection) = match self.config.connect(NoTls).await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dispatcher cannot reach the database; retrying");
+                    if wait_or_stop(&mut stop, Duration::from_secs(1)).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let wake = self.wake.clone();
+            let driver = tokio::spawn(async move {
+                let mut connection = connection;
+                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(message) = messages.next().await {
+                    match message {
+                        Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+            // Wait for the lock, on this session, until it is ours.
+            let mut leading = false;
+            while !*stop.borrow() && !client.is_closed() {
+                match client
+                    .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&lock_name])
+                    .await
+                {
+                    Ok(row) if row.get::<_, bool>(0) => {
+                        leading = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+                if wait_or_stop(&mut stop, Duration::from_secs(1)).await {
+                    break;
+                }
+            }
+            if leading && client.batch_execute("LISTEN trellis_outbox").await.is_ok() {
+                tracing::info!(source = self.source, "dispatching events");
+                self.stats.dispatching.store(true, Ordering::Relaxed);
+                while !*stop.borrow() && !client.is_closed() {
+                    match self.round().await {
+                        Ok(progress) if progress => continue,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "dispatch round failed");
+                        }
+                    }
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(POLL) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                self.stats.dispatching.store(false, Ordering::Relaxed);
+                tracing::info!(source = self.source, "stopped dispatching events");
+            }
+            drop(client);
+            driver.abort();
+            if !*stop.borrow() && wait_or_stop(&mut stop, Duration::from_millis(500)).await {
+                break;
+            }
+        }
+    }
+
+    /// One round; true if anything was delivered or parked.
+    async fn round(&self) -> Result<bool, db::DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT id, subscriber, event_id, topic, key, sequence, payload_type, payload,
+                        occurred_at, attempts, next_attempt_at <= now() AS due
+                 FROM (SELECT o.*, row_number() OVER
+                           (PARTITION BY subscriber, key ORDER BY sequence, id) AS rn
+                       FROM trellis_outbox o WHERE parked_at IS NULL) t
+                 WHERE rn <= $1
+                 ORDER BY subscriber, key, sequence, id
+                 LIMIT $2",
+                &[&RUN, &BATCH],
+            )
+            .await?;
+        drop(client);
+        let mut lines: Vec<Vec<Pending>> = Vec::new();
+        for row in rows {
+            let pending = Pending {
+                row_id: row.get(0),
+                subscriber: row.get(1),
+                attempts: row.get(9),
+                due: row.get(10),
+                occurred_at: row.get(8),
+                event: Event {
+                    id: row.get::<_, uuid::Uuid>(2).to_string(),
+                    topic: row.get(3),
+                    key: row.get(4),
+                    sequence: row.get::<_, i64>(5) as u64,
+                    payload: Some(prost_types::Any {
+                        type_url: row.get(6),
+                        value: row.get(7),
+                    }),
+                    occurred_at: Some(super::to_timestamp(row.get(8))),
+                    source: self.source.to_owned(),
+                },
+            };
+            match lines.last_mut() {
+                Some(line)
+                    if line[0].subscriber == pending.subscriber
+                        && line[0].event.key == pending.event.key =>
+                {
+                    line.push(pending)
+                }
+                _ => lines.push(vec![pending]),
+            }
+        }
+        // A line whose head waits out its backoff waits whole.
+        lines.retain(|line| line[0].due);
+        if lines.is_empty() {
+            return Ok(false);
+        }
+        let progress = futures::stream::iter(lines)
+            .map(|line| self.deliver_line(line))
+            .buffer_unordered(CONCURRENCY)
+            .fold(false, |acc, moved| async move { acc || moved })
+            .await;
+        Ok(progress)
+    }
+
+    /// Delivers one line in sequence; true if it moved.
+    async fn deliver_line(&self, line: Vec<Pending>) -> bool {
+        let mut done: Vec<i64> = Vec::new();
+        let mut moved = false;
+        for pending in &line {
+            match self.deliver(pending).await {
+                Ok(_) => {
+                    let lag = time::OffsetDateTime::now_utc() - pending.occurred_at;
+                    self.stats.record(
+                        &pending.subscriber,
+                        lag.try_into().unwrap_or(Duration::ZERO),
+                    );
+                    done.push(pending.row_id);
+                }
+                Err(status) if status.code() == Code::InvalidArgument => {
+                    tracing::warn!(
+                        subscriber = %pending.subscriber,
+                        event.id = %pending.event.id,
+                        event.topic = %pending.event.topic,
+                        message = status.message(),
+                        "subscriber refused the event as invalid; parked"
+                    );
+                    let error = describe(&status);
+                    if self.park(pending, &error).await.is_err() {
+                        break;
+                    }
+                    moved = true;
+                }
+                Err(status) => {
+                    let error = describe(&status);
+                    tracing::debug!(subscriber = %pending.subscriber, event.id = %pending.event.id, error, "delivery failed; backing off");
+                    let _ = self.back_off(pending, &error).await;
+                    break;
+                }
+            }
+        }
+        if !done.is_empty() {
+            moved = true;
+            if let Ok(client) = self.pool.get().await {
+                // If this fails the events are delivered again: at least
+                // once, and the subscriber's inbox makes that harmless.
+                let _ = client
+                    .execute("DELETE FROM trellis_outbox WHERE id = ANY($1)", &[&done])
+                    .await;
+            }
+        }
+        moved
+    }
+
+    async fn deliver(&self, pending: &Pending) -> Result<DeliverResponse, tonic::Status> {
+        let path = PathAndQuery::from_str(&format!("/{}/Deliver", pending.subscriber))
+            .map_err(|e| tonic::Status::internal(format!("subscriber name: {e}")))?;
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("sidecar: {e}")))?;
+        let mut request = tonic::Request::new(DeliverRequest {
+            event: Some(pending.event.clone()),
+        });
+        request.set_timeout(DELIVERY_TIMEOUT);
+        grpc.unary(request, path, tonic_prost::ProstCodec::default())
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn park(&self, pending: &Pending, error: &str) -> Result<(), db::DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE trellis_outbox SET parked_at = now(), attempts = attempts + 1, last_error = $2
+                 WHERE id = $1",
+                &[&pending.row_id, &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn back_off(&self, pending: &Pending, error: &str) -> Result<(), db::DbError> {
+        let delay = backoff(pending.attempts);
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE trellis_outbox SET attempts = attempts + 1, last_error = $2,
+                        next_attempt_at = now() + make_interval(secs => $3)
+                 WHERE id = $1",
+                &[&pending.row_id, &error, &delay.as_secs_f64()],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// One outbox row.
+#[derive(Debug)]
+struct Pending {
+    row_id: i64,
+    subscriber: String,
+    attempts: i32,
+    due: bool,
+    occurred_at: time::OffsetDateTime,
+    event: Event,
+}
+
+/// `CODE: message`, bounded, for the outbox row and the status RPC.
+fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if text.len() > 500 {
+        let mut cut = 500;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+/// The wait after `attempts` failures: exponential, capped, with jitter
+/// (half to all of it) so retries of many keys do not march in step.
+fn backoff(attempts: i32) -> Duration {
+    let exp = attempts.clamp(0, 16) as u32;
+    let full = BACKOFF_MIN
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(BACKOFF_MAX);
+    full.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+/// Sleeps `d`; true if `stop` turned true meanwhile.
+async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(0) <= BACKOFF_MIN && backoff(0) >= BACKOFF_MIN / 2);
+        assert!(backoff(3) <= BACKOFF_MIN * 8 && backoff(3) >= BACKOFF_MIN * 4);
+        assert!(backoff(1000) <= BACKOFF_MAX && backoff(1000) >= BACKOFF_MAX / 2);
+        assert!(backoff(-5) <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn stats_keep_lag_quantiles_and_a_bounded_set() {
+        let stats = DispatchStats::default();
+        for ms in 1..=100 {
+            stats.record("a.v1.A", Duration::from_millis(ms));
+        }
+        let snap = stats.snapshot();
+        let (n, p50, p99) = snap["a.v1.A"];
+        assert_eq!(n, 100);
+        assert!(p50 >= Duration::from_millis(45) && p50 <= Duration::from_millis(55));
+        assert!(p99 >= Duration::from_millis(95));
+        for i in 0..(MAX_TRACKED + 10) {
+            stats.record(&format!("s{i}.v1.S"), Duration::from_millis(1));
+        }
+        assert_eq!(stats.snapshot().len(), MAX_TRACKED);
+    }
+
+    #[test]
+    fn descriptions_are_bounded() {
+        let long = tonic::Status::unavailable("é".repeat(1000));
+        assert!(describe(&long).len() <= 500);
+        assert!(describe(&long).starts_with("Unavailable: "));
+    }
+}
