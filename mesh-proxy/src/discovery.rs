@@ -61,7 +61,11 @@ pub struct MeshView {
     pub registered: ArcSwap<BTreeMap<String, String>>,
     /// gRPC service to its registered contract: the defining file first,
     /// then its transitive dependencies (serialized FileDescriptorProtos).
+    /// Kept only when `keep_contracts` (the edge); a sidecar needs no more
+    /// of a contract than its safe methods.
     pub contracts: ArcSwap<HashMap<String, Arc<Vec<Bytes>>>>,
+    /// Whether `contracts` is filled.
+    pub keep_contracts: bool,
     /// Bumped whenever the routing table, `registered` or `contracts`
     /// change; the edge rebuilds reflection and health from it.
     pub changes: watch::Sender<u64>,
@@ -87,6 +91,11 @@ impl MeshView {
     }
 }
 
+/// The gRPC service of the Config API.
+pub const CONFIG_SERVICE: &str = "trellis.config.v1.ConfigService";
+/// The name the control plane's route goes by in metrics and policy.
+const CONTROL_PLANE: &str = "trellis-registry";
+
 /// Builds the view and the tasks that keep it current.
 #[derive(Debug)]
 pub struct Discovery {
@@ -100,6 +109,9 @@ pub struct Discovery {
     known: HashSet<String>,
     watched_configs: HashSet<String>,
     fetched_contracts: HashSet<String>,
+    /// The registry, when the local service may read its own settings
+    /// through this sidecar (the Config API).
+    config_route: Option<(SocketAddr, SpiffeId)>,
 }
 
 /// Clients of the control plane.
@@ -124,8 +136,9 @@ impl ControlPlane {
 }
 
 impl Discovery {
-    /// A view holding only the static routes.
-    pub fn new(workload: Arc<Workload>, statics: Vec<StaticRoute>) -> Self {
+    /// A view holding only the static routes; whole contracts are kept
+    /// only if `keep_contracts`.
+    pub fn new(workload: Arc<Workload>, statics: Vec<StaticRoute>, keep_contracts: bool) -> Self {
         let view = Arc::new(MeshView {
             directory: Arc::new(ArcSwap::from_pointee(Table::default())),
             policies: ArcSwap::from_pointee(HashMap::new()),
@@ -134,6 +147,7 @@ impl Discovery {
             synced: AtomicBool::new(false),
             registered: ArcSwap::from_pointee(BTreeMap::new()),
             contracts: ArcSwap::from_pointee(HashMap::new()),
+            keep_contracts,
             changes: watch::channel(0).0,
         });
         let mut discovery = Self {
@@ -145,9 +159,20 @@ impl Discovery {
             known: HashSet::new(),
             watched_configs: HashSet::new(),
             fetched_contracts: HashSet::new(),
+            config_route: None,
         };
         discovery.rebuild();
         discovery
+    }
+
+    /// Routes the Config API (`trellis.config.v1.ConfigService`) to the
+    /// registry at `addr`, over mTLS under this sidecar's identity, so the
+    /// local service can follow its own settings without knowing where
+    /// the control plane is. Sidecars only: the edge must not expose it.
+    pub fn with_config_route(mut self, addr: SocketAddr, identity: SpiffeId) -> Self {
+        self.config_route = Some((addr, identity));
+        self.rebuild();
+        self
     }
 
     /// The view the request path reads.
@@ -346,6 +371,17 @@ impl Discovery {
             .into_iter()
             .map(|(grpc, (mesh, endpoints))| (grpc, Upstream::new(mesh, endpoints)))
             .collect();
+        if let Some((addr, identity)) = self.config_route.clone() {
+            used.insert((addr, identity.to_string()));
+            if let Some(endpoint) = self.endpoint(addr, Some(identity), true) {
+                // No config file names "the registry", so calls get the
+                // built-in policy: no route timeout cutting a watch short.
+                routes.insert(
+                    CONFIG_SERVICE.to_owned(),
+                    Upstream::new(CONTROL_PLANE.to_owned(), vec![endpoint]),
+                );
+            }
+        }
         let mut fallback = None;
         for route in self.statics.clone() {
             let endpoints: Vec<Arc<Endpoint>> = route
@@ -378,7 +414,11 @@ impl Discovery {
                     .map(|g| (g.clone(), i.service.clone()))
             })
             .collect();
-        self.view.registered.store(Arc::new(registered));
+        // Health changes and re-registrations leave the set as it was; the
+        // edge rebuilds its reflection pool only when the set changes.
+        if **self.view.registered.load() != registered {
+            self.view.registered.store(Arc::new(registered));
+        }
         self.view.changes.send_modify(|n| *n += 1);
     }
 }
@@ -440,6 +480,9 @@ async fn fetch_contract(control: ControlPlane, view: Arc<MeshView>, grpc_service
         next.insert(grpc_service.clone(), safe.clone());
         next
     });
+    if !view.keep_contracts {
+        return;
+    }
     let files: Arc<Vec<Bytes>> = Arc::new(files.into_iter().map(Bytes::from).collect());
     view.contracts.rcu(|current| {
         let mut next = HashMap::clone(current);

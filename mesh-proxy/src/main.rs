@@ -88,7 +88,12 @@ async fn run(
         None => None,
     };
 
-    let discovery = Discovery::new(workload.clone(), args.static_routes.clone());
+    let mut discovery = Discovery::new(
+        workload.clone(),
+        args.static_routes.clone(),
+        args.edge.is_some(),
+    );
+    // The view is shared: routes added below show through it.
     let view = discovery.view();
     let control = match args.registry {
         Some(addr) => {
@@ -96,6 +101,9 @@ async fn run(
                 Some(id) => id,
                 None => registry_identity(workload.id())?,
             };
+            if args.edge.is_none() {
+                discovery = discovery.with_config_route(addr, identity.clone());
+            }
             let control = ControlPlane::new(&workload, addr, identity)?;
             let own = args.app.map(|_| service.clone());
             tokio::spawn(discovery.run(control.clone(), own));

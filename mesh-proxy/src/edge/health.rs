@@ -44,7 +44,9 @@ pub async fn follow(
             contracts.store(Arc::new(merged));
             built_from = (registered, known);
         }
-        let table = view.directory.load();
+        // An owned snapshot: the reporter's awaits below must not hold an
+        // arc-swap guard.
+        let table = view.directory.load_full();
         for (service, serving) in table.services() {
             let status = if serving {
                 ServingStatus::Serving

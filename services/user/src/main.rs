@@ -1,33 +1,35 @@
-//! The user service of the reference billing application: users, plans and subscriptions.
+//! `trellis-user`: the user service of the reference billing application.
 //!
-//! It listens on loopback (h2c) behind its sidecar. This is its skeleton:
-//! grpc.health.v1 and server reflection; its own API and database come with
-//! the reference-application work.
-
-use std::net::SocketAddr;
-use std::time::Duration;
+//! Listens on loopback (h2c) behind its sidecar; see the library crate for
+//! what it serves.
 
 use clap::Parser;
 use trellis::cli::exit_with;
+use trellis::pb::telco::user::v1::user_outbox_service_server::UserOutboxServiceServer;
+use trellis::pb::telco::user::v1::user_service_server::UserServiceServer;
+use trellis::service::{Context, ServiceArgs};
+use trellis_user::{Api, OutboxApi, SPEC};
 
 /// The Trellis reference user service.
 #[derive(Debug, Parser)]
 #[command(name = "trellis-user", version, about)]
 struct Args {
-    /// Loopback address to serve gRPC on (plaintext h2c; its sidecar fronts it).
-    #[arg(long, env = "TRELLIS_USER_LISTEN", default_value = "127.0.0.1:7101")]
-    listen: SocketAddr,
-    /// How long in-flight calls may take to finish after SIGTERM (e.g. `5s`).
-    #[arg(long, env = "TRELLIS_USER_GRACE", default_value = "5s", value_parser = trellis::cli::parse_duration)]
-    grace: Duration,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 #[tokio::main]
 async fn main() {
     trellis::telemetry::init("warn,trellis=info,trellis_user=info");
     let args = Args::parse();
-    let (router, _health) = trellis::server::standard_router();
-    if let Err(e) = trellis::server::run_plaintext("user", args.listen, args.grace, router).await {
+    let ctx = Context::start(&SPEC, &args.service)
+        .await
+        .unwrap_or_else(|e| exit_with("trellis-user", &format!("{e:#}")));
+    let router = ctx
+        .router()
+        .add_service(UserServiceServer::new(Api::new(ctx.clone())))
+        .add_service(UserOutboxServiceServer::new(OutboxApi(ctx.outbox_admin())));
+    if let Err(e) = ctx.serve(router).await {
         exit_with("trellis-user", &format!("{e:#}"));
     }
 }
