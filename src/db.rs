@@ -148,9 +148,16 @@ pub async fn migrate(
     service: &str,
     runners: Vec<refinery::Runner>,
 ) -> anyhow::Result<usize> {
-    let mut client = connect(config)
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to migrate: {e}"))?;
+    let mut client = match connect(config).await {
+        Ok(client) => client,
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+            create_database(config).await?;
+            connect(config)
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to migrate: {e}"))?
+        }
+        Err(e) => return Err(anyhow::anyhow!("connecting to migrate: {e}")),
+    };
     client
         .execute(
             "SELECT pg_advisory_lock(hashtext($1))",
@@ -176,6 +183,38 @@ pub async fn migrate(
         )
         .await;
     Ok(applied)
+}
+
+/// Creates the database `config` names, connecting to the server's
+/// `postgres` database: a service's first start on a fresh server needs no
+/// manual step. Another instance creating it at the same time is fine.
+async fn create_database(config: &Config) -> anyhow::Result<()> {
+    let name = config
+        .get_dbname()
+        .ok_or_else(|| anyhow::anyhow!("the database URL names no database"))?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        anyhow::bail!("database {name:?} does not exist (and its name is not one to create automatically)");
+    }
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let client = connect(&admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("database {name:?} does not exist, and creating it failed: {e}"))?;
+    match client
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(database = name, "created the database");
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("database {name:?} does not exist, and creating it failed: {e}")),
+    }
 }
 
 #[cfg(test)]

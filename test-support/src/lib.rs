@@ -2,6 +2,7 @@
 //! authorities made at test time, and child processes that are killed when
 //! the test ends.
 
+pub mod billing;
 pub mod mesh;
 pub mod pki;
 pub mod postgres;
@@ -12,6 +13,7 @@ pub use mesh::{
     ProxyOptions, RunningEcho, RunningProxy, http_get, sibling_binary, spawn_echo, spawn_proxy,
 };
 pub use pki::TestPki;
-pub use postgres::TestDb;
+pub use billing::{BillingMesh, Databases, Instance, binary_dir, repo_root, workspace_binary};
+pub use postgres::{PgCluster, TestDb};
 pub use process::{ChildGuard, free_port, wait_for_tcp};
 pub use registry::{RunningRegistry, spawn_registry, spawn_registry_at};

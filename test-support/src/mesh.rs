@@ -91,6 +91,9 @@ pub struct ProxyOptions<'a> {
     pub extra: Vec<String>,
     /// Wait until `/ready` answers 200.
     pub wait_ready: bool,
+    /// The outbound port, when the local service must be told it before
+    /// the sidecar starts; a free one otherwise.
+    pub outbound: Option<SocketAddr>,
 }
 
 impl<'a> ProxyOptions<'a> {
@@ -107,6 +110,7 @@ impl<'a> ProxyOptions<'a> {
             registry,
             extra: Vec::new(),
             wait_ready: true,
+            outbound: None,
         }
     }
 
@@ -120,7 +124,7 @@ impl<'a> ProxyOptions<'a> {
 /// Starts the sidecar binary `bin` and waits until it listens (and, if
 /// asked, is ready).
 pub fn spawn_proxy(bin: &Path, name: &str, options: ProxyOptions<'_>) -> RunningProxy {
-    let (outbound, inbound, admin) = (addr(), addr(), addr());
+    let (outbound, inbound, admin) = (options.outbound.unwrap_or_else(addr), addr(), addr());
     let mut cmd = Command::new(bin);
     cmd.arg("--outbound")
         .arg(outbound.to_string())

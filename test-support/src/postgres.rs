@@ -301,3 +301,99 @@ pub fn start_private_cluster() -> anyhow::Result<Config> {
         }
     }
 }
+
+/// A PostgreSQL cluster of a test's own, which the test may stop and start
+/// again (a database outage) without touching anyone else's server.
+#[derive(Debug)]
+pub struct PgCluster {
+    dir: PathBuf,
+    bindir: PathBuf,
+    port: u16,
+}
+
+impl PgCluster {
+    /// Creates and starts a cluster on a free port (trust auth, user
+    /// `postgres`).
+    pub fn start() -> anyhow::Result<Self> {
+        let bindir = pg_bindir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-pgc-")
+            .tempdir()?
+            .keep();
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()?;
+            if !status.success() {
+                bail!("chown of {} to postgres failed", dir.display());
+            }
+        }
+        let out = as_postgres(&bindir.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(dir.join("data"))
+            .output()
+            .context("running initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let cluster = Self {
+            dir,
+            bindir,
+            port: crate::process::free_port(),
+        };
+        cluster.up()?;
+        Ok(cluster)
+    }
+
+    /// A `postgres://` URL for database `name` (services create it).
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Starts the server (after [`PgCluster::stop`]) on the same port and
+    /// waits until it accepts connections.
+    pub fn up(&self) -> anyhow::Result<()> {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300",
+            self.port,
+            self.dir.display()
+        );
+        let out = as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-o", &options, "-w", "-t", "30", "start"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("running pg_ctl start")?;
+        if !out.success() {
+            let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+            bail!("pg_ctl start failed:\n{log}");
+        }
+        Ok(())
+    }
+
+    /// Stops the server at once (`immediate`: connections are cut, as in
+    /// a crash), keeping its data.
+    pub fn stop(&self) {
+        let _ = as_postgres(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,39 +1,48 @@
-//! The settlement service of the reference billing application: bills computed from usage and subscription events.
-//!
-//! It listens on loopback (h2c) behind its sidecar. This is its skeleton:
-//! grpc.health.v1 and server reflection; its own API and database come with
-//! the reference-application work.
-
-use std::net::SocketAddr;
-use std::time::Duration;
+//! The settlement service: users' monthly bills, kept up to date from
+//! subscription and usage events. It listens on loopback (h2c) behind its
+//! sidecar; see the library crate for what it does.
 
 use clap::Parser;
 use trellis::cli::exit_with;
+use trellis::pb::telco::settlement::v1::settlement_events_service_server::SettlementEventsServiceServer;
+use trellis::pb::telco::settlement::v1::settlement_service_server::SettlementServiceServer;
+use trellis::service::{Context, ServiceArgs, ServiceSpec};
+use trellis_settlement::{BillingApi, EventsApi};
+
+/// What settlement is to the mesh: it serves bills and receives events, and
+/// publishes none.
+static SPEC: ServiceSpec = ServiceSpec {
+    name: "settlement",
+    grpc_services: &[
+        "telco.settlement.v1.SettlementService",
+        "telco.settlement.v1.SettlementEventsService",
+    ],
+    migrations: trellis_settlement::migrations,
+    publishes_events: false,
+};
 
 /// The Trellis reference settlement service.
 #[derive(Debug, Parser)]
 #[command(name = "trellis-settlement", version, about)]
 struct Args {
-    /// Loopback address to serve gRPC on (plaintext h2c; its sidecar fronts it).
-    #[arg(
-        long,
-        env = "TRELLIS_SETTLEMENT_LISTEN",
-        default_value = "127.0.0.1:7103"
-    )]
-    listen: SocketAddr,
-    /// How long in-flight calls may take to finish after SIGTERM (e.g. `5s`).
-    #[arg(long, env = "TRELLIS_SETTLEMENT_GRACE", default_value = "5s", value_parser = trellis::cli::parse_duration)]
-    grace: Duration,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 #[tokio::main]
 async fn main() {
     trellis::telemetry::init("warn,trellis=info,trellis_settlement=info");
     let args = Args::parse();
-    let (router, _health) = trellis::server::standard_router();
-    if let Err(e) =
-        trellis::server::run_plaintext("settlement", args.listen, args.grace, router).await
-    {
+    let ctx = Context::start(&SPEC, &args.service)
+        .await
+        .unwrap_or_else(|e| exit_with("trellis-settlement", &format!("{e:#}")));
+    let router = ctx
+        .router()
+        .add_service(SettlementServiceServer::new(BillingApi::new(ctx.clone())))
+        .add_service(SettlementEventsServiceServer::new(EventsApi::new(
+            ctx.clone(),
+        )));
+    if let Err(e) = ctx.serve(router).await {
         exit_with("trellis-settlement", &format!("{e:#}"));
     }
 }

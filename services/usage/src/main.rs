@@ -1,33 +1,44 @@
-//! The usage service of the reference billing application: usage records.
-//!
-//! It listens on loopback (h2c) behind its sidecar. This is its skeleton:
-//! grpc.health.v1 and server reflection; its own API and database come with
-//! the reference-application work.
-
-use std::net::SocketAddr;
-use std::time::Duration;
+//! `trellis-usage`: the usage service of the reference billing application.
+//! It listens on loopback (h2c) behind its sidecar and calls the user
+//! service through that sidecar.
 
 use clap::Parser;
 use trellis::cli::exit_with;
+use trellis::pb::telco::usage::v1::usage_outbox_service_server::UsageOutboxServiceServer;
+use trellis::pb::telco::usage::v1::usage_service_server::UsageServiceServer;
+use trellis::service::{Context, ServiceArgs, ServiceSpec};
+use trellis_usage::{OutboxApi, UsageApi};
+
+static SPEC: ServiceSpec = ServiceSpec {
+    name: "usage",
+    grpc_services: &[
+        "telco.usage.v1.UsageService",
+        "telco.usage.v1.UsageOutboxService",
+    ],
+    migrations: trellis_usage::migrations,
+    publishes_events: true,
+};
 
 /// The Trellis reference usage service.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "trellis-usage", version, about)]
 struct Args {
-    /// Loopback address to serve gRPC on (plaintext h2c; its sidecar fronts it).
-    #[arg(long, env = "TRELLIS_USAGE_LISTEN", default_value = "127.0.0.1:7102")]
-    listen: SocketAddr,
-    /// How long in-flight calls may take to finish after SIGTERM (e.g. `5s`).
-    #[arg(long, env = "TRELLIS_USAGE_GRACE", default_value = "5s", value_parser = trellis::cli::parse_duration)]
-    grace: Duration,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 #[tokio::main]
 async fn main() {
     trellis::telemetry::init("warn,trellis=info,trellis_usage=info");
     let args = Args::parse();
-    let (router, _health) = trellis::server::standard_router();
-    if let Err(e) = trellis::server::run_plaintext("usage", args.listen, args.grace, router).await {
+    let ctx = Context::start(&SPEC, &args.service)
+        .await
+        .unwrap_or_else(|e| exit_with("trellis-usage", &format!("{e:#}")));
+    let router = ctx
+        .router()
+        .add_service(UsageServiceServer::new(UsageApi::new(ctx.clone())))
+        .add_service(UsageOutboxServiceServer::new(OutboxApi(ctx.outbox_admin())));
+    if let Err(e) = ctx.serve(router).await {
         exit_with("trellis-usage", &format!("{e:#}"));
     }
 }
