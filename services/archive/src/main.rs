@@ -46,6 +46,11 @@ struct ServeArgs {
     /// Loopback address to serve gRPC on (plaintext h2c; its sidecar fronts it).
     #[arg(long, env = "TRELLIS_LISTEN", value_name = "ADDR")]
     listen: SocketAddr,
+    /// The own sidecar's outbound port. Accepted so that every service
+    /// starts with the same flags; unused, as the archive calls no other
+    /// service.
+    #[arg(long, env = "TRELLIS_OUTBOUND", value_name = "ADDR")]
+    outbound: Option<SocketAddr>,
     /// How long in-flight calls may take to finish after SIGTERM (e.g. `10s`).
     #[arg(long, env = "TRELLIS_GRACE", default_value = "10s", value_parser = parse_duration)]
     grace: Duration,
@@ -78,6 +83,7 @@ async fn main() {
     trellis::telemetry::init("warn,trellis=info,trellis_archive=info");
     match Args::parse().command {
         Command::Serve(args) => {
+            let _ = args.outbound;
             if args.roll_interval.is_zero() {
                 exit_with(PROGRAM, &"--roll-interval must be more than zero");
             }
