@@ -167,7 +167,10 @@ async fn a_bill_through_the_edge_with_buf_curl_and_json_only() {
     assert_eq!(int(&lines[0], "usedQuantity"), used.data);
     assert_eq!(int(&lines[0], "billableQuantity"), 880);
     assert_eq!(int(&lines[1], "billableQuantity"), 61);
-    assert_eq!(int(&lines[1], "amountCents"), 2 * plan.extra_voice_minute_cents);
+    assert_eq!(
+        int(&lines[1], "amountCents"),
+        2 * plan.extra_voice_minute_cents
+    );
     assert_eq!(int(&lines[2], "amountCents"), 5 * plan.extra_sms_cents);
     assert_eq!(field(&bill, "bill.planId"), "basic");
     assert_eq!(field(&bill, "bill.currencyCode"), "EUR");
@@ -179,7 +182,10 @@ async fn a_bill_through_the_edge_with_buf_curl_and_json_only() {
         &format!(r#"{{"userId":"{user_id}","type":"USAGE_TYPE_DATA","quantity":"-5","idempotencyKey":"x"}}"#),
     )
     .unwrap_err();
-    assert!(err.contains("invalid_argument") && err.contains("quantity"), "{err}");
+    assert!(
+        err.contains("invalid_argument") && err.contains("quantity"),
+        "{err}"
+    );
     let err = buf_curl(
         edge,
         "telco.user.v1.UserService/CreateUser",
@@ -279,7 +285,8 @@ async fn a_thousand_records_reconcile_across_two_usage_instances_and_a_settlemen
                                     sent.recorded += 1;
                                 }
                                 if round == 1 && !r.duplicate {
-                                    sent.failures.push(format!("rec-{i}: a resend was recorded again"));
+                                    sent.failures
+                                        .push(format!("rec-{i}: a resend was recorded again"));
                                 }
                                 acknowledged.fetch_add(1, Ordering::Relaxed);
                                 break;
@@ -314,7 +321,11 @@ async fn a_thousand_records_reconcile_across_two_usage_instances_and_a_settlemen
         total.duplicates += sent.duplicates;
         total.failures.extend(sent.failures);
     }
-    assert!(total.failures.is_empty(), "failed calls: {:?}", total.failures);
+    assert!(
+        total.failures.is_empty(),
+        "failed calls: {:?}",
+        total.failures
+    );
     assert_eq!(total.recorded, RECORDS);
     assert_eq!(total.duplicates, RECORDS / 10);
 
@@ -326,11 +337,19 @@ async fn a_thousand_records_reconcile_across_two_usage_instances_and_a_settlemen
         let mut user_outbox = user_outbox.clone();
         async move {
             for status in [
-                usage_outbox.get_outbox_status(GetOutboxStatusRequest {}).await,
-                user_outbox.get_outbox_status(GetOutboxStatusRequest {}).await,
+                usage_outbox
+                    .get_outbox_status(GetOutboxStatusRequest {})
+                    .await,
+                user_outbox
+                    .get_outbox_status(GetOutboxStatusRequest {})
+                    .await,
             ] {
                 let status = status.map_err(|e| e.to_string())?.into_inner();
-                if status.subscribers.iter().any(|s| s.pending > 0 || s.parked > 0) {
+                if status
+                    .subscribers
+                    .iter()
+                    .any(|s| s.pending > 0 || s.parked > 0)
+                {
                     return Err(format!("{status:?}"));
                 }
             }
@@ -343,7 +362,9 @@ async fn a_thousand_records_reconcile_across_two_usage_instances_and_a_settlemen
         .await
         .unwrap()
         .into_inner();
-    let _ = user_outbox.get_outbox_status(GetOutboxStatusRequest {}).await;
+    let _ = user_outbox
+        .get_outbox_status(GetOutboxStatusRequest {})
+        .await;
     println!("usage outbox after the run: {status:?}");
 
     // Usage's own database is the truth the bills must match.

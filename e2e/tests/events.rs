@@ -197,28 +197,36 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
     }
     let all: Vec<u64> = (1..=6).collect();
     // B flows while A is stuck.
-    eventually("B's events applied while A is stuck", Duration::from_secs(10), || {
-        let state = state.clone();
-        let (b, all) = (b.clone(), all.clone());
-        async move {
-            let s = state.0.lock().unwrap();
-            (s.applied.get(&b) == Some(&all))
-                .then_some(())
-                .ok_or_else(|| format!("{:?}", s.applied))
-        }
-    })
+    eventually(
+        "B's events applied while A is stuck",
+        Duration::from_secs(10),
+        || {
+            let state = state.clone();
+            let (b, all) = (b.clone(), all.clone());
+            async move {
+                let s = state.0.lock().unwrap();
+                (s.applied.get(&b) == Some(&all))
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", s.applied))
+            }
+        },
+    )
     .await;
     // C flows past its poison event.
-    eventually("C's events after the poison one applied", Duration::from_secs(10), || {
-        let state = state.clone();
-        let c = c.clone();
-        async move {
-            let s = state.0.lock().unwrap();
-            (s.applied.get(&c) == Some(&vec![1, 2, 4, 5, 6]))
-                .then_some(())
-                .ok_or_else(|| format!("{:?}", s.applied))
-        }
-    })
+    eventually(
+        "C's events after the poison one applied",
+        Duration::from_secs(10),
+        || {
+            let state = state.clone();
+            let c = c.clone();
+            async move {
+                let s = state.0.lock().unwrap();
+                (s.applied.get(&c) == Some(&vec![1, 2, 4, 5, 6]))
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", s.applied))
+            }
+        },
+    )
     .await;
     {
         let s = state.0.lock().unwrap();
@@ -262,16 +270,20 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
 
     // A unsticks: all its events, in sequence.
     state.0.lock().unwrap().stuck.clear();
-    eventually("A's events applied in sequence", Duration::from_secs(40), || {
-        let state = state.clone();
-        let (a, all) = (a.clone(), all.clone());
-        async move {
-            let s = state.0.lock().unwrap();
-            (s.applied.get(&a) == Some(&all))
-                .then_some(())
-                .ok_or_else(|| format!("{:?}", s.applied))
-        }
-    })
+    eventually(
+        "A's events applied in sequence",
+        Duration::from_secs(40),
+        || {
+            let state = state.clone();
+            let (a, all) = (a.clone(), all.clone());
+            async move {
+                let s = state.0.lock().unwrap();
+                (s.applied.get(&a) == Some(&all))
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", s.applied))
+            }
+        },
+    )
     .await;
 
     // The poison is fixed; the operator replays the parked event.
@@ -285,16 +297,20 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
         .unwrap()
         .into_inner();
     assert_eq!(replayed.replayed, 1);
-    eventually("the replayed event applied", Duration::from_secs(10), || {
-        let state = state.clone();
-        let c = c.clone();
-        async move {
-            let s = state.0.lock().unwrap();
-            (s.applied.get(&c) == Some(&vec![1, 2, 4, 5, 6, 3]))
-                .then_some(())
-                .ok_or_else(|| format!("{:?}", s.applied))
-        }
-    })
+    eventually(
+        "the replayed event applied",
+        Duration::from_secs(10),
+        || {
+            let state = state.clone();
+            let c = c.clone();
+            async move {
+                let s = state.0.lock().unwrap();
+                (s.applied.get(&c) == Some(&vec![1, 2, 4, 5, 6, 3]))
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", s.applied))
+            }
+        },
+    )
     .await;
 
     // One instance dispatches; when it dies the other takes over.
@@ -305,7 +321,10 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
             .map(|r| r.into_inner().dispatching)
             .unwrap_or(false)
     };
-    let (one, two) = (dispatching(first.addr).await, dispatching(second.addr).await);
+    let (one, two) = (
+        dispatching(first.addr).await,
+        dispatching(second.addr).await,
+    );
     assert!(one ^ two, "exactly one instance dispatches: {one} {two}");
     let (leader, follower) = if one {
         (&mut first, &second)
@@ -314,24 +333,32 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
     };
     leader.process.kill();
     let follower_addr = follower.addr;
-    eventually("the other instance takes over", Duration::from_secs(15), || async move {
-        dispatching(follower_addr)
-            .await
-            .then_some(())
-            .ok_or_else(|| "not dispatching".to_owned())
-    })
+    eventually(
+        "the other instance takes over",
+        Duration::from_secs(15),
+        || async move {
+            dispatching(follower_addr)
+                .await
+                .then_some(())
+                .ok_or_else(|| "not dispatching".to_owned())
+        },
+    )
     .await;
     let d = new_user_at(follower_addr, 9).await;
-    eventually("events flow from the survivor", Duration::from_secs(10), || {
-        let state = state.clone();
-        let d = d.clone();
-        async move {
-            let s = state.0.lock().unwrap();
-            (s.applied.get(&d) == Some(&vec![1]))
-                .then_some(())
-                .ok_or_else(|| format!("{:?}", s.applied.get(&d)))
-        }
-    })
+    eventually(
+        "events flow from the survivor",
+        Duration::from_secs(10),
+        || {
+            let state = state.clone();
+            let d = d.clone();
+            async move {
+                let s = state.0.lock().unwrap();
+                (s.applied.get(&d) == Some(&vec![1]))
+                    .then_some(())
+                    .ok_or_else(|| format!("{:?}", s.applied.get(&d)))
+            }
+        },
+    )
     .await;
 }
 

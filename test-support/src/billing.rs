@@ -14,12 +14,16 @@ use crate::pki::TestPki;
 use crate::process::{ChildGuard, free_port};
 use crate::registry::{RunningRegistry, spawn_registry};
 
-/// The directory the workspace's binaries are built into (the parent of
-/// the running test binary's `deps/`).
+/// The directory the workspace's binaries are built into: the running
+/// binary's own, or the parent of a test binary's `deps/`.
 pub fn binary_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let deps = exe.parent().expect("deps directory");
-    deps.parent().expect("target profile directory").to_owned()
+    let exe = std::env::current_exe().expect("the running binary's path");
+    let dir = exe.parent().expect("the binary's directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target profile directory").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// A workspace binary, which `cargo test --workspace` builds.
@@ -128,9 +132,11 @@ impl BillingMesh {
             let identity = pki.issue(service, service);
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let outbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let mut command = vec![workspace_binary(&format!("trellis-{service}"))
-                .display()
-                .to_string()];
+            let mut command = vec![
+                workspace_binary(&format!("trellis-{service}"))
+                    .display()
+                    .to_string(),
+            ];
             command.extend(args);
             command.extend([
                 "--listen".to_owned(),
@@ -139,9 +145,17 @@ impl BillingMesh {
                 outbound.to_string(),
             ]);
             let mut cmd = Command::new(&command[0]);
-            cmd.args(&command[1..]).env("RUST_LOG", "info,trellis=debug");
+            cmd.args(&command[1..])
+                .env("RUST_LOG", "info,trellis=debug");
             let process = ChildGuard::spawn(name, cmd).expect("service starts");
-            let proxy = spawn_proxy_with_outbound(&proxy_bin, name, &identity, addr, registry.addr, outbound);
+            let proxy = spawn_proxy_with_outbound(
+                &proxy_bin,
+                name,
+                &identity,
+                addr,
+                registry.addr,
+                outbound,
+            );
             Instance {
                 name: name.to_owned(),
                 addr,

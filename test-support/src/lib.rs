@@ -9,11 +9,11 @@ pub mod postgres;
 pub mod process;
 pub mod registry;
 
+pub use billing::{BillingMesh, Databases, Instance, binary_dir, repo_root, workspace_binary};
 pub use mesh::{
     ProxyOptions, RunningEcho, RunningProxy, http_get, sibling_binary, spawn_echo, spawn_proxy,
 };
 pub use pki::TestPki;
-pub use billing::{BillingMesh, Databases, Instance, binary_dir, repo_root, workspace_binary};
 pub use postgres::{PgCluster, TestDb};
 pub use process::{ChildGuard, free_port, wait_for_tcp};
 pub use registry::{RunningRegistry, spawn_registry, spawn_registry_at};

@@ -352,10 +352,12 @@ impl PgCluster {
     }
 
     /// Starts the server (after [`PgCluster::stop`]) on the same port and
-    /// waits until it accepts connections.
+    /// waits until it accepts connections. Commits are synchronous: a
+    /// crash loses nothing acknowledged (fsync stays off; the tests kill
+    /// the server, not the machine).
     pub fn up(&self) -> anyhow::Result<()> {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
             self.port,
             self.dir.display()
         );

@@ -29,7 +29,14 @@ pub fn buf() -> PathBuf {
 /// or the error text.
 pub fn buf_curl(edge: SocketAddr, method: &str, body: &str) -> Result<serde_json::Value, String> {
     let out = Command::new(buf())
-        .args(["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", body])
+        .args([
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "-d",
+            body,
+        ])
         .arg(format!("http://{edge}/{method}"))
         .output()
         .map_err(|e| format!("running buf: {e}"))?;
@@ -93,7 +100,10 @@ where
             Ok(v) => return v,
             Err(e) => e,
         };
-        assert!(Instant::now() < deadline, "{what}: still not so after {limit:?}: {last}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still not so after {limit:?}: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
