@@ -196,13 +196,15 @@ async fn create_database(config: &Config) -> anyhow::Result<()> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
-        anyhow::bail!("database {name:?} does not exist (and its name is not one to create automatically)");
+        anyhow::bail!(
+            "database {name:?} does not exist (and its name is not one to create automatically)"
+        );
     }
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let client = connect(&admin)
-        .await
-        .map_err(|e| anyhow::anyhow!("database {name:?} does not exist, and creating it failed: {e}"))?;
+    let client = connect(&admin).await.map_err(|e| {
+        anyhow::anyhow!("database {name:?} does not exist, and creating it failed: {e}")
+    })?;
     match client
         .batch_execute(&format!("CREATE DATABASE \"{name}\""))
         .await
@@ -213,7 +215,9 @@ async fn create_database(config: &Config) -> anyhow::Result<()> {
         }
         Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("database {name:?} does not exist, and creating it failed: {e}")),
+        Err(e) => Err(anyhow::anyhow!(
+            "database {name:?} does not exist, and creating it failed: {e}"
+        )),
     }
 }
 
