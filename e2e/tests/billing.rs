@@ -175,6 +175,40 @@ async fn a_bill_through_the_edge_with_buf_curl_and_json_only() {
     assert_eq!(field(&bill, "bill.planId"), "basic");
     assert_eq!(field(&bill, "bill.currencyCode"), "EUR");
 
+    // Settings are live: a smaller page size in usage's config file is
+    // in force within seconds, with no restart.
+    let list = format!(r#"{{"userId":"{user_id}","limit":3}}"#);
+    let listed =
+        buf_curl(edge, "telco.usage.v1.UsageService/ListUsage", &list).expect("3 is within 500");
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+    let usage_toml = fx.mesh.config_dir.path().join("usage.toml");
+    let text = std::fs::read_to_string(&usage_toml).unwrap();
+    let tmp = usage_toml.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        text.replace("max_page_size = 500", "max_page_size = 2"),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &usage_toml).unwrap();
+    eventually(
+        "max_page_size = 2 in force",
+        Duration::from_secs(15),
+        || {
+            let list = list.clone();
+            async move {
+                // Twice: the edge takes turns between the two instances.
+                for _ in 0..2 {
+                    match buf_curl(edge, "telco.usage.v1.UsageService/ListUsage", &list) {
+                        Err(e) if e.contains("invalid_argument") && e.contains("limit") => {}
+                        other => return Err(format!("{other:?}")),
+                    }
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
+
     // Bad input is refused with the field named, through the edge.
     let err = buf_curl(
         edge,

@@ -146,7 +146,7 @@ async fn a_database_outage_fails_calls_cleanly_and_recovers_without_losing_event
     }
 
     // No event lost: every record acknowledged is on the bill.
-    let mut outbox = UsageOutboxServiceClient::new(channel(edge));
+    let outbox = UsageOutboxServiceClient::new(channel(edge));
     eventually("usage's outbox drains", Duration::from_secs(60), || {
         let mut outbox = outbox.clone();
         async move {

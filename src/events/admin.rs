@@ -209,3 +209,47 @@ fn duration(d: Duration) -> prost_types::Duration {
         nanos: d.subsec_nanos() as i32,
     }
 }
+
+/// Defines `$name`, holding an [`OutboxAdmin`], and implements a producer's
+/// generated `*OutboxService` trait for it (the methods of
+/// `trellis.events.v1.EventOutboxService` under the producer's own name)
+/// by handing each call to the admin:
+///
+/// ```ignore
+/// trellis::outbox_service!(
+///     /// `UsageOutboxService`: the outbox operator API under usage's name.
+///     pub struct OutboxApi: usage_outbox_service_server::UsageOutboxService
+/// );
+/// ```
+#[macro_export]
+macro_rules! outbox_service {
+    ($(#[$meta:meta])* $vis:vis struct $name:ident: $trait:path) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug)]
+        $vis struct $name(pub $crate::events::OutboxAdmin);
+
+        #[tonic::async_trait]
+        impl $trait for $name {
+            async fn get_outbox_status(
+                &self,
+                request: tonic::Request<$crate::pb::trellis::events::v1::GetOutboxStatusRequest>,
+            ) -> Result<tonic::Response<$crate::pb::trellis::events::v1::GetOutboxStatusResponse>, tonic::Status> {
+                self.0.get_outbox_status(request.into_inner()).await.map(tonic::Response::new)
+            }
+
+            async fn list_parked_events(
+                &self,
+                request: tonic::Request<$crate::pb::trellis::events::v1::ListParkedEventsRequest>,
+            ) -> Result<tonic::Response<$crate::pb::trellis::events::v1::ListParkedEventsResponse>, tonic::Status> {
+                self.0.list_parked_events(request.into_inner()).await.map(tonic::Response::new)
+            }
+
+            async fn replay_parked_events(
+                &self,
+                request: tonic::Request<$crate::pb::trellis::events::v1::ReplayParkedEventsRequest>,
+            ) -> Result<tonic::Response<$crate::pb::trellis::events::v1::ReplayParkedEventsResponse>, tonic::Status> {
+                self.0.replay_parked_events(request.into_inner()).await.map(tonic::Response::new)
+            }
+        }
+    };
+}

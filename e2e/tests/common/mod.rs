@@ -25,8 +25,8 @@ pub fn buf() -> PathBuf {
     PathBuf::from("buf")
 }
 
-/// `buf curl` with JSON in and out against the edge: the parsed answer,
-/// or the error text.
+/// `buf curl` with JSON in and out against the edge: the parsed answer
+/// (an array of the messages of a stream), or the error text.
 pub fn buf_curl(edge: SocketAddr, method: &str, body: &str) -> Result<serde_json::Value, String> {
     let out = Command::new(buf())
         .args([
@@ -47,11 +47,21 @@ pub fn buf_curl(edge: SocketAddr, method: &str, body: &str) -> Result<serde_json
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!(
-            "buf printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
+    // A stream prints one JSON document per message: those come back as
+    // an array.
+    let mut docs = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "buf printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+    Ok(if docs.len() == 1 {
+        docs.remove(0)
+    } else {
+        serde_json::Value::Array(docs)
     })
 }
 

@@ -9,11 +9,9 @@ use futures::Stream;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use trellis::db;
-use trellis::events::OutboxAdmin;
 use trellis::pb::telco::usage::v1 as pb;
 use trellis::pb::telco::usage::v1::usage_outbox_service_server::UsageOutboxService;
 use trellis::pb::telco::usage::v1::usage_service_server::UsageService;
-use trellis::pb::trellis::events::v1 as events;
 use trellis::service::Context;
 
 use crate::domain::{self, NewUsage, StoredUsage};
@@ -199,45 +197,8 @@ impl UsageService for UsageApi {
     }
 }
 
-/// Implements `telco.usage.v1.UsageOutboxService` by handing each call to
-/// the library's outbox operator API.
-pub struct OutboxApi(pub OutboxAdmin);
-
-impl fmt::Debug for OutboxApi {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OutboxApi").finish_non_exhaustive()
-    }
-}
-
-#[tonic::async_trait]
-impl UsageOutboxService for OutboxApi {
-    async fn get_outbox_status(
-        &self,
-        request: Request<events::GetOutboxStatusRequest>,
-    ) -> Result<Response<events::GetOutboxStatusResponse>, Status> {
-        self.0
-            .get_outbox_status(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn list_parked_events(
-        &self,
-        request: Request<events::ListParkedEventsRequest>,
-    ) -> Result<Response<events::ListParkedEventsResponse>, Status> {
-        self.0
-            .list_parked_events(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn replay_parked_events(
-        &self,
-        request: Request<events::ReplayParkedEventsRequest>,
-    ) -> Result<Response<events::ReplayParkedEventsResponse>, Status> {
-        self.0
-            .replay_parked_events(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-}
+trellis::outbox_service!(
+    /// Implements `telco.usage.v1.UsageOutboxService` by handing each call
+    /// to the library's outbox operator API.
+    pub struct OutboxApi: UsageOutboxService
+);

@@ -4,11 +4,9 @@
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use trellis::db;
-use trellis::events::OutboxAdmin;
 use trellis::pb::telco::user::v1 as pb;
 use trellis::pb::telco::user::v1::user_outbox_service_server::UserOutboxService;
 use trellis::pb::telco::user::v1::user_service_server::UserService;
-use trellis::pb::trellis::events::v1 as events_pb;
 use trellis::service::Context;
 
 use crate::store;
@@ -208,40 +206,8 @@ fn plan_not_found(id: &str) -> Status {
     Status::not_found(format!("plan {id:?} not found"))
 }
 
-/// `UserOutboxService`: the library's outbox operator API under this
-/// service's name.
-#[derive(Clone, Debug)]
-pub struct OutboxApi(pub OutboxAdmin);
-
-#[tonic::async_trait]
-impl UserOutboxService for OutboxApi {
-    async fn get_outbox_status(
-        &self,
-        request: Request<events_pb::GetOutboxStatusRequest>,
-    ) -> Result<Response<events_pb::GetOutboxStatusResponse>, Status> {
-        self.0
-            .get_outbox_status(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn list_parked_events(
-        &self,
-        request: Request<events_pb::ListParkedEventsRequest>,
-    ) -> Result<Response<events_pb::ListParkedEventsResponse>, Status> {
-        self.0
-            .list_parked_events(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn replay_parked_events(
-        &self,
-        request: Request<events_pb::ReplayParkedEventsRequest>,
-    ) -> Result<Response<events_pb::ReplayParkedEventsResponse>, Status> {
-        self.0
-            .replay_parked_events(request.into_inner())
-            .await
-            .map(Response::new)
-    }
-}
+trellis::outbox_service!(
+    /// `UserOutboxService`: the library's outbox operator API under this
+    /// service's name.
+    pub struct OutboxApi: UserOutboxService
+);
