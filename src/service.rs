@@ -34,6 +34,8 @@ use crate::pb::trellis::config::v1::config_service_client::ConfigServiceClient;
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long a probe may take before the database counts as down.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often applied event IDs past their retention are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// Flags every service takes (flatten them into the binary's own).
 #[derive(Clone, Debug, clap::Args)]
@@ -217,6 +219,7 @@ impl Context {
             ctx.spawn(ctx.clone().follow_config(config_tx));
         }
         ctx.spawn(ctx.clone().follow_health(health));
+        ctx.spawn(ctx.clone().prune_inbox());
         if spec.publishes_events {
             let dispatcher = Dispatcher {
                 source: spec.name,
@@ -421,6 +424,40 @@ impl Context {
                 Duration::from_millis(200)
             };
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Forgets applied event IDs older than the `inbox_retention_days`
+    /// setting (default 7), so the inbox does not grow without bound. A
+    /// redelivery happens within seconds of the first delivery (an
+    /// acknowledgement lost in a crash); a week is ample.
+    async fn prune_inbox(self) {
+        let mut stop = self.inner.stop.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(PRUNE_EVERY) => {}
+                _ = stop.changed() => return,
+            }
+            if !self.inner.migrated.load(Ordering::Acquire) {
+                continue;
+            }
+            let days = self.settings.u64_or("inbox_retention_days", 7).clamp(1, 3650) as f64;
+            let pruned = async {
+                let client = self.pool.get().await?;
+                let n = client
+                    .execute(
+                        "DELETE FROM trellis_inbox WHERE applied_at < now() - make_interval(days => $1::float8::int)",
+                        &[&days],
+                    )
+                    .await?;
+                Ok::<u64, db::DbError>(n)
+            }
+            .await;
+            match pruned {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pruned = n, days, "old inbox entries forgotten"),
+                Err(e) => tracing::debug!(error = %e, "inbox pruning failed; next time"),
+            }
         }
     }
 
