@@ -267,6 +267,7 @@ impl Context {
             pool: self.pool.clone(),
             stats: self.inner.stats.clone(),
             wake: self.inner.wake.clone(),
+            outbox: self.outbox.clone(),
         }
     }
 
@@ -441,7 +442,10 @@ impl Context {
             if !self.inner.migrated.load(Ordering::Acquire) {
                 continue;
             }
-            let days = self.settings.u64_or("inbox_retention_days", 7).clamp(1, 3650) as f64;
+            let days = self
+                .settings
+                .u64_or("inbox_retention_days", 7)
+                .clamp(1, 3650) as f64;
             let pruned = async {
                 let client = self.pool.get().await?;
                 let n = client

@@ -28,6 +28,7 @@ pub struct OutboxAdmin {
     pub(crate) pool: Pool,
     pub(crate) stats: Arc<DispatchStats>,
     pub(crate) wake: Arc<Notify>,
+    pub(crate) outbox: super::Outbox,
 }
 
 impl OutboxAdmin {
@@ -65,6 +66,15 @@ impl OutboxAdmin {
                     ..Default::default()
                 },
             );
+        }
+        // Configured subscribers with nothing waiting are listed too.
+        for name in self.outbox.all_subscribers() {
+            by_name
+                .entry(name.clone())
+                .or_insert_with(|| SubscriberStatus {
+                    subscriber: name,
+                    ..Default::default()
+                });
         }
         for (name, (delivered, p50, p99)) in self.stats.snapshot() {
             let entry = by_name

@@ -7,8 +7,8 @@
 //! `trellis_outbox` notification that every publish sends at commit, and
 //! polls as well.
 //!
-//! Each round reads the head of every (subscriber, key) line, at most
-//! [`RUN`] events per line, and delivers the lines concurrently, each in
+//! Each round reads the lines whose head is due (not backing off), at
+//! most [`RUN`] events per line, and delivers the lines concurrently, each in
 //! sequence: an acknowledged event is deleted; INVALID_ARGUMENT parks it
 //! (a redelivery would not help) and its line goes on; any other failure
 //! stops the line until its backoff ends, and other lines go on.
@@ -33,8 +33,8 @@ use crate::pb::trellis::events::v1::{DeliverRequest, DeliverResponse, Event};
 
 /// Most events of one (subscriber, key) line delivered in one round.
 const RUN: i64 = 32;
-/// Most events read in one round.
-const BATCH: i64 = 4096;
+/// Most (subscriber, key) lines delivered in one round.
+const LINES: i64 = 512;
 /// Lines delivered at once.
 const CONCURRENCY: usize = 64;
 /// Longest wait between rounds when nothing wakes the dispatcher.
@@ -198,17 +198,27 @@ impl Dispatcher {
     /// One round; true if anything was delivered or parked.
     async fn round(&self) -> Result<bool, db::DbError> {
         let client = self.pool.get().await?;
+        // Lines whose head is due, longest waiting first (so lines backing
+        // off, however many, never crowd out the others), then up to RUN
+        // events of each, in sequence.
         let rows = client
             .query(
-                "SELECT id, subscriber, event_id, topic, key, sequence, payload_type, payload,
-                        occurred_at, attempts, next_attempt_at <= now() AS due
+                "WITH heads AS (
+                    SELECT DISTINCT ON (subscriber, key) subscriber, key, next_attempt_at
+                    FROM trellis_outbox WHERE parked_at IS NULL
+                    ORDER BY subscriber, key, sequence, id),
+                 due AS (
+                    SELECT subscriber, key FROM heads WHERE next_attempt_at <= now()
+                    ORDER BY next_attempt_at LIMIT $2)
+                 SELECT id, subscriber, event_id, topic, key, sequence, payload_type, payload,
+                        occurred_at, attempts
                  FROM (SELECT o.*, row_number() OVER
-                           (PARTITION BY subscriber, key ORDER BY sequence, id) AS rn
-                       FROM trellis_outbox o WHERE parked_at IS NULL) t
+                           (PARTITION BY o.subscriber, o.key ORDER BY o.sequence, o.id) AS rn
+                       FROM trellis_outbox o JOIN due USING (subscriber, key)
+                       WHERE o.parked_at IS NULL) t
                  WHERE rn <= $1
-                 ORDER BY subscriber, key, sequence, id
-                 LIMIT $2",
-                &[&RUN, &BATCH],
+                 ORDER BY subscriber, key, sequence, id",
+                &[&RUN, &LINES],
             )
             .await?;
         drop(client);
@@ -218,7 +228,6 @@ impl Dispatcher {
                 row_id: row.get(0),
                 subscriber: row.get(1),
                 attempts: row.get(9),
-                due: row.get(10),
                 occurred_at: row.get(8),
                 event: Event {
                     id: row.get::<_, uuid::Uuid>(2).to_string(),
@@ -243,8 +252,6 @@ impl Dispatcher {
                 _ => lines.push(vec![pending]),
             }
         }
-        // A line whose head waits out its backoff waits whole.
-        lines.retain(|line| line[0].due);
         if lines.is_empty() {
             return Ok(false);
         }
@@ -354,7 +361,6 @@ struct Pending {
     row_id: i64,
     subscriber: String,
     attempts: i32,
-    due: bool,
     occurred_at: time::OffsetDateTime,
     event: Event,
 }

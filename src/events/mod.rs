@@ -75,6 +75,25 @@ impl Outbox {
         subscribers_of(self.settings.get(SUBSCRIBERS_SETTING).as_ref(), topic)
     }
 
+    /// Every subscriber the settings in force name, for any topic.
+    pub fn all_subscribers(&self) -> Vec<String> {
+        let setting = self.settings.get(SUBSCRIBERS_SETTING);
+        let mut names: Vec<String> = setting
+            .as_ref()
+            .and_then(|s| s.as_object())
+            .map(|table| {
+                table
+                    .keys()
+                    .filter_map(|topic| subscribers_of(setting.as_ref(), topic).ok())
+                    .flatten()
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Writes `payload` as an event of `topic` and `key` in `tx`, for every
     /// subscriber of the topic. It is delivered once `tx` commits, and not
     /// at all if it rolls back.

@@ -204,14 +204,14 @@ pub fn validate_record(
             Ok(t) if t > now + MAX_FUTURE => {
                 violations.add(
                     "occurred_at",
-                    format!("{t} is more than 5 minutes in the future"),
+                    format!("{} is more than 5 minutes in the future", rfc3339(t)),
                 );
                 None
             }
             Ok(t) if t < now - MAX_AGE => {
                 violations.add(
                     "occurred_at",
-                    format!("{t} is more than 400 days in the past"),
+                    format!("{} is more than 400 days in the past", rfc3339(t)),
                 );
                 None
             }
@@ -406,3 +406,9 @@ pub fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
 
 #[cfg(test)]
 mod tests;
+
+/// A time as people read it in an error message.
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
