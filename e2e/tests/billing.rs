@@ -237,6 +237,36 @@ async fn a_bill_through_the_edge_with_buf_curl_and_json_only() {
     assert!(err.contains("permission_denied"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_client_with_nothing_but_reflection_gets_the_right_bill() {
+    let fx = start().await;
+    let python = trellis_test_support::repo_root().join("target/pytools/bin/python");
+    let script = trellis_test_support::repo_root().join("e2e/tests/python/billing_client.py");
+    let edge = fx.mesh.edge.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(edge)
+            .arg("+4930123456789")
+            .output()
+            .expect("python from target/pytools (scripts/test installs it)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        int(&answer, "bill.totalCents"),
+        answer["expected"].as_i64().unwrap(),
+        "{answer}"
+    );
+    assert_eq!(field(&answer, "bill.planId"), "basic");
+}
+
 /// What one sender saw.
 #[derive(Default)]
 struct Sent {
