@@ -3,17 +3,21 @@
 //! One instance of a producer dispatches at a time: it holds a PostgreSQL
 //! advisory lock on a connection of its own, and the others wait for it;
 //! when the holder dies its session ends, the lock is freed and another
-//! instance takes over within a second. The holder listens for the
-//! `trellis_outbox` notification that every publish sends at commit, and
-//! polls as well.
+//! instance takes over within a second. The holder is woken by publishes
+//! in its own process and by the `trellis_outbox` notification (sent by a
+//! replay), and polls every [`POLL`] for events other instances wrote (a
+//! notification per publish would serialize every commit on PostgreSQL's
+//! notification lock).
 //!
-//! Each round reads the lines whose head is due (not backing off), at
-//! most [`RUN`] events per line, and delivers the lines concurrently, each in
-//! sequence: an acknowledged event is deleted; INVALID_ARGUMENT parks it
-//! (a redelivery would not help) and its line goes on; any other failure
-//! stops the line until its backoff ends, and other lines go on.
+//! A line is one subscriber's events of one key. The holder reads lines
+//! whose head is due (not backing off) and not already in flight, at most
+//! [`RUN`] events each, and gives each line a task of its own that
+//! delivers it in sequence: an acknowledged event is deleted;
+//! INVALID_ARGUMENT parks it (a redelivery would not help) and the line
+//! goes on; any other failure stops the line until its backoff ends.
+//! Other lines go on meanwhile, at most [`CONCURRENCY`] at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +27,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use rand::Rng;
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 use tokio_postgres::{AsyncMessage, Config, NoTls};
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -31,14 +36,16 @@ use tonic::transport::Channel;
 use crate::db::{self, Pool};
 use crate::pb::trellis::events::v1::{DeliverRequest, DeliverResponse, Event};
 
-/// Most events of one (subscriber, key) line delivered in one round.
-const RUN: i64 = 32;
-/// Most (subscriber, key) lines delivered in one round.
-const LINES: i64 = 512;
+/// Most events of one (subscriber, key) line read at a time.
+const RUN: i64 = 64;
 /// Lines delivered at once.
 const CONCURRENCY: usize = 64;
-/// Longest wait between rounds when nothing wakes the dispatcher.
-const POLL: Duration = Duration::from_millis(250);
+/// Longest wait between reads of the outbox when nothing wakes the
+/// dispatcher (events written by another instance are found this way).
+const POLL: Duration = Duration::from_millis(50);
+/// Shortest time between two reads of the outbox: finished lines are
+/// refilled together rather than one query each.
+const FETCH_GAP: Duration = Duration::from_millis(5);
 /// How long one delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff after a failed delivery: doubling from the first to the last.
@@ -170,20 +177,7 @@ impl Dispatcher {
             if leading && client.batch_execute("LISTEN trellis_outbox").await.is_ok() {
                 tracing::info!(source = self.source, "dispatching events");
                 self.stats.dispatching.store(true, Ordering::Relaxed);
-                while !*stop.borrow() && !client.is_closed() {
-                    match self.round().await {
-                        Ok(progress) if progress => continue,
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(error = %e, "dispatch round failed");
-                        }
-                    }
-                    tokio::select! {
-                        _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(POLL) => {}
-                        _ = stop.changed() => {}
-                    }
-                }
+                Arc::new(self.clone()).lead(&client, &mut stop).await;
                 self.stats.dispatching.store(false, Ordering::Relaxed);
                 tracing::info!(source = self.source, "stopped dispatching events");
             }
@@ -195,8 +189,76 @@ impl Dispatcher {
         }
     }
 
-    /// One round; true if anything was delivered or parked.
-    async fn round(&self) -> Result<bool, db::DbError> {
+    /// Delivers while this instance leads: lines whose head is due are
+    /// fetched whenever there is room for more in flight, and each is
+    /// delivered by a task of its own, so a slow line never holds up a
+    /// fast one. Returns once told to stop (or the lock connection is
+    /// gone), after the lines in flight have finished.
+    async fn lead(
+        self: Arc<Self>,
+        lock: &tokio_postgres::Client,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let mut in_flight: HashSet<(String, String)> = HashSet::new();
+        let mut tasks: JoinSet<(String, String)> = JoinSet::new();
+        let mut last_fetch = tokio::time::Instant::now() - FETCH_GAP;
+        while !*stop.borrow() && !lock.is_closed() {
+            let room = CONCURRENCY.saturating_sub(tasks.len());
+            let mut fetched = 0;
+            if room > 0 {
+                tokio::time::sleep_until(last_fetch + FETCH_GAP).await;
+                last_fetch = tokio::time::Instant::now();
+                match self.fetch(room, &in_flight).await {
+                    Ok(lines) => {
+                        fetched = lines.len();
+                        for line in lines {
+                            let id = (line[0].subscriber.clone(), line[0].event.key.clone());
+                            in_flight.insert(id.clone());
+                            let me = self.clone();
+                            tasks.spawn(async move {
+                                me.deliver_line(line).await;
+                                id
+                            });
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reading the outbox failed"),
+                }
+            }
+            // More may be waiting right away if the fetch was full.
+            if fetched > 0 && fetched == room {
+                continue;
+            }
+            tokio::select! {
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok(id) = done {
+                        in_flight.remove(&id);
+                    }
+                }
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stop.changed() => {}
+            }
+            // Collect every other line that finished meanwhile.
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(id) = done {
+                    in_flight.remove(&id);
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Up to `room` lines whose head is due and that are not in flight,
+    /// each with up to [`RUN`] events in sequence.
+    async fn fetch(
+        &self,
+        room: usize,
+        in_flight: &HashSet<(String, String)>,
+    ) -> Result<Vec<Vec<Pending>>, db::DbError> {
+        let (busy_subscribers, busy_keys): (Vec<&str>, Vec<&str>) = in_flight
+            .iter()
+            .map(|(s, k)| (s.as_str(), k.as_str()))
+            .unzip();
         let client = self.pool.get().await?;
         // Lines whose head is due, longest waiting first (so lines backing
         // off, however many, never crowd out the others), then up to RUN
@@ -207,8 +269,12 @@ impl Dispatcher {
                     SELECT DISTINCT ON (subscriber, key) subscriber, key, next_attempt_at
                     FROM trellis_outbox WHERE parked_at IS NULL
                     ORDER BY subscriber, key, sequence, id),
+                 busy AS (
+                    SELECT * FROM unnest($3::text[], $4::text[]) AS b(subscriber, key)),
                  due AS (
-                    SELECT subscriber, key FROM heads WHERE next_attempt_at <= now()
+                    SELECT subscriber, key FROM heads
+                    WHERE next_attempt_at <= now()
+                      AND (subscriber, key) NOT IN (SELECT subscriber, key FROM busy)
                     ORDER BY next_attempt_at LIMIT $2)
                  SELECT id, subscriber, event_id, topic, key, sequence, payload_type, payload,
                         occurred_at, attempts
@@ -218,7 +284,7 @@ impl Dispatcher {
                        WHERE o.parked_at IS NULL) t
                  WHERE rn <= $1
                  ORDER BY subscriber, key, sequence, id",
-                &[&RUN, &LINES],
+                &[&RUN, &(room as i64), &busy_subscribers, &busy_keys],
             )
             .await?;
         drop(client);
@@ -252,15 +318,7 @@ impl Dispatcher {
                 _ => lines.push(vec![pending]),
             }
         }
-        if lines.is_empty() {
-            return Ok(false);
-        }
-        let progress = futures::stream::iter(lines)
-            .map(|line| self.deliver_line(line))
-            .buffer_unordered(CONCURRENCY)
-            .fold(false, |acc, moved| async move { acc || moved })
-            .await;
-        Ok(progress)
+        Ok(lines)
     }
 
     /// Delivers one line in sequence; true if it moved.

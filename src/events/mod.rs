@@ -130,13 +130,11 @@ impl Outbox {
                 )
                 .await
                 .map_err(db::status)?;
-            // Delivered to every listening dispatcher when `tx` commits.
-            tx.execute("SELECT pg_notify('trellis_outbox', '')", &[])
-                .await
-                .map_err(db::status)?;
             row.get(0)
         };
-        // A dispatcher in this process need not wait for the notification.
+        // A dispatcher in this process need not wait for its next poll.
+        // (Woken before the commit, it may find nothing yet: the poll
+        // catches that.)
         self.wake.notify_one();
         Ok(Event {
             id: id.to_string(),
