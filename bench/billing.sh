@@ -23,6 +23,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 RUNS=${RUNS:-1000x3 2000x1}
+# The mesh logs warnings only while measured (tests log in detail).
+export TRELLIS_TEST_LOG=${TRELLIS_TEST_LOG:-warn}
+export TRELLIS_TEST_PROXY_LOG=${TRELLIS_TEST_PROXY_LOG:-warn}
 for run in $RUNS; do
   case $run in
     [1-9]*x[1-9]*) ;;

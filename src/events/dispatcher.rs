@@ -26,7 +26,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use rand::Rng;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_postgres::{AsyncMessage, Config, NoTls};
 use tonic::Code;
@@ -202,6 +202,8 @@ impl Dispatcher {
         let mut in_flight: HashSet<(String, String)> = HashSet::new();
         let mut tasks: JoinSet<(String, String)> = JoinSet::new();
         let mut last_fetch = tokio::time::Instant::now() - FETCH_GAP;
+        let (acks, acked) = mpsc::channel(CONCURRENCY);
+        let deleter = tokio::spawn(delete_acknowledged(self.pool.clone(), acked));
         while !*stop.borrow() && !lock.is_closed() {
             let room = CONCURRENCY.saturating_sub(tasks.len());
             let mut fetched = 0;
@@ -214,9 +216,9 @@ impl Dispatcher {
                         for line in lines {
                             let id = (line[0].subscriber.clone(), line[0].event.key.clone());
                             in_flight.insert(id.clone());
-                            let me = self.clone();
+                            let (me, acks) = (self.clone(), acks.clone());
                             tasks.spawn(async move {
-                                me.deliver_line(line).await;
+                                me.deliver_line(line, acks).await;
                                 id
                             });
                         }
@@ -246,6 +248,8 @@ impl Dispatcher {
             }
         }
         while tasks.join_next().await.is_some() {}
+        drop(acks);
+        let _ = deleter.await;
     }
 
     /// Up to `room` lines whose head is due and that are not in flight,
@@ -263,8 +267,8 @@ impl Dispatcher {
         // Lines whose head is due, longest waiting first (so lines backing
         // off, however many, never crowd out the others), then up to RUN
         // events of each, in sequence.
-        let rows = client
-            .query(
+        let statement = client
+            .prepare_cached(
                 "WITH heads AS (
                     SELECT DISTINCT ON (subscriber, key) subscriber, key, next_attempt_at
                     FROM trellis_outbox WHERE parked_at IS NULL
@@ -284,6 +288,11 @@ impl Dispatcher {
                        WHERE o.parked_at IS NULL) t
                  WHERE rn <= $1
                  ORDER BY subscriber, key, sequence, id",
+            )
+            .await?;
+        let rows = client
+            .query(
+                &statement,
                 &[&RUN, &(room as i64), &busy_subscribers, &busy_keys],
             )
             .await?;
@@ -322,7 +331,7 @@ impl Dispatcher {
     }
 
     /// Delivers one line in sequence; true if it moved.
-    async fn deliver_line(&self, line: Vec<Pending>) -> bool {
+    async fn deliver_line(&self, line: Vec<Pending>, acks: mpsc::Sender<Ack>) -> bool {
         let mut done: Vec<i64> = Vec::new();
         let mut moved = false;
         for pending in &line {
@@ -359,12 +368,11 @@ impl Dispatcher {
         }
         if !done.is_empty() {
             moved = true;
-            if let Ok(client) = self.pool.get().await {
-                // If this fails the events are delivered again: at least
-                // once, and the subscriber's inbox makes that harmless.
-                let _ = client
-                    .execute("DELETE FROM trellis_outbox WHERE id = ANY($1)", &[&done])
-                    .await;
+            // The line stays in flight until its rows are gone, so the
+            // next read cannot hand them out again.
+            let (tx, rx) = oneshot::channel();
+            if acks.send((done, tx)).await.is_ok() {
+                let _ = rx.await;
             }
         }
         moved
@@ -410,6 +418,48 @@ impl Dispatcher {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// Rows delivered, and who waits for them to be deleted.
+type Ack = (Vec<i64>, oneshot::Sender<()>);
+
+/// Deletes delivered rows, those of every line that finished meanwhile in
+/// one statement. Without waiting for the disk: a delete lost in a crash
+/// only means a redelivery, which subscribers' inboxes make harmless, and
+/// a flush per line was a large share of the database's work.
+async fn delete_acknowledged(pool: Pool, mut acked: mpsc::Receiver<Ack>) {
+    while let Some(first) = acked.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < CONCURRENCY {
+            match acked.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<i64> = batch
+            .iter()
+            .flat_map(|(ids, _)| ids.iter().copied())
+            .collect();
+        let deleted = async {
+            let mut client = pool.get().await?;
+            let tx = client.transaction().await?;
+            tx.batch_execute("SET LOCAL synchronous_commit TO off")
+                .await?;
+            let statement = tx
+                .prepare_cached("DELETE FROM trellis_outbox WHERE id = ANY($1)")
+                .await?;
+            tx.execute(&statement, &[&ids]).await?;
+            tx.commit().await?;
+            Ok::<(), db::DbError>(())
+        }
+        .await;
+        if let Err(e) = deleted {
+            tracing::debug!(error = %e, rows = ids.len(), "deleting delivered events failed; they will be delivered again");
+        }
+        for (_, done) in batch {
+            let _ = done.send(());
+        }
     }
 }
 

@@ -20,8 +20,8 @@ pub mod dispatcher;
 
 use std::sync::Arc;
 
+use deadpool_postgres::Transaction;
 use tokio::sync::Notify;
-use tokio_postgres::Transaction;
 use tonic::Status;
 
 pub use admin::OutboxAdmin;
@@ -113,8 +113,9 @@ impl Outbox {
             // Nobody listens: nothing to order, nothing to store.
             0
         } else {
-            let row = tx
-                .query_one(
+            // Prepared once per connection: this runs with every change.
+            let statement = tx
+                .prepare_cached(
                     "WITH seq AS (
                         INSERT INTO trellis_outbox_keys (key, last_sequence) VALUES ($1, 1)
                         ON CONFLICT (key) DO UPDATE SET last_sequence = trellis_outbox_keys.last_sequence + 1
@@ -126,7 +127,21 @@ impl Outbox {
                         FROM seq, unnest($7::text[]) AS s
                         RETURNING 1)
                      SELECT last_sequence, (SELECT count(*) FROM ins) FROM seq",
-                    &[&key, &id, &topic, &type_url, &bytes, &occurred_at, &subscribers],
+                )
+                .await
+                .map_err(db::status)?;
+            let row = tx
+                .query_one(
+                    &statement,
+                    &[
+                        &key,
+                        &id,
+                        &topic,
+                        &type_url,
+                        &bytes,
+                        &occurred_at,
+                        &subscribers,
+                    ],
                 )
                 .await
                 .map_err(db::status)?;
@@ -258,10 +273,15 @@ pub fn decode<M: prost::Name + Default>(event: &Event) -> Result<M, Status> {
 /// applied before; change nothing and answer `duplicate = true`.
 pub async fn record_applied(tx: &Transaction<'_>, event: &Event) -> Result<bool, DbError> {
     let id = uuid::Uuid::parse_str(&event.id).unwrap_or_default();
-    let inserted = tx
-        .execute(
+    let statement = tx
+        .prepare_cached(
             "INSERT INTO trellis_inbox (event_id, source, key, sequence, topic)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .await?;
+    let inserted = tx
+        .execute(
+            &statement,
             &[
                 &id,
                 &event.source,

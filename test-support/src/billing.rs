@@ -37,6 +37,12 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     path
 }
 
+/// The log filter of the services: `TRELLIS_TEST_LOG`, else detailed (a
+/// failing test prints the logs). Benchmarks set it to `warn`.
+fn service_log() -> String {
+    std::env::var("TRELLIS_TEST_LOG").unwrap_or_else(|_| "info,trellis=debug".to_owned())
+}
+
 /// The repository's root (for `config/`, `proto/`).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -70,8 +76,7 @@ impl Instance {
     /// address.
     pub fn restart(&mut self) {
         let mut cmd = Command::new(&self.command[0]);
-        cmd.args(&self.command[1..])
-            .env("RUST_LOG", "info,trellis=debug");
+        cmd.args(&self.command[1..]).env("RUST_LOG", service_log());
         self.process = ChildGuard::spawn(&self.name, cmd).expect("service restarts");
     }
 }
@@ -145,8 +150,7 @@ impl BillingMesh {
                 outbound.to_string(),
             ]);
             let mut cmd = Command::new(&command[0]);
-            cmd.args(&command[1..])
-                .env("RUST_LOG", "info,trellis=debug");
+            cmd.args(&command[1..]).env("RUST_LOG", service_log());
             let process = ChildGuard::spawn(name, cmd).expect("service starts");
             let proxy = spawn_proxy_with_outbound(
                 &proxy_bin,

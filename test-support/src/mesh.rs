@@ -139,7 +139,12 @@ pub fn spawn_proxy(bin: &Path, name: &str, options: ProxyOptions<'_>) -> Running
         .arg("--ca")
         .arg(&options.identity.ca)
         .args(&options.extra)
-        .env("RUST_LOG", "info,mesh_proxy=debug");
+        // TRELLIS_TEST_PROXY_LOG overrides (benchmarks: `warn`).
+        .env(
+            "RUST_LOG",
+            std::env::var("TRELLIS_TEST_PROXY_LOG")
+                .unwrap_or_else(|_| "info,mesh_proxy=debug".to_owned()),
+        );
     if let Some(app) = options.app {
         cmd.arg("--app").arg(app.to_string());
     }

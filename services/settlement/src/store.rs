@@ -5,8 +5,9 @@
 //! commits together with its inbox record, and a bill is read from one
 //! snapshot.
 
+use deadpool_postgres::Transaction;
 use time::{Date, OffsetDateTime};
-use tokio_postgres::{Error, Row, Transaction};
+use tokio_postgres::{Error, Row};
 
 use crate::billing::{BillingMonth, Plan, UsageKind};
 
@@ -113,12 +114,18 @@ pub async fn add_usage(
     usage: &NewUsage,
 ) -> Result<(), Error> {
     let kind = i16::try_from(usage.kind.code()).expect("usage codes are 1 to 3");
+    // Prepared once per connection: every usage event runs it.
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO usage_totals (user_id, month, usage_type, quantity, record_count) \
+             VALUES ($1, $2, $3, $4, 1) \
+             ON CONFLICT (user_id, month, usage_type) DO UPDATE \
+             SET quantity = usage_totals.quantity + EXCLUDED.quantity, \
+                 record_count = usage_totals.record_count + 1",
+        )
+        .await?;
     tx.execute(
-        "INSERT INTO usage_totals (user_id, month, usage_type, quantity, record_count) \
-         VALUES ($1, $2, $3, $4, 1) \
-         ON CONFLICT (user_id, month, usage_type) DO UPDATE \
-         SET quantity = usage_totals.quantity + EXCLUDED.quantity, \
-             record_count = usage_totals.record_count + 1",
+        &statement,
         &[
             &usage.user_id,
             &usage.month.first_day(),
@@ -136,14 +143,16 @@ async fn mark(
     month: BillingMonth,
     event_id: &str,
 ) -> Result<(), Error> {
-    tx.execute(
-        "INSERT INTO bill_marks (user_id, month, last_event_id, updated_at) \
-         VALUES ($1, $2, $3, now()) \
-         ON CONFLICT (user_id, month) DO UPDATE \
-         SET last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at",
-        &[&user_id, &month.first_day(), &event_id],
-    )
-    .await?;
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO bill_marks (user_id, month, last_event_id, updated_at) \
+             VALUES ($1, $2, $3, now()) \
+             ON CONFLICT (user_id, month) DO UPDATE \
+             SET last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at",
+        )
+        .await?;
+    tx.execute(&statement, &[&user_id, &month.first_day(), &event_id])
+        .await?;
     Ok(())
 }
 

@@ -89,10 +89,10 @@ impl UsageService for UsageApi {
         // service, no event.
         {
             let client = self.ctx.pool.get().await.map_err(db::status)?;
-            let db: &tokio_postgres::Client = &client;
-            if let Some(existing) = store::find_by_key(db, &usage.user_id, &usage.idempotency_key)
-                .await
-                .map_err(StoreError::into_status)?
+            if let Some(existing) =
+                store::find_by_key(&client, &usage.user_id, &usage.idempotency_key)
+                    .await
+                    .map_err(StoreError::into_status)?
             {
                 return Self::answer_existing(&usage, &existing).map(Response::new);
             }
@@ -102,7 +102,7 @@ impl UsageService for UsageApi {
 
         let mut client = self.ctx.pool.get().await.map_err(db::status)?;
         let tx = client.transaction().await.map_err(db::status)?;
-        let Some(created) = store::insert(&*tx, &usage)
+        let Some(created) = store::insert(&tx, &usage)
             .await
             .map_err(StoreError::into_status)?
         else {
@@ -110,7 +110,7 @@ impl UsageService for UsageApi {
             // same key since we looked; the insert waited for it, so it is
             // visible now.
             tracing::debug!(user.id = %usage.user_id, "a concurrent twin recorded the key first");
-            let existing = store::find_by_key(&*tx, &usage.user_id, &usage.idempotency_key)
+            let existing = store::find_by_key(&tx, &usage.user_id, &usage.idempotency_key)
                 .await
                 .map_err(StoreError::into_status)?
                 .ok_or_else(|| {
@@ -157,7 +157,7 @@ impl UsageService for UsageApi {
             .u64_or("max_page_size", DEFAULT_MAX_PAGE_SIZE);
         let query = domain::validate_list(request.get_ref(), max)?;
         let client = self.ctx.pool.get().await.map_err(db::status)?;
-        let db: &tokio_postgres::Client = &client;
+        let db = &client;
         let records = store::list(db, &query)
             .await
             .map_err(StoreError::into_status)?;
@@ -177,7 +177,7 @@ impl UsageService for UsageApi {
         let request = request.into_inner();
         let query = domain::validate_summary(&request)?;
         let client = self.ctx.pool.get().await.map_err(db::status)?;
-        let db: &tokio_postgres::Client = &client;
+        let db = &client;
         let totals = store::summary(db, &query)
             .await
             .map_err(StoreError::into_status)?;

@@ -1,7 +1,8 @@
 //! The SQL of the usage service, over the `usage_records` table of
 //! `migrations/V1__init.sql`.
 
-use tokio_postgres::{GenericClient, Row};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::domain::{ListQuery, NewUsage, StoredUsage, SummaryQuery, UsageKind};
@@ -61,7 +62,9 @@ pub async fn find_by_key(
 ) -> Result<Option<StoredUsage>, StoreError> {
     let sql =
         format!("SELECT {COLUMNS} FROM usage_records WHERE user_id = $1 AND idempotency_key = $2");
-    db.query_opt(&sql, &[&user_id, &idempotency_key])
+    // Prepared once per connection: every RecordUsage runs it.
+    let statement = db.prepare_cached(&sql).await?;
+    db.query_opt(&statement, &[&user_id, &idempotency_key])
         .await?
         .as_ref()
         .map(record)
@@ -79,8 +82,9 @@ pub async fn insert(
         "INSERT INTO usage_records ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, now()) \
          ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING {COLUMNS}"
     );
+    let statement = db.prepare_cached(&sql).await?;
     db.query_opt(
-        &sql,
+        &statement,
         &[
             &Uuid::new_v4(),
             &usage.user_id,
