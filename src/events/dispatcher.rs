@@ -45,7 +45,9 @@ const CONCURRENCY: usize = 64;
 const POLL: Duration = Duration::from_millis(50);
 /// Shortest time between two reads of the outbox: finished lines are
 /// refilled together rather than one query each.
-const FETCH_GAP: Duration = Duration::from_millis(5);
+const FETCH_GAP: Duration = Duration::from_millis(20);
+/// How many of the oldest due rows one read looks at to find lines.
+const WINDOW: i64 = 8192;
 /// How long one delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff after a failed delivery: doubling from the first to the last.
@@ -264,22 +266,28 @@ impl Dispatcher {
             .map(|(s, k)| (s.as_str(), k.as_str()))
             .unzip();
         let client = self.pool.get().await?;
-        // Lines whose head is due, longest waiting first (so lines backing
-        // off, however many, never crowd out the others), then up to RUN
-        // events of each, in sequence.
+        // The oldest due rows (a bounded look, however long the backlog),
+        // by line; a line whose earliest row is not among them is backing
+        // off (its rows all wait, see `back_off`) and is skipped. Then up
+        // to RUN events of each line, in sequence.
         let statement = client
             .prepare_cached(
-                "WITH heads AS (
-                    SELECT DISTINCT ON (subscriber, key) subscriber, key, next_attempt_at
-                    FROM trellis_outbox WHERE parked_at IS NULL
-                    ORDER BY subscriber, key, sequence, id),
+                "WITH candidates AS (
+                    SELECT subscriber, key, min(sequence) AS first_sequence, min(id) AS first_id
+                    FROM (SELECT subscriber, key, sequence, id FROM trellis_outbox
+                          WHERE parked_at IS NULL AND next_attempt_at <= now()
+                          ORDER BY id LIMIT $5) oldest
+                    GROUP BY subscriber, key),
                  busy AS (
                     SELECT * FROM unnest($3::text[], $4::text[]) AS b(subscriber, key)),
                  due AS (
-                    SELECT subscriber, key FROM heads
-                    WHERE next_attempt_at <= now()
-                      AND (subscriber, key) NOT IN (SELECT subscriber, key FROM busy)
-                    ORDER BY next_attempt_at LIMIT $2)
+                    SELECT c.subscriber, c.key FROM candidates c
+                    WHERE (c.subscriber, c.key) NOT IN (SELECT subscriber, key FROM busy)
+                      AND NOT EXISTS (
+                          SELECT 1 FROM trellis_outbox h
+                          WHERE h.subscriber = c.subscriber AND h.key = c.key
+                            AND h.parked_at IS NULL AND h.sequence < c.first_sequence)
+                    ORDER BY c.first_id LIMIT $2)
                  SELECT id, subscriber, event_id, topic, key, sequence, payload_type, payload,
                         occurred_at, attempts
                  FROM (SELECT o.*, row_number() OVER
@@ -293,7 +301,7 @@ impl Dispatcher {
         let rows = client
             .query(
                 &statement,
-                &[&RUN, &(room as i64), &busy_subscribers, &busy_keys],
+                &[&RUN, &(room as i64), &busy_subscribers, &busy_keys, &WINDOW],
             )
             .await?;
         drop(client);
@@ -409,12 +417,22 @@ impl Dispatcher {
     async fn back_off(&self, pending: &Pending, error: &str) -> Result<(), db::DbError> {
         let delay = backoff(pending.attempts);
         let client = self.pool.get().await?;
+        // The whole line waits, not only its head: reads look for due
+        // rows, and must not find this line's later ones.
         client
             .execute(
-                "UPDATE trellis_outbox SET attempts = attempts + 1, last_error = $2,
-                        next_attempt_at = now() + make_interval(secs => $3)
-                 WHERE id = $1",
-                &[&pending.row_id, &error, &delay.as_secs_f64()],
+                "UPDATE trellis_outbox
+                 SET attempts = attempts + (id = $1)::int,
+                     last_error = CASE WHEN id = $1 THEN $2 ELSE last_error END,
+                     next_attempt_at = now() + make_interval(secs => $3)
+                 WHERE subscriber = $4 AND key = $5 AND parked_at IS NULL",
+                &[
+                    &pending.row_id,
+                    &error,
+                    &delay.as_secs_f64(),
+                    &pending.subscriber,
+                    &pending.event.key,
+                ],
             )
             .await?;
         Ok(())
