@@ -197,3 +197,30 @@ async fn one_dispatcher_at_a_time_and_the_next_takes_over() {
     );
     assert_eq!(stats2.snapshot()[SUBSCRIBER].0, 10);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lines_past_the_first_walk_get_their_turn() {
+    let (_db, pool, config) = database().await;
+    let client = pool.get().await.unwrap();
+    // More lines backing off than one read walks, all sorted first.
+    client
+        .execute(
+            "INSERT INTO trellis_outbox
+                 (subscriber, event_id, topic, key, sequence, payload_type, payload, occurred_at, next_attempt_at)
+             SELECT $1, gen_random_uuid(), 'test.topic', 'a-' || lpad(k::text, 5, '0'), 1,
+                    'type.googleapis.com/x.v1.X', '\\x'::bytea, now(), now() + interval '1 hour'
+             FROM generate_series(1, 5000) AS k",
+            &[&SUBSCRIBER],
+        )
+        .await
+        .unwrap();
+    insert(&client, "z-due", 1..=3, 0.0).await;
+    let recorder = Recorder::default();
+    let addr = serve(recorder.clone()).await;
+    let (_stop_tx, stop) = watch::channel(false);
+    tokio::spawn(dispatcher(&pool, &config, addr).run(stop));
+    wait_for(&recorder, "the line past the walk is delivered", |seen| {
+        seen.get("z-due").is_some_and(|v| v.len() == 3)
+    })
+    .await;
+}

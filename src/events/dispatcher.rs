@@ -46,8 +46,8 @@ const POLL: Duration = Duration::from_millis(50);
 /// Shortest time between two reads of the outbox: finished lines are
 /// refilled together rather than one query each.
 const FETCH_GAP: Duration = Duration::from_millis(20);
-/// How many of the oldest due rows one read looks at to find lines.
-const WINDOW: i64 = 8192;
+/// Most lines one read walks.
+const WALK: i64 = 2048;
 /// How long one delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backoff after a failed delivery: doubling from the first to the last.
@@ -204,6 +204,7 @@ impl Dispatcher {
         let mut in_flight: HashSet<(String, String)> = HashSet::new();
         let mut tasks: JoinSet<(String, String)> = JoinSet::new();
         let mut last_fetch = tokio::time::Instant::now() - FETCH_GAP;
+        let mut cursor = None;
         let (acks, acked) = mpsc::channel(CONCURRENCY);
         let deleter = tokio::spawn(delete_acknowledged(self.pool.clone(), acked));
         while !*stop.borrow() && !lock.is_closed() {
@@ -212,7 +213,7 @@ impl Dispatcher {
             if room > 0 {
                 tokio::time::sleep_until(last_fetch + FETCH_GAP).await;
                 last_fetch = tokio::time::Instant::now();
-                match self.fetch(room, &in_flight).await {
+                match self.fetch(room, &in_flight, &mut cursor).await {
                     Ok(lines) => {
                         fetched = lines.len();
                         for line in lines {
@@ -225,7 +226,10 @@ impl Dispatcher {
                             });
                         }
                     }
-                    Err(e) => tracing::debug!(error = %e, "reading the outbox failed"),
+                    Err(e) if e.is_unavailable() => {
+                        tracing::debug!(error = %e, "reading the outbox failed")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the outbox failed"),
                 }
             }
             // More may be waiting right away if the fetch was full.
@@ -255,55 +259,90 @@ impl Dispatcher {
     }
 
     /// Up to `room` lines whose head is due and that are not in flight,
-    /// each with up to [`RUN`] events in sequence.
+    /// each with up to [`RUN`] events in sequence. Lines are walked in
+    /// (subscriber, key) order from `cursor`, at most [`WALK`] per read, so
+    /// a read costs index probes per line rather than a scan of the
+    /// backlog; the cursor moves on when the walk stops short, so lines
+    /// past the first [`WALK`] (many keys backing off, say) get their turn.
     async fn fetch(
         &self,
         room: usize,
         in_flight: &HashSet<(String, String)>,
+        cursor: &mut Option<(String, String)>,
     ) -> Result<Vec<Vec<Pending>>, db::DbError> {
         let (busy_subscribers, busy_keys): (Vec<&str>, Vec<&str>) = in_flight
             .iter()
             .map(|(s, k)| (s.as_str(), k.as_str()))
             .unzip();
+        let (from_subscriber, from_key) = cursor.clone().unwrap_or_default();
         let client = self.pool.get().await?;
-        // The oldest due rows (a bounded look, however long the backlog),
-        // by line; a line whose earliest row is not among them is backing
-        // off (its rows all wait, see `back_off`) and is skipped. Then up
-        // to RUN events of each line, in sequence.
         let statement = client
             .prepare_cached(
-                "WITH candidates AS (
-                    SELECT subscriber, key, min(sequence) AS first_sequence, min(id) AS first_id
-                    FROM (SELECT subscriber, key, sequence, id FROM trellis_outbox
-                          WHERE parked_at IS NULL AND next_attempt_at <= now()
-                          ORDER BY id LIMIT $5) oldest
-                    GROUP BY subscriber, key),
-                 busy AS (
-                    SELECT * FROM unnest($3::text[], $4::text[]) AS b(subscriber, key)),
+                "WITH RECURSIVE lines AS (
+                    (SELECT subscriber, key, 1::int8 AS n FROM trellis_outbox
+                     WHERE parked_at IS NULL AND (subscriber, key) > ($5, $6)
+                     ORDER BY subscriber, key LIMIT 1)
+                    UNION ALL
+                    SELECT nx.subscriber, nx.key, l.n + 1 FROM lines l CROSS JOIN LATERAL (
+                        SELECT o.subscriber, o.key FROM trellis_outbox o
+                        WHERE o.parked_at IS NULL AND (o.subscriber, o.key) > (l.subscriber, l.key)
+                        ORDER BY o.subscriber, o.key LIMIT 1) nx
+                    WHERE l.n < $7::int8),
+                 heads AS (
+                    SELECT l.subscriber, l.key, h.id, h.next_attempt_at FROM lines l
+                    CROSS JOIN LATERAL (
+                        SELECT o.id, o.next_attempt_at FROM trellis_outbox o
+                        WHERE o.subscriber = l.subscriber AND o.key = l.key AND o.parked_at IS NULL
+                        ORDER BY o.sequence LIMIT 1) h),
                  due AS (
-                    SELECT c.subscriber, c.key FROM candidates c
-                    WHERE (c.subscriber, c.key) NOT IN (SELECT subscriber, key FROM busy)
-                      AND NOT EXISTS (
-                          SELECT 1 FROM trellis_outbox h
-                          WHERE h.subscriber = c.subscriber AND h.key = c.key
-                            AND h.parked_at IS NULL AND h.sequence < c.first_sequence)
-                    ORDER BY c.first_id LIMIT $2)
-                 SELECT id, subscriber, event_id, topic, key, sequence, payload_type, payload,
-                        occurred_at, attempts
-                 FROM (SELECT o.*, row_number() OVER
-                           (PARTITION BY o.subscriber, o.key ORDER BY o.sequence, o.id) AS rn
-                       FROM trellis_outbox o JOIN due USING (subscriber, key)
-                       WHERE o.parked_at IS NULL) t
-                 WHERE rn <= $1
-                 ORDER BY subscriber, key, sequence, id",
+                    SELECT subscriber, key, id FROM heads
+                    WHERE next_attempt_at <= now()
+                      AND (subscriber, key) NOT IN
+                          (SELECT * FROM unnest($3::text[], $4::text[]) AS b(subscriber, key))
+                    ORDER BY id LIMIT $2)
+                 SELECT r.id, r.subscriber, r.event_id, r.topic, r.key, r.sequence, r.payload_type,
+                        r.payload, r.occurred_at, r.attempts, w.walked, w.last
+                 FROM (SELECT count(*) AS walked, max(ARRAY[subscriber, key]) AS last FROM lines) w
+                 LEFT JOIN (
+                    SELECT o.* FROM due d CROSS JOIN LATERAL (
+                        SELECT * FROM trellis_outbox o
+                        WHERE o.subscriber = d.subscriber AND o.key = d.key AND o.parked_at IS NULL
+                        ORDER BY o.sequence LIMIT $1) o) r ON true
+                 ORDER BY r.subscriber, r.key, r.sequence",
             )
             .await?;
         let rows = client
             .query(
                 &statement,
-                &[&RUN, &(room as i64), &busy_subscribers, &busy_keys, &WINDOW],
+                &[
+                    &RUN,
+                    &(room as i64),
+                    &busy_subscribers,
+                    &busy_keys,
+                    &from_subscriber,
+                    &from_key,
+                    &WALK,
+                ],
             )
             .await?;
+        // A full walk stopped short: the next read goes on from its end.
+        // Otherwise (or with nothing due) the next read starts over.
+        // (There is always one row, carrying the walk, even with nothing
+        // due; its event columns are then empty.)
+        *cursor = rows.first().and_then(|row| {
+            let walked: i64 = row.get(10);
+            let last: Option<Vec<String>> = row.get(11);
+            match last {
+                Some(last) if walked >= WALK && last.len() == 2 => {
+                    Some((last[0].clone(), last[1].clone()))
+                }
+                _ => None,
+            }
+        });
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|row| row.get::<_, Option<i64>>(0).is_some())
+            .collect();
         drop(client);
         let mut lines: Vec<Vec<Pending>> = Vec::new();
         for row in rows {
@@ -417,8 +456,8 @@ impl Dispatcher {
     async fn back_off(&self, pending: &Pending, error: &str) -> Result<(), db::DbError> {
         let delay = backoff(pending.attempts);
         let client = self.pool.get().await?;
-        // The whole line waits, not only its head: reads look for due
-        // rows, and must not find this line's later ones.
+        // The whole line waits: its head is what reads look at, and the
+        // status shows the line's last error.
         client
             .execute(
                 "UPDATE trellis_outbox
