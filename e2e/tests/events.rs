@@ -197,35 +197,14 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
     }
     let all: Vec<u64> = (1..=6).collect();
     // B flows while A is stuck.
-    eventually(
-        "B's events applied while A is stuck",
-        Duration::from_secs(10),
-        || {
-            let state = state.clone();
-            let (b, all) = (b.clone(), all.clone());
-            async move {
-                let s = state.0.lock().unwrap();
-                (s.applied.get(&b) == Some(&all))
-                    .then_some(())
-                    .ok_or_else(|| format!("{:?}", s.applied))
-            }
-        },
-    )
-    .await;
+    wait_applied(&state, &b, &all, "B's events applied while A is stuck", 10).await;
     // C flows past its poison event.
-    eventually(
+    wait_applied(
+        &state,
+        &c,
+        &[1, 2, 4, 5, 6],
         "C's events after the poison one applied",
-        Duration::from_secs(10),
-        || {
-            let state = state.clone();
-            let c = c.clone();
-            async move {
-                let s = state.0.lock().unwrap();
-                (s.applied.get(&c) == Some(&vec![1, 2, 4, 5, 6]))
-                    .then_some(())
-                    .ok_or_else(|| format!("{:?}", s.applied))
-            }
-        },
+        10,
     )
     .await;
     {
@@ -270,21 +249,7 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
 
     // A unsticks: all its events, in sequence.
     state.0.lock().unwrap().stuck.clear();
-    eventually(
-        "A's events applied in sequence",
-        Duration::from_secs(40),
-        || {
-            let state = state.clone();
-            let (a, all) = (a.clone(), all.clone());
-            async move {
-                let s = state.0.lock().unwrap();
-                (s.applied.get(&a) == Some(&all))
-                    .then_some(())
-                    .ok_or_else(|| format!("{:?}", s.applied))
-            }
-        },
-    )
-    .await;
+    wait_applied(&state, &a, &all, "A's events applied in sequence", 40).await;
 
     // The poison is fixed; the operator replays the parked event.
     state.0.lock().unwrap().poison.clear();
@@ -297,19 +262,12 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
         .unwrap()
         .into_inner();
     assert_eq!(replayed.replayed, 1);
-    eventually(
+    wait_applied(
+        &state,
+        &c,
+        &[1, 2, 4, 5, 6, 3],
         "the replayed event applied",
-        Duration::from_secs(10),
-        || {
-            let state = state.clone();
-            let c = c.clone();
-            async move {
-                let s = state.0.lock().unwrap();
-                (s.applied.get(&c) == Some(&vec![1, 2, 4, 5, 6, 3]))
-                    .then_some(())
-                    .ok_or_else(|| format!("{:?}", s.applied))
-            }
-        },
+        10,
     )
     .await;
 
@@ -359,6 +317,20 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
             }
         },
     )
+    .await;
+}
+
+/// Waits until the subscriber has applied exactly `expected` for `key`.
+async fn wait_applied(state: &Subscriber, key: &str, expected: &[u64], what: &str, secs: u64) {
+    eventually(what, Duration::from_secs(secs), || {
+        let state = state.clone();
+        async move {
+            let s = state.0.lock().unwrap();
+            (s.applied.get(key).map(Vec::as_slice) == Some(expected))
+                .then_some(())
+                .ok_or_else(|| format!("{:?}", s.applied))
+        }
+    })
     .await;
 }
 

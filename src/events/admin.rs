@@ -11,7 +11,7 @@ use tonic::Status;
 use super::DispatchStats;
 use crate::db::{self, Pool};
 use crate::pb::trellis::events::v1::{
-    Event, GetOutboxStatusRequest, GetOutboxStatusResponse, ListParkedEventsRequest,
+    GetOutboxStatusRequest, GetOutboxStatusResponse, ListParkedEventsRequest,
     ListParkedEventsResponse, ParkedEvent, ReplayParkedEventsRequest, ReplayParkedEventsResponse,
     SubscriberStatus,
 };
@@ -138,18 +138,7 @@ impl OutboxAdmin {
         for row in rows.into_iter().take(page_size as usize) {
             last = row.get(0);
             events.push(ParkedEvent {
-                event: Some(Event {
-                    id: row.get::<_, uuid::Uuid>(2).to_string(),
-                    topic: row.get(3),
-                    key: row.get(4),
-                    sequence: row.get::<_, i64>(5) as u64,
-                    payload: Some(prost_types::Any {
-                        type_url: row.get(6),
-                        value: row.get(7),
-                    }),
-                    occurred_at: Some(super::to_timestamp(row.get(8))),
-                    source: self.source.to_owned(),
-                }),
+                event: Some(super::event_of(&row, self.source)),
                 subscriber: row.get(1),
                 attempts: row.get(9),
                 last_error: row.get::<_, Option<String>>(10).unwrap_or_default(),

@@ -351,18 +351,7 @@ impl Dispatcher {
                 subscriber: row.get(1),
                 attempts: row.get(9),
                 occurred_at: row.get(8),
-                event: Event {
-                    id: row.get::<_, uuid::Uuid>(2).to_string(),
-                    topic: row.get(3),
-                    key: row.get(4),
-                    sequence: row.get::<_, i64>(5) as u64,
-                    payload: Some(prost_types::Any {
-                        type_url: row.get(6),
-                        value: row.get(7),
-                    }),
-                    occurred_at: Some(super::to_timestamp(row.get(8))),
-                    source: self.source.to_owned(),
-                },
+                event: super::event_of(&row, self.source),
             };
             match lines.last_mut() {
                 Some(line)

@@ -294,6 +294,24 @@ pub async fn record_applied(tx: &Transaction<'_>, event: &Event) -> Result<bool,
     Ok(inserted == 1)
 }
 
+/// The event an outbox row holds, from a query whose columns start with
+/// `id, subscriber, event_id, topic, key, sequence, payload_type, payload,
+/// occurred_at` (the dispatcher's and the operator API's both do).
+pub(crate) fn event_of(row: &tokio_postgres::Row, source: &str) -> Event {
+    Event {
+        id: row.get::<_, uuid::Uuid>(2).to_string(),
+        topic: row.get(3),
+        key: row.get(4),
+        sequence: row.get::<_, i64>(5) as u64,
+        payload: Some(prost_types::Any {
+            type_url: row.get(6),
+            value: row.get(7),
+        }),
+        occurred_at: Some(to_timestamp(row.get(8))),
+        source: source.to_owned(),
+    }
+}
+
 /// Now, at PostgreSQL's precision (microseconds), so what is stored and
 /// what is sent are the same instant.
 pub fn now_micros() -> time::OffsetDateTime {

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use trellis::identity::IdentityPaths;
 
@@ -228,23 +228,10 @@ fn spawn_proxy_with_outbound(
     outbound: SocketAddr,
 ) -> RunningProxy {
     let mut options = ProxyOptions::new(identity, Some(app), Some(registry));
-    options.wait_ready = false;
     options.outbound = Some(outbound);
-    let proxy = spawn_proxy(bin, name, options);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, body) = proxy.admin_get("/ready");
-        if status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sidecar of {name} not ready: {body}\n{}",
-            proxy.process.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    proxy
+    // Ready once the service is healthy: migrated, configured.
+    options.ready_within = Duration::from_secs(60);
+    spawn_proxy(bin, name, options)
 }
 
 fn copy_dir(from: &Path, to: &Path) {

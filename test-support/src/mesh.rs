@@ -94,6 +94,8 @@ pub struct ProxyOptions<'a> {
     /// The outbound port, when the local service must be told it before
     /// the sidecar starts; a free one otherwise.
     pub outbound: Option<SocketAddr>,
+    /// How long to wait for `/ready` (default 20 s).
+    pub ready_within: Duration,
 }
 
 impl<'a> ProxyOptions<'a> {
@@ -111,6 +113,7 @@ impl<'a> ProxyOptions<'a> {
             extra: Vec::new(),
             wait_ready: true,
             outbound: None,
+            ready_within: Duration::from_secs(20),
         }
     }
 
@@ -164,7 +167,7 @@ pub fn spawn_proxy(bin: &Path, name: &str, options: ProxyOptions<'_>) -> Running
         process,
     };
     if options.wait_ready {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + options.ready_within;
         loop {
             let (status, body) = proxy.admin_get("/ready");
             if status == 200 {
