@@ -3,7 +3,8 @@
 //! ```text
 //! DIR/lock                                         held (flock) by the one writer
 //! DIR/state.json                                   the commit point: next generation, counts,
-//!                                                  last sequence archived per (source, key)
+//!                                                  per (source, key): last sequence archived
+//!                                                  and the sequences skipped below it
 //! DIR/journal/journal-<G>.jsonl                    records not yet in a part (G = next generation)
 //! DIR/usage/date=YYYY-MM-DD/part-<G:012>.jsonl.gz  committed records of generation G for that day
 //! ```
@@ -45,8 +46,73 @@ mod tests;
 const STATE_FILE: &str = "state.json";
 const STATE_VERSION: u32 = 1;
 
-/// Last sequence archived, per event source, per event key.
-pub type Sequences = HashMap<String, HashMap<String, u64>>;
+/// What is archived of one (source, key), per event source, per event key.
+pub type Sequences = HashMap<String, HashMap<String, KeyState>>;
+
+/// Most sequence numbers one key may have skipped and still accept later.
+const MAX_GAPS: usize = 64;
+
+/// What is archived of one (source, key): events arrive in sequence, so
+/// everything up to `last` is archived except `gaps`, the sequences that
+/// were skipped (events the producer parked for this subscriber). A parked
+/// event replayed later fills its gap instead of counting as a duplicate.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "KeyStateIn")]
+pub struct KeyState {
+    /// The highest sequence archived.
+    pub last: u64,
+    /// Sequences below `last` not archived yet (at most [`MAX_GAPS`]).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub gaps: BTreeSet<u64>,
+}
+
+/// A key's state as state files hold it: a bare number (what version 1
+/// wrote before gaps were kept) or the whole state.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum KeyStateIn {
+    Last(u64),
+    Full {
+        last: u64,
+        #[serde(default)]
+        gaps: BTreeSet<u64>,
+    },
+}
+
+impl From<KeyStateIn> for KeyState {
+    fn from(state: KeyStateIn) -> Self {
+        match state {
+            KeyStateIn::Last(last) => KeyState {
+                last,
+                gaps: BTreeSet::new(),
+            },
+            KeyStateIn::Full { last, gaps } => KeyState { last, gaps },
+        }
+    }
+}
+
+impl KeyState {
+    /// Whether `sequence` is archived already.
+    fn has(&self, sequence: u64) -> bool {
+        sequence <= self.last && !self.gaps.contains(&sequence)
+    }
+
+    /// Counts `sequence` as archived.
+    fn add(&mut self, sequence: u64) {
+        if sequence > self.last {
+            // Keep the newest gaps if a key skipped more than we remember.
+            let skipped_from = (self.last + 1).max(sequence.saturating_sub(MAX_GAPS as u64));
+            self.gaps.extend(skipped_from..sequence);
+            while self.gaps.len() > MAX_GAPS {
+                let oldest = *self.gaps.first().expect("not empty");
+                self.gaps.remove(&oldest);
+            }
+            self.last = sequence;
+        } else {
+            self.gaps.remove(&sequence);
+        }
+    }
+}
 
 /// How the store behaves.
 #[derive(Clone, Copy, Debug)]
@@ -69,8 +135,8 @@ impl Default for StoreOptions {
 pub enum Outcome {
     /// Written to the journal and fsynced.
     Appended,
-    /// Already archived (its sequence is not past the last one archived for
-    /// its source and key, or it is already in the journal); nothing written.
+    /// Already archived (its sequence is archived for its source and key,
+    /// or it is already in the journal); nothing written.
     Duplicate,
 }
 
@@ -411,26 +477,35 @@ impl Store {
 
     fn is_duplicate(&self, record: &ArchivedRecord) -> bool {
         self.last_sequence(&record.source, &record.key)
-            .is_some_and(|last| record.sequence <= last)
+            .is_some_and(|state| state.has(record.sequence))
             || self.journal_events.contains(&record.event_id)
             || self.journal_ids.contains(&record.id)
     }
 
-    fn last_sequence(&self, source: &str, key: &str) -> Option<u64> {
-        self.sequences.get(source)?.get(key).copied()
+    fn last_sequence(&self, source: &str, key: &str) -> Option<KeyState> {
+        self.sequences.get(source)?.get(key).cloned()
     }
 
     /// Counts `record` as archived in the in-memory indexes.
     fn remember(&mut self, record: &ArchivedRecord) {
-        let last = self.last_sequence(&record.source, &record.key);
-        let sequence = last.map_or(record.sequence, |last| last.max(record.sequence));
-        self.set_sequence(record.source.clone(), record.key.clone(), Some(sequence));
+        let state = match self.last_sequence(&record.source, &record.key) {
+            Some(mut state) => {
+                state.add(record.sequence);
+                state
+            }
+            // The first event seen of a key: nothing before it is owed.
+            None => KeyState {
+                last: record.sequence,
+                gaps: BTreeSet::new(),
+            },
+        };
+        self.set_sequence(record.source.clone(), record.key.clone(), Some(state));
         self.journal_events.insert(record.event_id.clone());
         self.journal_ids.insert(record.id);
         self.journal_days.insert(record.day());
     }
 
-    fn set_sequence(&mut self, source: String, key: String, sequence: Option<u64>) {
+    fn set_sequence(&mut self, source: String, key: String, sequence: Option<KeyState>) {
         match sequence {
             Some(sequence) => {
                 let keys = self.sequences.entry(source).or_default();

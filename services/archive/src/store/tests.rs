@@ -336,3 +336,71 @@ fn refuses_a_journal_newer_than_the_state() {
     let error = Store::open(dir.path(), StoreOptions::default()).unwrap_err();
     assert!(format!("{error:#}").contains("inconsistent"), "{error:#}");
 }
+
+#[test]
+fn a_parked_event_replayed_later_fills_its_gap_once_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    // Sequence 2 was parked by the producer: 3 arrives after 1.
+    append_all(&mut store, &[record("k", 1, 1), record("k", 3, 1)]);
+    let replayed = record("k", 2, 1);
+    assert_eq!(
+        store.append_batch(vec![replayed.clone()]),
+        [Ok(Outcome::Appended)],
+        "the replayed event fills its gap"
+    );
+    assert_eq!(
+        store.append_batch(vec![record("k", 2, 1)]),
+        [Ok(Outcome::Duplicate)],
+        "and only once"
+    );
+    // Another gap, committed in the state file and found again after a
+    // restart.
+    append_all(&mut store, &[record("k", 5, 2)]);
+    store.roll().unwrap();
+    drop(store);
+    let mut store = open(dir.path());
+    assert_eq!(
+        store.append_batch(vec![record("k", 3, 1)]),
+        [Ok(Outcome::Duplicate)]
+    );
+    assert_eq!(
+        store.append_batch(vec![record("k", 4, 2)]),
+        [Ok(Outcome::Appended)]
+    );
+    store.roll().unwrap();
+    let sequences: Vec<u64> = archived_once(dir.path())
+        .iter()
+        .map(|r| r.sequence)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(sequences, [1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn gaps_are_bounded_and_old_state_files_still_read() {
+    let mut state = KeyState::default();
+    state.add(1);
+    state.add(1_000_000);
+    assert_eq!(state.gaps.len(), MAX_GAPS);
+    assert!(!state.has(999_999) && state.has(2) && state.has(1_000_000));
+    let old: KeyState = serde_json::from_str("7").unwrap();
+    assert_eq!(
+        old,
+        KeyState {
+            last: 7,
+            gaps: BTreeSet::new()
+        }
+    );
+    let new: KeyState = serde_json::from_str(r#"{"last":9,"gaps":[4]}"#).unwrap();
+    assert!(!new.has(4) && new.has(5));
+    assert_eq!(
+        serde_json::to_string(&KeyState {
+            last: 3,
+            gaps: BTreeSet::new()
+        })
+        .unwrap(),
+        r#"{"last":3}"#
+    );
+}
