@@ -505,4 +505,75 @@ async fn a_thousand_records_reconcile_across_two_usage_instances_and_a_settlemen
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Disaster recovery: a new usage database, its schema made by usage
+    // itself, filled from the archive alone, holds the same records.
+    let fresh = TestDb::new().await.unwrap();
+    let mut usage = std::process::Command::new(workspace_binary("trellis-usage"));
+    usage
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", trellis_test_support::free_port()),
+        ])
+        .args(["--database-url", &fresh.url(), "--no-config"]);
+    let mut usage = trellis_test_support::ChildGuard::spawn("usage-restore", usage).unwrap();
+    let restored_db = fresh.connect().await.unwrap();
+    eventually("usage made its schema", Duration::from_secs(20), || {
+        let db = &restored_db;
+        async move {
+            db.query_one("SELECT count(*) FROM usage_records", &[])
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    usage.kill();
+    let out = std::process::Command::new(workspace_binary("trellis-archive"))
+        .arg("restore")
+        .arg("--dir")
+        .arg(fx.mesh.archive_dir.path())
+        .arg("--database-url")
+        .arg(fresh.url())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restore failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (original, restored) = (usage_rows(&db).await, usage_rows(&restored_db).await);
+    assert_eq!(original.len(), RECORDS);
+    assert!(
+        original == restored,
+        "the restored records differ from usage's"
+    );
+}
+
+/// Every usage record of a usage database, in a comparable form.
+async fn usage_rows(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT id, user_id, usage_type, quantity, occurred_at, idempotency_key, recorded_at
+         FROM usage_records ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        format!(
+            "{:?}",
+            (
+                r.get::<_, uuid::Uuid>(0),
+                r.get::<_, String>(1),
+                r.get::<_, i16>(2),
+                r.get::<_, i64>(3),
+                r.get::<_, time::OffsetDateTime>(4),
+                r.get::<_, String>(5),
+                r.get::<_, time::OffsetDateTime>(6),
+            )
+        )
+    })
+    .collect()
 }
