@@ -215,18 +215,33 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
 
     // The operator sees the stuck line and the parked event.
     let mut outbox = UserOutboxServiceClient::new(channel(first.addr));
-    let status = outbox
-        .get_outbox_status(GetOutboxStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let line = status
-        .subscribers
-        .iter()
-        .find(|s| s.subscriber == SUBSCRIBER)
-        .expect("the subscriber is listed");
-    assert_eq!(line.pending, 5, "A's five changes wait: {status:?}");
-    assert_eq!(line.parked, 1, "{status:?}");
+    // (Delivered rows go once their answers are back: wait for that.)
+    let (status, line) = eventually(
+        "A's five changes wait, one parked",
+        Duration::from_secs(10),
+        || {
+            let mut outbox = outbox.clone();
+            async move {
+                let status = outbox
+                    .get_outbox_status(GetOutboxStatusRequest {})
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                let line = status
+                    .subscribers
+                    .iter()
+                    .find(|s| s.subscriber == SUBSCRIBER)
+                    .cloned()
+                    .ok_or_else(|| format!("the subscriber is not listed: {status:?}"))?;
+                if line.pending == 5 && line.parked == 1 {
+                    Ok((status, line))
+                } else {
+                    Err(format!("{status:?}"))
+                }
+            }
+        },
+    )
+    .await;
     assert!(line.last_error.contains("Unavailable"), "{status:?}");
     assert!(line.delivered > 0 || !status.dispatching);
     let parked = outbox
