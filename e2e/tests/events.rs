@@ -146,21 +146,7 @@ async fn events_flow_in_sequence_per_key_around_stuck_and_poison_keys() {
     let second = spawn_user(pki_ref, reg, &url, "user-2");
     assert!(wait_for_tcp(first.addr, Duration::from_secs(10)));
     let mut users = UserServiceClient::new(channel(first.addr));
-
-    let mut new_user = async |i: u32| -> String {
-        users
-            .create_user(user::CreateUserRequest {
-                msisdn: format!("+3361234{i:04}"),
-                name: format!("User {i}"),
-                email: format!("u{i}@example.com"),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap()
-            .id
-    };
+    let new_user = |i| new_user_at(first.addr, i);
     let (a, b, c) = (new_user(1).await, new_user(2).await, new_user(3).await);
     // Every key's user.created (sequence 1) arrives first.
     eventually("user.created delivered", Duration::from_secs(20), || {

@@ -229,15 +229,12 @@ fn as_postgres(program: &Path) -> Command {
     }
 }
 
-/// Starts a private PostgreSQL cluster for this test process (the fallback
-/// when no server is reachable) and returns its admin connection settings.
-/// It is stopped and its files removed once the process exits.
-pub fn start_private_cluster() -> anyhow::Result<Config> {
+/// Creates a cluster's data directory (`DIR/data`, trust auth, user
+/// `postgres`) in a new directory named with `prefix`, owned by `postgres`
+/// when we are root: (PostgreSQL's bin directory, the directory).
+fn init_cluster(prefix: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
     let bindir = pg_bindir()?;
-    let dir = tempfile::Builder::new()
-        .prefix("trellis-pg-")
-        .tempdir()?
-        .keep();
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?.keep();
     if is_root() {
         let status = Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -247,15 +244,23 @@ pub fn start_private_cluster() -> anyhow::Result<Config> {
             bail!("chown of {} to postgres failed", dir.display());
         }
     }
-    let data = dir.join("data");
     let out = as_postgres(&bindir.join("initdb"))
         .args(["-A", "trust", "-U", "postgres", "-D"])
-        .arg(&data)
+        .arg(dir.join("data"))
         .output()
         .context("running initdb")?;
     if !out.status.success() {
         bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+    Ok((bindir, dir))
+}
+
+/// Starts a private PostgreSQL cluster for this test process (the fallback
+/// when no server is reachable) and returns its admin connection settings.
+/// It is stopped and its files removed once the process exits.
+pub fn start_private_cluster() -> anyhow::Result<Config> {
+    let (bindir, dir) = init_cluster("trellis-pg-")?;
+    let data = dir.join("data");
     let port = crate::process::free_port();
     // A watchdog shell stops the cluster and removes its files once this
     // test process has exited, however it exits.
@@ -315,28 +320,7 @@ impl PgCluster {
     /// Creates and starts a cluster on a free port (trust auth, user
     /// `postgres`).
     pub fn start() -> anyhow::Result<Self> {
-        let bindir = pg_bindir()?;
-        let dir = tempfile::Builder::new()
-            .prefix("trellis-pgc-")
-            .tempdir()?
-            .keep();
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()?;
-            if !status.success() {
-                bail!("chown of {} to postgres failed", dir.display());
-            }
-        }
-        let out = as_postgres(&bindir.join("initdb"))
-            .args(["-A", "trust", "-U", "postgres", "-D"])
-            .arg(dir.join("data"))
-            .output()
-            .context("running initdb")?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let (bindir, dir) = init_cluster("trellis-pgc-")?;
         let cluster = Self {
             dir,
             bindir,
