@@ -12,11 +12,13 @@ pub mod cli;
 pub mod db;
 pub mod events;
 pub mod identity;
+pub mod mesh_status;
 pub mod pb;
 pub mod server;
 pub mod service;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod up;
 
 pub use identity::{IdentityError, IdentityPaths, SpiffeId, Workload};

@@ -43,12 +43,21 @@ enum Command {
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(i64).range(1..=3650))]
         days: i64,
     },
+    /// Build and run the mesh a mesh file (trellis.toml) describes, on this
+    /// machine, and supervise it until Ctrl-C.
+    Up(trellis::up::UpArgs),
+    /// Show the mesh as the registry sees it: services, instances, health,
+    /// leases and configuration problems. Exits 0 when all is serving, 1
+    /// when not, 2 when the registry cannot be asked.
+    Status(trellis::mesh_status::StatusArgs),
 }
 
 fn main() {
     trellis::telemetry::init("warn");
     let cli = Cli::parse();
     match cli.command {
+        Command::Up(args) => std::process::exit(trellis::up::main(args)),
+        Command::Status(args) => std::process::exit(trellis::mesh_status::main(args)),
         Command::Certs {
             dir,
             trust_domain,

@@ -14,6 +14,6 @@ pub use mesh::{
     ProxyOptions, RunningEcho, RunningProxy, http_get, sibling_binary, spawn_echo, spawn_proxy,
 };
 pub use pki::TestPki;
-pub use postgres::{PgCluster, TestDb};
+pub use postgres::{PgCluster, TestDb, server_url};
 pub use process::{ChildGuard, free_port, wait_for_tcp};
 pub use registry::{RunningRegistry, spawn_registry, spawn_registry_at};

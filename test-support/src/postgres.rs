@@ -125,6 +125,13 @@ pub fn config_url(config: &Config) -> String {
     format!("postgres://{user}@{host}:{port}/{db}")
 }
 
+/// The test server as `postgres://user@host:port` (no database), for a
+/// process that creates its own databases on it (`trellis up`).
+pub fn server_url() -> anyhow::Result<String> {
+    let url = config_url(server()?);
+    Ok(url[..url.rfind('/').expect("a URL has a path")].to_owned())
+}
+
 /// The admin connection settings of the test server, found once per process.
 fn server() -> anyhow::Result<&'static Config> {
     static SERVER: OnceLock<Result<Config, String>> = OnceLock::new();
@@ -196,25 +203,8 @@ fn is_root() -> bool {
 }
 
 fn pg_bindir() -> anyhow::Result<PathBuf> {
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
-        && out.status.success()
-    {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if dir.join("initdb").exists() {
-            return Ok(dir);
-        }
-    }
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|p| p.join("initdb").exists())
-        .collect();
-    candidates.sort();
-    candidates
-        .pop()
-        .ok_or_else(|| anyhow!("no initdb found (install PostgreSQL or set DATABASE_URL)"))
+    trellis::up::postgres::bindir()
+        .map_err(|e| anyhow!("{e} (install PostgreSQL or set DATABASE_URL)"))
 }
 
 /// Runs `program` as the `postgres` user when we are root (PostgreSQL

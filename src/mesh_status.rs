@@ -1,0 +1,1220 @@
+//! `trellis status`: the registry's view of the mesh, read through its gRPC
+//! API with a read-only identity.
+//!
+//! One snapshot of every instance comes from the first message of a
+//! registry Watch with no targets (the whole registry, at one revision),
+//! and the configuration's revision and problems from GetConfigStatus. Both
+//! are open to any identity with a mesh certificate, including one the
+//! registry was started to treat as read-only (`--read-only edge,cli`).
+//!
+//! With `--watch` a Watch stream stays open: each change it pushes (and a
+//! one-second tick, since lease renewals are not pushed and ages move on)
+//! takes a fresh snapshot, redrawn in place on a terminal or printed as a
+//! new block otherwise.
+
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+use crate::identity::{IdentityPaths, SpiffeId, Workload};
+use crate::pb::trellis::config::v1 as config_pb;
+use crate::pb::trellis::registry::v1 as registry_pb;
+use crate::tls::ExpectedPeer;
+use config_pb::config_service_client::ConfigServiceClient;
+use registry_pb::registry_service_client::RegistryServiceClient;
+use registry_pb::{RemovalReason, ServingStatus, WatchEventKind};
+
+const PROGRAM: &str = "trellis status";
+/// How long one snapshot (both calls, connecting included) may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(12);
+/// How often `--watch` refreshes without a pushed change, and retries an
+/// unreachable registry.
+const TICK: Duration = Duration::from_secs(1);
+/// How long `--watch` lets a burst of pushed changes gather.
+const BURST: Duration = Duration::from_millis(20);
+/// Metadata longer than this (as `k=v k=v`) is shown as a count.
+const MAX_METADATA_WIDTH: usize = 40;
+/// How many pushed changes `--watch` keeps on screen.
+const RECENT_CHANGES: usize = 8;
+
+/// Flags of `trellis status`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The registry's address (its Registry and Config APIs, mTLS).
+    #[arg(
+        long,
+        env = "TRELLIS_REGISTRY",
+        default_value = "127.0.0.1:7000",
+        value_name = "ADDR"
+    )]
+    pub registry: SocketAddr,
+    /// SPIFFE ID the registry must present; default: service `registry`
+    /// in this identity's trust domain and namespace.
+    #[arg(long, env = "TRELLIS_REGISTRY_IDENTITY", value_name = "SPIFFE_ID")]
+    pub registry_identity: Option<SpiffeId>,
+    /// Directory holding `ca.pem` and the identity's `<name>.pem` and
+    /// `<name>.key` (where `trellis up` writes them).
+    #[arg(
+        long,
+        env = "TRELLIS_CLI_CERTS",
+        default_value = ".trellis/certs",
+        value_name = "DIR"
+    )]
+    pub certs: PathBuf,
+    /// Which certificate in `--certs` to call the registry with; `trellis
+    /// up` issues `cli`, an identity the registry lets read but not register.
+    #[arg(
+        long,
+        env = "TRELLIS_CLI_IDENTITY",
+        default_value = "cli",
+        value_name = "NAME"
+    )]
+    pub identity: String,
+    /// Keep following the mesh (redrawn in place on a terminal, a new block
+    /// per change otherwise) until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// Print JSON instead of tables (with `--watch`: one object per line,
+    /// per change).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `trellis status` needs.
+#[derive(Clone, Debug)]
+pub struct StatusOptions {
+    /// The registry's address.
+    pub registry: SocketAddr,
+    /// The identity the registry must present; `None`: `registry` in the
+    /// caller's trust domain and namespace.
+    pub registry_identity: Option<SpiffeId>,
+    /// The caller's certificate, key and CA.
+    pub identity: IdentityPaths,
+    /// Follow changes until Ctrl-C.
+    pub watch: bool,
+    /// JSON instead of tables.
+    pub json: bool,
+    /// With `watch`: redraw in place (ANSI) instead of printing a block per
+    /// change; for a terminal.
+    pub redraw: bool,
+}
+
+impl StatusArgs {
+    /// The options these flags stand for; `redraw` when stdout is a
+    /// terminal.
+    pub fn options(&self) -> StatusOptions {
+        StatusOptions {
+            registry: self.registry,
+            registry_identity: self.registry_identity.clone(),
+            identity: IdentityPaths::in_dir(&self.certs, &self.identity),
+            watch: self.watch,
+            json: self.json,
+            redraw: std::io::stdout().is_terminal(),
+        }
+    }
+}
+
+/// Runs `trellis status` on a runtime of its own, printing to stdout and
+/// errors to stderr. Returns the exit status: 0 when every instance is
+/// serving and the configuration has no problems, 1 when not (or nothing
+/// is registered), 2 on an error (bad identity, registry unreachable).
+/// From inside a Tokio runtime, use [`command`] instead.
+pub fn main(args: StatusArgs) -> i32 {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(command(args)),
+        Err(e) => {
+            eprintln!("{PROGRAM}: cannot start the async runtime: {e}");
+            2
+        }
+    }
+}
+
+/// [`main`] for a caller already on a Tokio runtime.
+pub async fn command(args: StatusArgs) -> i32 {
+    match run(args.options(), &mut std::io::stdout()).await {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            eprintln!("{PROGRAM}: {e:#}");
+            2
+        }
+    }
+}
+
+/// What can stop `trellis status` from showing anything.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The identity files are missing or unusable.
+    #[error(
+        "{cause}\n  (`trellis up` issues the `cli` identity into .trellis/certs; otherwise give --certs DIR and --identity NAME)"
+    )]
+    Identity {
+        /// What is wrong, naming the file (already in the message, so not
+        /// a `source` to print again).
+        cause: crate::IdentityError,
+    },
+    /// No connection to the registry could be made.
+    #[error("cannot reach the registry at {addr}: {detail}\n  ({hint})")]
+    Unreachable {
+        /// Where it was expected.
+        addr: SocketAddr,
+        /// The innermost cause (connection refused, TLS alert, ...).
+        detail: String,
+        /// What to check.
+        hint: &'static str,
+    },
+    /// The registry refused a call.
+    #[error("the registry at {addr} refused {rpc} to {caller}: {code:?}: {message}")]
+    Refused {
+        /// The registry.
+        addr: SocketAddr,
+        /// The call, e.g. `RegistryService/Watch`.
+        rpc: &'static str,
+        /// Our identity.
+        caller: SpiffeId,
+        /// The gRPC status code.
+        code: Code,
+        /// The registry's message.
+        message: String,
+    },
+    /// The registry failed a call some other way.
+    #[error("{rpc} at the registry {addr} failed: {code:?}: {message}")]
+    Failed {
+        /// The registry.
+        addr: SocketAddr,
+        /// The call.
+        rpc: &'static str,
+        /// The gRPC status code.
+        code: Code,
+        /// The message.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("the registry at {addr} did not answer within {timeout:?}")]
+    TimedOut {
+        /// The registry.
+        addr: SocketAddr,
+        /// How long we waited.
+        timeout: Duration,
+    },
+}
+
+/// Prints the mesh to `out` and returns `Ok(true)` when every instance is
+/// serving and the configuration has no problems (`Ok(false)` also when
+/// nothing is registered). With `watch`, follows changes until Ctrl-C and
+/// returns the verdict on the last view.
+pub async fn run(options: StatusOptions, out: &mut impl Write) -> anyhow::Result<bool> {
+    let workload =
+        Workload::load(&options.identity).map_err(|cause| StatusError::Identity { cause })?;
+    let registry_id = match &options.registry_identity {
+        Some(id) => id.clone(),
+        None => SpiffeId::for_service(
+            workload.id().trust_domain(),
+            workload
+                .id()
+                .namespace()
+                .unwrap_or(crate::identity::DEFAULT_NAMESPACE),
+            "registry",
+        )?,
+    };
+    let channel = crate::tls::channel(
+        &workload,
+        options.registry,
+        ExpectedPeer::Exactly(registry_id),
+    )?;
+    let mut source = Source {
+        addr: options.registry,
+        caller: workload.id().clone(),
+        registry: RegistryServiceClient::new(channel.clone()),
+        config: ConfigServiceClient::new(channel),
+    };
+    let style = Style {
+        addr: options.registry,
+        trust_domain: workload.id().trust_domain().to_owned(),
+        caller: workload.id().clone(),
+        json: options.json,
+    };
+    let view = source.snapshot().await?;
+    if !options.watch {
+        let text = if options.json {
+            serde_json::to_string_pretty(&style.json(&view, None, &[]))? + "\n"
+        } else {
+            style.text(&view, None, &[], false)
+        };
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        return Ok(view.healthy());
+    }
+    // Installed before the first drawing, so a Ctrl-C right after it
+    // stops us cleanly rather than killing the process.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let verdict = Cell::new(view.healthy());
+    tokio::select! {
+        followed = follow(&mut source, &style, options.redraw, view, out, &verdict) => followed?,
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    Ok(verdict.get())
+}
+
+/// The registry's clients and who we are to it.
+#[derive(Debug)]
+struct Source {
+    addr: SocketAddr,
+    caller: SpiffeId,
+    registry: RegistryServiceClient<Channel>,
+    config: ConfigServiceClient<Channel>,
+}
+
+impl Source {
+    /// Every instance at one revision, and the configuration's status.
+    async fn snapshot(&mut self) -> Result<View, StatusError> {
+        tokio::time::timeout(FETCH_TIMEOUT, self.fetch())
+            .await
+            .map_err(|_| StatusError::TimedOut {
+                addr: self.addr,
+                timeout: FETCH_TIMEOUT,
+            })?
+    }
+
+    async fn fetch(&mut self) -> Result<View, StatusError> {
+        let mut stream = self.open_watch().await?;
+        let first = stream
+            .message()
+            .await
+            .map_err(|s| self.error("RegistryService/Watch", s))?
+            .ok_or_else(|| StatusError::Failed {
+                addr: self.addr,
+                rpc: "RegistryService/Watch",
+                code: Code::Unavailable,
+                message: "the stream ended before its first snapshot".into(),
+            })?;
+        drop(stream);
+        let config = self
+            .config
+            .get_config_status(config_pb::GetConfigStatusRequest {})
+            .await
+            .map_err(|s| self.error("ConfigService/GetConfigStatus", s))?
+            .into_inner();
+        let mut instances = first.instances;
+        instances.sort_by(|a, b| (&a.service, &a.instance_id).cmp(&(&b.service, &b.instance_id)));
+        Ok(View {
+            revision: first.revision,
+            instances,
+            config,
+            at: SystemTime::now(),
+        })
+    }
+
+    /// A Watch of the whole registry; its first message is a snapshot.
+    async fn open_watch(&mut self) -> Result<Streaming<registry_pb::WatchResponse>, StatusError> {
+        self.registry
+            .watch(registry_pb::WatchRequest { targets: vec![] })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.error("RegistryService/Watch", s))
+    }
+
+    /// Says what a failed call means for the person running the command.
+    fn error(&self, rpc: &'static str, status: Status) -> StatusError {
+        if let Some(io) = innermost::<std::io::Error>(&status) {
+            let hint = match io.kind() {
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut => {
+                    "is `trellis up` running? Start it, or point --registry (TRELLIS_REGISTRY) at the registry"
+                }
+                _ => {
+                    "mTLS with it failed: check that --certs holds this mesh's ca.pem and a certificate that CA issued, and that the address is the registry's"
+                }
+            };
+            return StatusError::Unreachable {
+                addr: self.addr,
+                detail: io.to_string(),
+                hint,
+            };
+        }
+        match status.code() {
+            Code::Unavailable => StatusError::Unreachable {
+                addr: self.addr,
+                detail: deepest_message(&status),
+                hint: "is `trellis up` running? Start it, or point --registry (TRELLIS_REGISTRY) at the registry",
+            },
+            Code::PermissionDenied | Code::Unauthenticated => StatusError::Refused {
+                addr: self.addr,
+                rpc,
+                caller: self.caller.clone(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            },
+            code => StatusError::Failed {
+                addr: self.addr,
+                rpc,
+                code,
+                message: status.message().to_owned(),
+            },
+        }
+    }
+}
+
+/// The innermost error of type `E` in `error`'s cause chain.
+fn innermost<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut found = None;
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(hit) = e.downcast_ref::<E>() {
+            found = Some(hit);
+        }
+        next = e.source();
+    }
+    found
+}
+
+/// The message of the last error in the cause chain, the most specific.
+fn deepest_message(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = error;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}
+
+/// One look at the mesh.
+#[derive(Debug, Clone)]
+struct View {
+    revision: u64,
+    /// By service, then instance ID.
+    instances: Vec<registry_pb::Instance>,
+    config: config_pb::GetConfigStatusResponse,
+    /// When it was taken: ages and leases are relative to this.
+    at: SystemTime,
+}
+
+impl View {
+    fn not_serving(&self) -> impl Iterator<Item = &registry_pb::Instance> {
+        self.instances
+            .iter()
+            .filter(|i| i.health() != ServingStatus::Serving)
+    }
+
+    /// Something registered, all of it serving, and no config problems.
+    fn healthy(&self) -> bool {
+        !self.instances.is_empty()
+            && self.not_serving().next().is_none()
+            && self.config.problems.is_empty()
+    }
+
+    /// Per mesh service: its gRPC services (sorted), instances serving and
+    /// in all.
+    fn services(&self) -> Vec<ServiceRow<'_>> {
+        let mut rows: Vec<ServiceRow<'_>> = Vec::new();
+        for i in &self.instances {
+            if rows.last().is_none_or(|r| r.name != i.service) {
+                rows.push(ServiceRow {
+                    name: &i.service,
+                    grpc_services: Vec::new(),
+                    serving: 0,
+                    total: 0,
+                });
+            }
+            let row = rows.last_mut().expect("pushed above");
+            row.total += 1;
+            if i.health() == ServingStatus::Serving {
+                row.serving += 1;
+            }
+            for g in &i.grpc_services {
+                if !row.grpc_services.contains(&g.as_str()) {
+                    row.grpc_services.push(g);
+                }
+            }
+        }
+        for row in &mut rows {
+            row.grpc_services.sort_unstable();
+        }
+        rows
+    }
+
+    /// What changes when the mesh does, not when time passes: `--watch`
+    /// prints a new block (off a terminal) only when this changes.
+    fn signature(&self) -> String {
+        format!(
+            "{}/{}/{:?}",
+            self.revision, self.config.revision, self.config.problems
+        )
+    }
+}
+
+#[derive(Debug)]
+struct ServiceRow<'a> {
+    name: &'a str,
+    grpc_services: Vec<&'a str>,
+    serving: usize,
+    total: usize,
+}
+
+/// A change the Watch stream pushed, for the `--watch` display.
+#[derive(Debug, Clone)]
+struct Change {
+    at: SystemTime,
+    text: String,
+}
+
+/// Follows the registry until the caller stops polling (Ctrl-C), keeping
+/// `verdict` on the latest view.
+async fn follow(
+    source: &mut Source,
+    style: &Style,
+    redraw: bool,
+    first: View,
+    out: &mut impl Write,
+    verdict: &Cell<bool>,
+) -> anyhow::Result<()> {
+    let mut last = first;
+    let mut error: Option<String> = None;
+    let mut changes: VecDeque<Change> = VecDeque::new();
+    let mut known: Option<HashMap<String, registry_pb::Instance>> = None;
+    let mut stream: Option<Streaming<registry_pb::WatchResponse>> = None;
+    let mut printed: Option<String> = None;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is due at once; `first` is that fresh.
+    tick.tick().await;
+    let mut shown = false;
+    loop {
+        // Draw what we have, then wait for a push or the tick.
+        let changes_now: Vec<Change> = changes.iter().cloned().collect();
+        let signature = format!(
+            "{}/{error:?}/{:?}",
+            last.signature(),
+            changes.front().map(|c| (c.at, &c.text))
+        );
+        if redraw || printed.as_ref() != Some(&signature) {
+            let text = if style.json {
+                serde_json::to_string(&style.json(&last, error.as_deref(), &changes_now))? + "\n"
+            } else if redraw {
+                // Home, draw over the old lines clearing each one's rest,
+                // then clear whatever the old drawing had below.
+                let body = style.text(&last, error.as_deref(), &changes_now, true);
+                let mut screen = String::from(if shown { "\x1b[H" } else { "\x1b[H\x1b[2J" });
+                for line in body.lines() {
+                    screen.push_str(line);
+                    screen.push_str("\x1b[K\n");
+                }
+                screen.push_str("\x1b[J");
+                screen
+            } else {
+                let body = style.text(&last, error.as_deref(), &changes_now, true);
+                if shown { format!("\n{body}") } else { body }
+            };
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+            printed = Some(signature);
+            shown = true;
+        }
+
+        if stream.is_none() {
+            match tokio::time::timeout(TICK * 2, source.open_watch()).await {
+                Ok(Ok(s)) => stream = Some(s),
+                Ok(Err(e)) => error = Some(e.to_string()),
+                Err(_) => {
+                    error = Some(
+                        StatusError::TimedOut {
+                            addr: source.addr,
+                            timeout: TICK * 2,
+                        }
+                        .to_string(),
+                    )
+                }
+            }
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            pushed = next_message(&mut stream) => {
+                let mut pushed = pushed;
+                loop {
+                    match pushed {
+                        Ok(Some(response)) => record(&mut known, response, &mut changes),
+                        Ok(None) => {
+                            stream = None;
+                            error = Some(format!(
+                                "the registry at {} ended the watch; reconnecting",
+                                source.addr
+                            ));
+                            break;
+                        }
+                        Err(status) => {
+                            stream = None;
+                            error = Some(format!(
+                                "lost the watch on the registry at {} ({:?}: {}); reconnecting",
+                                source.addr,
+                                status.code(),
+                                status.message()
+                            ));
+                            break;
+                        }
+                    }
+                    // Let a burst of changes land, and take them all, so
+                    // that it costs one snapshot (`message` is cancel safe).
+                    tokio::time::sleep(BURST).await;
+                    match next_message(&mut stream).now_or_never() {
+                        Some(next) => pushed = next,
+                        None => break,
+                    }
+                }
+            }
+        }
+        match source.snapshot().await {
+            Ok(view) => {
+                last = view;
+                if stream.is_some() {
+                    error = None;
+                }
+                verdict.set(last.healthy());
+            }
+            Err(e) => {
+                error = Some(e.to_string());
+                verdict.set(false);
+            }
+        }
+    }
+}
+
+/// The next message of the watch, or never when there is none.
+async fn next_message(
+    stream: &mut Option<Streaming<registry_pb::WatchResponse>>,
+) -> Result<Option<registry_pb::WatchResponse>, Status> {
+    match stream {
+        Some(s) => s.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies one pushed step to what the stream has told us so far and notes
+/// what changed in words.
+fn record(
+    known: &mut Option<HashMap<String, registry_pb::Instance>>,
+    response: registry_pb::WatchResponse,
+    changes: &mut VecDeque<Change>,
+) {
+    let now = SystemTime::now();
+    let mut note = |text: String| {
+        changes.push_front(Change { at: now, text });
+        changes.truncate(RECENT_CHANGES);
+    };
+    let kind = response.kind();
+    let reason = response.removal_reason();
+    let instances = response.instances;
+    if kind == WatchEventKind::Snapshot {
+        let fresh: HashMap<_, _> = instances
+            .into_iter()
+            .map(|i| (i.instance_id.clone(), i))
+            .collect();
+        // A first snapshot after (re)connecting is no news; what differs
+        // from before a reconnection or a resync is.
+        if let Some(old) = known.as_ref() {
+            for (id, i) in &fresh {
+                match old.get(id) {
+                    None => note(format!("{} {id} registered at {}", i.service, i.address)),
+                    Some(o) if o.health() != i.health() => note(format!(
+                        "{} {id} {} -> {}",
+                        i.service,
+                        health_name(o.health()),
+                        health_name(i.health())
+                    )),
+                    Some(_) => {}
+                }
+            }
+            for (id, o) in old {
+                if !fresh.contains_key(id) {
+                    note(format!("{} {id} removed", o.service));
+                }
+            }
+        }
+        *known = Some(fresh);
+        return;
+    }
+    let map = known.get_or_insert_with(HashMap::new);
+    for i in instances {
+        let id = i.instance_id.clone();
+        if kind == WatchEventKind::Remove {
+            let why = match reason {
+                RemovalReason::Deregistered => "deregistered",
+                RemovalReason::LeaseExpired => "lease expired",
+                RemovalReason::Replaced => "replaced by a new registration",
+                RemovalReason::Unspecified => "removed",
+            };
+            note(format!("{} {id} {why}", i.service));
+            map.remove(&id);
+            continue;
+        }
+        match map.get(&id) {
+            None => note(format!(
+                "{} {id} registered at {} ({})",
+                i.service,
+                i.address,
+                health_name(i.health())
+            )),
+            Some(o) if o.health() != i.health() => note(format!(
+                "{} {id} {} -> {}",
+                i.service,
+                health_name(o.health()),
+                health_name(i.health())
+            )),
+            Some(_) => note(format!("{} {id} updated", i.service)),
+        }
+        map.insert(id, i);
+    }
+}
+
+fn health_name(health: ServingStatus) -> &'static str {
+    match health {
+        ServingStatus::Serving => "SERVING",
+        ServingStatus::NotServing => "NOT_SERVING",
+        ServingStatus::Unspecified => "UNKNOWN",
+    }
+}
+
+/// How views are written.
+#[derive(Debug)]
+struct Style {
+    addr: SocketAddr,
+    trust_domain: String,
+    caller: SpiffeId,
+    json: bool,
+}
+
+impl Style {
+    /// An identity, without the `spiffe://<our trust domain>/` every mesh
+    /// identity shares.
+    fn short_identity<'a>(&self, id: &'a str) -> &'a str {
+        id.strip_prefix("spiffe://")
+            .and_then(|rest| rest.strip_prefix(self.trust_domain.as_str()))
+            .and_then(|rest| rest.strip_prefix('/'))
+            .unwrap_or(id)
+    }
+
+    /// The tables and summary for a person.
+    fn text(&self, view: &View, error: Option<&str>, changes: &[Change], watching: bool) -> String {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "registry {}  revision {}  as {}",
+            self.addr, view.revision, self.caller
+        );
+        if watching {
+            s.push_str("  (watching; Ctrl-C to stop)");
+        }
+        s.push('\n');
+        if let Some(error) = error {
+            let _ = writeln!(s, "! {}", error.replace('\n', "\n  "));
+            let _ = writeln!(
+                s,
+                "! showing the last view, from {} ago",
+                age(elapsed(view.at, SystemTime::now()))
+            );
+        }
+        s.push('\n');
+
+        let services = view.services();
+        if !services.is_empty() {
+            let rows: Vec<Vec<String>> = services
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.name.to_owned(),
+                        format!("{}/{}", r.serving, r.total),
+                        r.grpc_services.join(", "),
+                    ]
+                })
+                .collect();
+            table(&mut s, &["SERVICE", "SERVING", "GRPC SERVICES"], &rows);
+            s.push('\n');
+
+            let with_metadata = view.instances.iter().any(|i| !i.metadata.is_empty());
+            let mut headers = vec![
+                "SERVICE",
+                "INSTANCE",
+                "ADDRESS",
+                "VERSION",
+                "ZONE",
+                "HEALTH",
+                "IDENTITY",
+                "REGISTERED",
+                "LEASE",
+            ];
+            if with_metadata {
+                headers.push("METADATA");
+            }
+            let rows: Vec<Vec<String>> = view
+                .instances
+                .iter()
+                .map(|i| {
+                    let mut row = vec![
+                        i.service.clone(),
+                        i.instance_id.clone(),
+                        i.address.clone(),
+                        or_dash(&i.version),
+                        or_dash(&i.zone),
+                        health_name(i.health()).to_owned(),
+                        self.short_identity(&i.identity).to_owned(),
+                        i.registered_at
+                            .as_ref()
+                            .map_or("-".into(), |t| format!("{} ago", age(since(t, view.at)))),
+                        i.lease_expires_at
+                            .as_ref()
+                            .map_or("-".into(), |t| lease(since(t, view.at))),
+                    ];
+                    if with_metadata {
+                        row.push(metadata(&i.metadata));
+                    }
+                    row
+                })
+                .collect();
+            table(&mut s, &headers, &rows);
+            s.push('\n');
+        }
+
+        let config = &view.config;
+        let _ = write!(s, "config revision {}", config.revision);
+        if let Some(t) = &config.loaded_at {
+            let _ = write!(s, ", loaded {} ago", age(since(t, view.at)));
+        }
+        match config.problems.len() {
+            0 => s.push_str(": no problems\n"),
+            n => {
+                let _ = writeln!(s, ": {}", plural(n, "problem"));
+                let rows: Vec<Vec<String>> = config
+                    .problems
+                    .iter()
+                    .map(|p| {
+                        let place = if p.line == 0 {
+                            p.file.clone()
+                        } else {
+                            format!("{}:{}", p.file, p.line)
+                        };
+                        let effect = if p.rejected {
+                            "file rejected, previous version in force"
+                        } else {
+                            "entry ignored"
+                        };
+                        vec![
+                            format!("  {place}"),
+                            or_dash(&p.rule),
+                            format!("{} ({effect})", p.message),
+                        ]
+                    })
+                    .collect();
+                table(&mut s, &[], &rows);
+            }
+        }
+
+        if !changes.is_empty() {
+            s.push_str("\nrecent changes\n");
+            for c in changes {
+                let _ = writeln!(
+                    s,
+                    "  {:>8} ago  {}",
+                    age(elapsed(c.at, SystemTime::now())),
+                    c.text
+                );
+            }
+        }
+
+        s.push('\n');
+        s.push_str(&summary(view));
+        s.push('\n');
+        s
+    }
+
+    /// The same for a program.
+    fn json(&self, view: &View, error: Option<&str>, changes: &[Change]) -> serde_json::Value {
+        use serde_json::json;
+        let services: Vec<_> = view
+            .services()
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name,
+                    "grpc_services": r.grpc_services,
+                    "instances": r.total,
+                    "serving": r.serving,
+                })
+            })
+            .collect();
+        let instances: Vec<_> = view
+            .instances
+            .iter()
+            .map(|i| {
+                json!({
+                    "service": i.service,
+                    "instance_id": i.instance_id,
+                    "address": i.address,
+                    "version": i.version,
+                    "zone": i.zone,
+                    "health": health_name(i.health()),
+                    "identity": i.identity,
+                    "grpc_services": i.grpc_services,
+                    "metadata": i.metadata,
+                    "registered_at": i.registered_at.as_ref().map(rfc3339),
+                    "lease_expires_at": i.lease_expires_at.as_ref().map(rfc3339),
+                    // Negative once the lease is overdue.
+                    "lease_remaining_ms": i.lease_expires_at.as_ref().map(|t| {
+                        let d = since(t, view.at);
+                        let ms = i64::try_from(d.duration.as_millis()).unwrap_or(i64::MAX);
+                        if d.past { -ms } else { ms }
+                    }),
+                })
+            })
+            .collect();
+        let problems: Vec<_> = view
+            .config
+            .problems
+            .iter()
+            .map(|p| {
+                json!({
+                    "file": p.file,
+                    "line": p.line,
+                    "rule": p.rule,
+                    "message": p.message,
+                    "rejected": p.rejected,
+                })
+            })
+            .collect();
+        let changes: Vec<_> = changes
+            .iter()
+            .map(|c| {
+                json!({
+                    "at": rfc3339(&prost_types::Timestamp::from(c.at)),
+                    "change": c.text,
+                })
+            })
+            .collect();
+        json!({
+            "registry": self.addr.to_string(),
+            "revision": view.revision,
+            "services": services,
+            "instances": instances,
+            "config": {
+                "revision": view.config.revision,
+                "loaded_at": view.config.loaded_at.as_ref().map(rfc3339),
+                "problems": problems,
+            },
+            "error": error,
+            "recent_changes": changes,
+            "healthy": view.healthy(),
+            "summary": summary(view),
+        })
+    }
+}
+
+/// The last line: how many instances, and what is wrong.
+fn summary(view: &View) -> String {
+    let services = view.services().len();
+    let instances = view.instances.len();
+    let problems = view.config.problems.len();
+    let mut s = if instances == 0 {
+        "no instances registered".to_owned()
+    } else {
+        let not_serving: Vec<String> = view
+            .not_serving()
+            .map(|i| format!("{} {}", i.service, i.instance_id))
+            .collect();
+        let head = format!(
+            "{} in {}",
+            plural(instances, "instance"),
+            plural(services, "service")
+        );
+        if not_serving.is_empty() {
+            format!("{head}, all serving")
+        } else {
+            format!(
+                "{head}: {} not serving ({})",
+                not_serving.len(),
+                not_serving.join(", ")
+            )
+        }
+    };
+    if problems > 0 {
+        let _ = write!(s, "; {}", plural(problems, "config problem"));
+    }
+    s
+}
+
+/// Writes rows as columns separated by two spaces; the last column is
+/// not padded.
+fn table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
+    let columns = headers
+        .len()
+        .max(rows.iter().map(Vec::len).max().unwrap_or(0));
+    let mut widths = vec![0; columns];
+    let all = std::iter::once(headers.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>())
+        .filter(|h| !h.is_empty())
+        .chain(rows.iter().cloned());
+    let all: Vec<Vec<String>> = all.collect();
+    for row in &all {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in &all {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.to_owned()
+    }
+}
+
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// `k=v k=v`, sorted, or how many labels when that is too long.
+fn metadata(labels: &HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    let text = pairs.join(" ");
+    if text.chars().count() <= MAX_METADATA_WIDTH {
+        text
+    } else {
+        plural(labels.len(), "label")
+    }
+}
+
+/// A signed span of time: positive when `t` lies before the reference.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    past: bool,
+    duration: Duration,
+}
+
+/// How long before `reference` the timestamp `t` lies.
+fn since(t: &prost_types::Timestamp, reference: SystemTime) -> Span {
+    let t = SystemTime::try_from(*t).unwrap_or(SystemTime::UNIX_EPOCH);
+    elapsed(t, reference)
+}
+
+fn elapsed(t: SystemTime, reference: SystemTime) -> Span {
+    match reference.duration_since(t) {
+        Ok(duration) => Span {
+            past: true,
+            duration,
+        },
+        Err(e) => Span {
+            past: false,
+            duration: e.duration(),
+        },
+    }
+}
+
+/// A lease's expiry as seen from the snapshot.
+fn lease(until: Span) -> String {
+    if until.past {
+        format!("expired {} ago", age(until))
+    } else {
+        format!("expires in {}", age(until))
+    }
+}
+
+/// `7s`, `2m05s`, `3h04m`, `2d05h`: precise enough to read at a glance.
+fn age(span: Span) -> String {
+    let s = span.duration.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn rfc3339(t: &prost_types::Timestamp) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t.seconds)
+        .ok()
+        .map(|d| d + time::Duration::nanoseconds(i64::from(t.nanos)))
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(service: &str, id: &str, health: ServingStatus) -> registry_pb::Instance {
+        registry_pb::Instance {
+            instance_id: id.into(),
+            service: service.into(),
+            version: "1.0".into(),
+            address: "127.0.0.1:4143".into(),
+            grpc_services: vec![format!("pkg.{service}.Api")],
+            health: health as i32,
+            identity: format!("spiffe://trellis.local/ns/default/sa/{service}"),
+            ..Default::default()
+        }
+    }
+
+    fn view(instances: Vec<registry_pb::Instance>, problems: usize) -> View {
+        View {
+            revision: 3,
+            instances,
+            config: config_pb::GetConfigStatusResponse {
+                revision: 2,
+                loaded_at: None,
+                problems: (0..problems)
+                    .map(|_| config_pb::ConfigProblem {
+                        file: "usage.toml".into(),
+                        line: 4,
+                        rule: "routes[0]".into(),
+                        message: "bad".into(),
+                        rejected: true,
+                    })
+                    .collect(),
+            },
+            at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn summarizes_what_is_not_serving_and_config_problems() {
+        let all = view(
+            vec![
+                instance("usage", "a", ServingStatus::Serving),
+                instance("user", "b", ServingStatus::Serving),
+            ],
+            0,
+        );
+        assert!(all.healthy());
+        assert_eq!(summary(&all), "2 instances in 2 services, all serving");
+
+        let one_down = view(
+            vec![
+                instance("usage", "a", ServingStatus::Serving),
+                instance("usage", "c", ServingStatus::NotServing),
+            ],
+            1,
+        );
+        assert!(!one_down.healthy());
+        assert_eq!(
+            summary(&one_down),
+            "2 instances in 1 service: 1 not serving (usage c); 1 config problem"
+        );
+
+        let empty = view(vec![], 0);
+        assert!(!empty.healthy(), "an empty mesh is not a healthy one");
+        assert_eq!(summary(&empty), "no instances registered");
+    }
+
+    #[test]
+    fn groups_instances_by_service() {
+        let v = view(
+            vec![
+                instance("usage", "a", ServingStatus::Serving),
+                instance("usage", "c", ServingStatus::NotServing),
+                instance("user", "b", ServingStatus::Serving),
+            ],
+            0,
+        );
+        let rows = v.services();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].name, rows[0].serving, rows[0].total),
+            ("usage", 1, 2)
+        );
+        assert_eq!(rows[0].grpc_services, ["pkg.usage.Api"]);
+    }
+
+    #[test]
+    fn aligns_columns() {
+        let mut s = String::new();
+        table(
+            &mut s,
+            &["A", "BB", "C"],
+            &[vec!["xxx".into(), "y".into(), "last".into()]],
+        );
+        assert_eq!(s, "A    BB  C\nxxx  y   last\n");
+    }
+
+    #[test]
+    fn ages_read_at_a_glance() {
+        let span = |s| Span {
+            past: true,
+            duration: Duration::from_secs(s),
+        };
+        assert_eq!(age(span(7)), "7s");
+        assert_eq!(age(span(125)), "2m05s");
+        assert_eq!(age(span(3 * 3600 + 240)), "3h04m");
+        assert_eq!(age(span(2 * 86_400 + 5 * 3600)), "2d05h");
+        assert_eq!(
+            lease(Span {
+                past: false,
+                duration: Duration::from_secs(8)
+            }),
+            "expires in 8s"
+        );
+        assert_eq!(lease(span(2)), "expired 2s ago");
+    }
+
+    #[test]
+    fn shortens_identities_of_the_own_trust_domain_only() {
+        let style = Style {
+            addr: "127.0.0.1:7000".parse().unwrap(),
+            trust_domain: "trellis.local".into(),
+            caller: SpiffeId::parse("spiffe://trellis.local/ns/default/sa/cli").unwrap(),
+            json: false,
+        };
+        assert_eq!(
+            style.short_identity("spiffe://trellis.local/ns/default/sa/usage"),
+            "ns/default/sa/usage"
+        );
+        assert_eq!(
+            style.short_identity("spiffe://other.example/ns/default/sa/usage"),
+            "spiffe://other.example/ns/default/sa/usage"
+        );
+        assert_eq!(
+            style.short_identity("spiffe://trellis.localhost/x"),
+            "spiffe://trellis.localhost/x"
+        );
+    }
+
+    #[test]
+    fn long_metadata_is_counted() {
+        let short: HashMap<_, _> = [("zone".to_owned(), "a".to_owned())].into();
+        assert_eq!(metadata(&short), "zone=a");
+        let long: HashMap<_, _> = (0..5)
+            .map(|i| (format!("key-number-{i}"), "value".to_owned()))
+            .collect();
+        assert_eq!(metadata(&long), "5 labels");
+    }
+}

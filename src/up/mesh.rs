@@ -1,0 +1,625 @@
+//! The mesh file (`trellis.toml`): what `trellis up` runs.
+//!
+//! Parsed once, strictly: an unknown key, a missing command, a dependency
+//! on a service that is not listed or a dependency cycle is refused with
+//! the file, the line and the reason, before anything starts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Most instances one service may ask for: each takes four ports and four
+/// processes, so a typo (`instances = 200`) is refused rather than tried.
+pub const MAX_INSTANCES: u32 = 32;
+/// Most services one mesh file may list.
+pub const MAX_SERVICES: usize = 64;
+
+/// A parsed, checked mesh file.
+#[derive(Debug, Clone)]
+pub struct MeshFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// `[mesh]`.
+    pub mesh: MeshSection,
+    /// `[[build]]` steps, in order.
+    pub build: Vec<BuildStep>,
+    /// `[registry]`.
+    pub registry: RegistrySection,
+    /// `[postgres]`.
+    pub postgres: PostgresSection,
+    /// `[edge]`.
+    pub edge: EdgeSection,
+    /// `[[service]]`, in dependency order (a service after everything it
+    /// depends on; otherwise in file order).
+    pub services: Vec<ServiceSpec>,
+}
+
+/// `[mesh]`: where things go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// State directory: certificates, logs, the archive, a private
+    /// PostgreSQL. Relative to the mesh file's directory.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The ports instances and sidecars take, in order.
+    #[serde(default = "default_ports")]
+    pub ports: Spanned<String>,
+    /// The directory the registry serves through the Config API.
+    #[serde(default = "default_config_dir")]
+    pub config_dir: PathBuf,
+    /// Where `{bin}` points: the built binaries.
+    #[serde(default = "default_bin_dir")]
+    pub bin_dir: PathBuf,
+}
+
+/// One `[[build]]` step.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildStep {
+    /// Shown while it runs.
+    pub name: String,
+    /// Program and arguments, run in the mesh file's directory.
+    pub command: Vec<String>,
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Where the registry serves (mTLS), or `auto`.
+    #[serde(default = "default_registry_listen")]
+    pub listen: Spanned<String>,
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// The server (`postgres://user@host:port`); `DATABASE_URL` wins over
+    /// it. Unset: 127.0.0.1:5432, else a private cluster.
+    pub url: Option<String>,
+    /// Databases are named `<prefix>_<service>`.
+    #[serde(default = "default_database_prefix")]
+    pub database_prefix: String,
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            database_prefix: default_database_prefix(),
+        }
+    }
+}
+
+/// `[edge]`: the front door.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSection {
+    /// The plaintext (h2c) edge, every call public; or `auto`.
+    #[serde(default = "default_edge_listen")]
+    pub listen: Spanned<String>,
+    /// The TLS edge, behind an API key made at start-up; or `auto`.
+    pub tls_listen: Option<Spanned<String>>,
+}
+
+/// One `[[service]]`.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    /// The mesh service name: its identity, its config file, its
+    /// databases' suffix.
+    pub name: String,
+    /// How many instances, each with its own sidecar.
+    pub instances: u32,
+    /// Program and arguments, placeholders expanded per instance.
+    pub command: Vec<String>,
+    /// Extra environment, placeholders expanded per instance.
+    pub env: BTreeMap<String, String>,
+    /// Whether it gets `TRELLIS_DATABASE_URL`.
+    pub database: bool,
+    /// Services that must be serving before this one starts.
+    pub depends_on: Vec<String>,
+    /// Extra flags for each of its sidecars.
+    pub sidecar_args: Vec<String>,
+    /// The line of its `[[service]]` table, for messages.
+    pub line: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default = "default_mesh")]
+    mesh: MeshSection,
+    #[serde(default)]
+    build: Vec<BuildStep>,
+    #[serde(default = "default_registry")]
+    registry: RegistrySection,
+    #[serde(default)]
+    postgres: PostgresSection,
+    #[serde(default = "default_edge")]
+    edge: EdgeSection,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    #[serde(default = "one")]
+    instances: Spanned<u32>,
+    command: Spanned<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    database: bool,
+    #[serde(default = "no_dependencies")]
+    depends_on: Spanned<Vec<String>>,
+    #[serde(default)]
+    sidecar_args: Vec<String>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".trellis")
+}
+fn default_ports() -> Spanned<String> {
+    Spanned::new(0..0, "7100-7299".to_owned())
+}
+fn default_config_dir() -> PathBuf {
+    PathBuf::from("config")
+}
+fn default_bin_dir() -> PathBuf {
+    PathBuf::from("target/release")
+}
+fn default_registry_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:7000".to_owned())
+}
+fn default_edge_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:8080".to_owned())
+}
+fn default_database_prefix() -> String {
+    "trellis".to_owned()
+}
+fn default_mesh() -> MeshSection {
+    MeshSection {
+        state_dir: default_state_dir(),
+        ports: default_ports(),
+        config_dir: default_config_dir(),
+        bin_dir: default_bin_dir(),
+    }
+}
+fn default_registry() -> RegistrySection {
+    RegistrySection {
+        listen: default_registry_listen(),
+    }
+}
+fn default_edge() -> EdgeSection {
+    EdgeSection {
+        listen: default_edge_listen(),
+        tls_listen: None,
+    }
+}
+fn no_dependencies() -> Spanned<Vec<String>> {
+    Spanned::new(0..0, Vec::new())
+}
+fn one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+/// Why a mesh file was refused: where, and what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct MeshFileError {
+    /// The file.
+    pub path: PathBuf,
+    /// The line, when the problem has one.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Where one port comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortSpec {
+    /// This address.
+    Fixed(SocketAddr),
+    /// Any free port on 127.0.0.1.
+    Auto,
+}
+
+/// The `ports` setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRange {
+    /// Taken in order from this range (inclusive).
+    Range(u16, u16),
+    /// Any free ports.
+    Auto,
+}
+
+impl MeshFile {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, MeshFileError> {
+        let text = std::fs::read_to_string(path).map_err(|e| MeshFileError {
+            path: path.to_owned(),
+            line: None,
+            message: format!("cannot be read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks `text`, naming `path` in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, MeshFileError> {
+        let error = |span: Option<Range<usize>>, message: String| MeshFileError {
+            path: path.to_owned(),
+            line: span.map(|s| line_of(text, s.start)),
+            message,
+        };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let message = e.message().to_owned();
+            error(e.span(), message)
+        })?;
+
+        if raw.service.is_empty() {
+            return Err(error(None, "lists no [[service]]".to_owned()));
+        }
+        if raw.service.len() > MAX_SERVICES {
+            return Err(error(
+                None,
+                format!(
+                    "lists {} services; at most {MAX_SERVICES} are supported",
+                    raw.service.len()
+                ),
+            ));
+        }
+        parse_port_range(raw.mesh.ports.get_ref())
+            .map_err(|m| error(Some(raw.mesh.ports.span()), format!("[mesh] ports: {m}")))?;
+        parse_port_spec(raw.registry.listen.get_ref()).map_err(|m| {
+            error(
+                Some(raw.registry.listen.span()),
+                format!("[registry] listen: {m}"),
+            )
+        })?;
+        parse_port_spec(raw.edge.listen.get_ref())
+            .map_err(|m| error(Some(raw.edge.listen.span()), format!("[edge] listen: {m}")))?;
+        if let Some(tls) = &raw.edge.tls_listen {
+            parse_port_spec(tls.get_ref())
+                .map_err(|m| error(Some(tls.span()), format!("[edge] tls_listen: {m}")))?;
+        }
+        for (i, step) in raw.build.iter().enumerate() {
+            if step.command.is_empty() || step.command[0].is_empty() {
+                return Err(error(
+                    None,
+                    format!("[[build]] #{} ({}) has an empty command", i + 1, step.name),
+                ));
+            }
+        }
+        if !valid_name(&raw.postgres.database_prefix) {
+            return Err(error(
+                None,
+                format!(
+                    "[postgres] database_prefix {:?} must be lowercase letters, digits and _ (it names databases)",
+                    raw.postgres.database_prefix
+                ),
+            ));
+        }
+
+        let mut services = Vec::with_capacity(raw.service.len());
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for spanned in &raw.service {
+            let service = spanned.get_ref();
+            let name = service.name.get_ref();
+            let line = line_of(text, spanned.span().start);
+            if !valid_name(name) {
+                return Err(error(
+                    Some(service.name.span()),
+                    format!(
+                        "service name {name:?} must be lowercase letters, digits, - and _ (it is an identity and a config file name)"
+                    ),
+                ));
+            }
+            if matches!(name.as_str(), "registry" | "edge" | "cli") {
+                return Err(error(
+                    Some(service.name.span()),
+                    format!(
+                        "service name {name:?} is taken by the mesh itself (registry, edge, cli)"
+                    ),
+                ));
+            }
+            if let Some(first) = seen.insert(name.clone(), line) {
+                return Err(error(
+                    Some(service.name.span()),
+                    format!("service {name:?} is listed twice (first on line {first})"),
+                ));
+            }
+            let instances = *service.instances.get_ref();
+            if instances == 0 || instances > MAX_INSTANCES {
+                return Err(error(
+                    Some(service.instances.span()),
+                    format!(
+                        "service {name:?}: instances must be 1 to {MAX_INSTANCES}, not {instances}"
+                    ),
+                ));
+            }
+            let command = service.command.get_ref();
+            if command.is_empty() || command[0].is_empty() {
+                return Err(error(
+                    Some(service.command.span()),
+                    format!(
+                        "service {name:?}: command is empty; give the program and its arguments"
+                    ),
+                ));
+            }
+            services.push(ServiceSpec {
+                name: name.clone(),
+                instances,
+                command: command.clone(),
+                env: service.env.clone(),
+                database: service.database,
+                depends_on: service.depends_on.get_ref().clone(),
+                sidecar_args: service.sidecar_args.clone(),
+                line,
+            });
+        }
+        for (spanned, spec) in raw.service.iter().zip(&services) {
+            for dep in &spec.depends_on {
+                if !seen.contains_key(dep) {
+                    return Err(error(
+                        Some(spanned.get_ref().depends_on.span()),
+                        format!(
+                            "service {:?} depends on {dep:?}, which is not a [[service]] here",
+                            spec.name
+                        ),
+                    ));
+                }
+                if dep == &spec.name {
+                    return Err(error(
+                        Some(spanned.get_ref().depends_on.span()),
+                        format!("service {:?} depends on itself", spec.name),
+                    ));
+                }
+            }
+        }
+        let services = dependency_order(services).map_err(|(line, cycle)| MeshFileError {
+            path: path.to_owned(),
+            line: Some(line),
+            message: format!("services depend on each other in a cycle: {cycle}"),
+        })?;
+
+        Ok(Self {
+            path: path.to_owned(),
+            mesh: raw.mesh,
+            build: raw.build,
+            registry: raw.registry,
+            postgres: raw.postgres,
+            edge: raw.edge,
+            services,
+        })
+    }
+
+    /// The directory relative paths in the file are taken from.
+    pub fn root(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// The `ports` range.
+    pub fn port_range(&self) -> PortRange {
+        parse_port_range(self.mesh.ports.get_ref()).expect("checked when parsed")
+    }
+
+    /// The registry's address.
+    pub fn registry_listen(&self) -> PortSpec {
+        parse_port_spec(self.registry.listen.get_ref()).expect("checked when parsed")
+    }
+
+    /// The plaintext edge's address.
+    pub fn edge_listen(&self) -> PortSpec {
+        parse_port_spec(self.edge.listen.get_ref()).expect("checked when parsed")
+    }
+
+    /// The TLS edge's address, if there is one.
+    pub fn edge_tls_listen(&self) -> Option<PortSpec> {
+        self.edge
+            .tls_listen
+            .as_ref()
+            .map(|s| parse_port_spec(s.get_ref()).expect("checked when parsed"))
+    }
+
+    /// Every port becomes `auto`: for tests and for running a second mesh
+    /// beside the first.
+    pub fn use_any_free_ports(&mut self) {
+        let auto = |s: &mut Spanned<String>| *s = Spanned::new(s.span(), "auto".to_owned());
+        auto(&mut self.mesh.ports);
+        auto(&mut self.registry.listen);
+        auto(&mut self.edge.listen);
+        if let Some(tls) = &mut self.edge.tls_listen {
+            auto(tls);
+        }
+    }
+
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceSpec> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+/// `a-b` or `auto`.
+fn parse_port_range(text: &str) -> Result<PortRange, String> {
+    if text == "auto" {
+        return Ok(PortRange::Auto);
+    }
+    let bad = || format!("{text:?} is not a range such as \"7100-7299\" or \"auto\"");
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    Ok(PortRange::Range(a, b))
+}
+
+/// `host:port` (an IP address) or `auto`.
+fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
+    if text == "auto" {
+        return Ok(PortSpec::Auto);
+    }
+    text.parse::<SocketAddr>()
+        .map(PortSpec::Fixed)
+        .map_err(|_| format!("{text:?} is not an address such as \"127.0.0.1:8080\" or \"auto\""))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_lowercase()
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Orders services so each comes after its dependencies (stable: file
+/// order otherwise), or names a cycle.
+fn dependency_order(services: Vec<ServiceSpec>) -> Result<Vec<ServiceSpec>, (usize, String)> {
+    let mut placed: Vec<ServiceSpec> = Vec::with_capacity(services.len());
+    let mut left = services;
+    while !left.is_empty() {
+        let ready = left.iter().position(|s| {
+            s.depends_on
+                .iter()
+                .all(|d| placed.iter().any(|p| &p.name == d))
+        });
+        match ready {
+            Some(i) => placed.push(left.remove(i)),
+            None => {
+                let names: Vec<&str> = left.iter().map(|s| s.name.as_str()).collect();
+                return Err((left[0].line, names.join(", ")));
+            }
+        }
+    }
+    Ok(placed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<MeshFile, MeshFileError> {
+        MeshFile::parse(Path::new("trellis.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+[mesh]
+ports = "7100-7299"
+
+[[service]]
+name = "usage"
+instances = 2
+command = ["{bin}/trellis-usage"]
+database = true
+depends_on = ["user"]
+
+[[service]]
+name = "user"
+command = ["{bin}/trellis-user"]
+database = true
+"#;
+
+    #[test]
+    fn orders_services_after_their_dependencies() {
+        let file = parse(GOOD).unwrap();
+        let names: Vec<&str> = file.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["user", "usage"]);
+        assert_eq!(file.services[1].instances, 2);
+        assert_eq!(file.services[1].line, 5);
+        assert_eq!(file.port_range(), PortRange::Range(7100, 7299));
+        assert_eq!(
+            file.edge_listen(),
+            PortSpec::Fixed("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(file.edge_tls_listen(), None);
+    }
+
+    #[test]
+    fn the_repository_mesh_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("trellis.toml");
+        let file = MeshFile::load(&path).unwrap();
+        assert!(file.service("usage").is_some_and(|s| s.instances == 2));
+    }
+
+    fn refused(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn refuses_bad_files_with_line_and_reason() {
+        let typo = refused("[[service]]\nname = \"a\"\ncommand = [\"x\"]\ninstancs = 2\n");
+        assert!(
+            typo.starts_with("trellis.toml:4: unknown field `instancs`"),
+            "{typo}"
+        );
+
+        let syntax = refused("[[service]\nname = \"a\"\n");
+        assert!(syntax.starts_with("trellis.toml:1:"), "{syntax}");
+
+        let dep =
+            refused("[[service]]\nname = \"a\"\ncommand = [\"x\"]\ndepends_on = [\"nope\"]\n");
+        assert!(dep.contains(":4:") && dep.contains("\"nope\""), "{dep}");
+
+        let cycle = refused(
+            "[[service]]\nname = \"a\"\ncommand = [\"x\"]\ndepends_on = [\"b\"]\n\
+             [[service]]\nname = \"b\"\ncommand = [\"x\"]\ndepends_on = [\"a\"]\n",
+        );
+        assert!(cycle.contains("cycle: a, b"), "{cycle}");
+
+        let twice = refused(
+            "[[service]]\nname = \"a\"\ncommand = [\"x\"]\n[[service]]\nname = \"a\"\ncommand = [\"y\"]\n",
+        );
+        assert!(
+            twice.contains(":5:") && twice.contains("first on line 1"),
+            "{twice}"
+        );
+
+        let empty = refused("[[service]]\nname = \"a\"\ncommand = []\n");
+        assert!(
+            empty.contains(":3:") && empty.contains("command is empty"),
+            "{empty}"
+        );
+
+        let many = refused("[[service]]\nname = \"a\"\ncommand = [\"x\"]\ninstances = 500\n");
+        assert!(many.contains(":4:") && many.contains("1 to 32"), "{many}");
+
+        let ports =
+            refused("[mesh]\nports = \"9000\"\n[[service]]\nname = \"a\"\ncommand = [\"x\"]\n");
+        assert!(
+            ports.contains(":2:") && ports.contains("not a range"),
+            "{ports}"
+        );
+
+        let edge = refused(
+            "[edge]\nlisten = \"localhost\"\n[[service]]\nname = \"a\"\ncommand = [\"x\"]\n",
+        );
+        assert!(
+            edge.contains(":2:") && edge.contains("not an address"),
+            "{edge}"
+        );
+
+        let reserved = refused("[[service]]\nname = \"edge\"\ncommand = [\"x\"]\n");
+        assert!(reserved.contains("taken by the mesh"), "{reserved}");
+
+        let upper = refused("[[service]]\nname = \"User\"\ncommand = [\"x\"]\n");
+        assert!(upper.contains("lowercase"), "{upper}");
+
+        assert!(refused("").contains("no [[service]]"));
+    }
+}

@@ -1,0 +1,1070 @@
+//! `trellis up`: builds and runs the mesh a mesh file describes, on this
+//! machine, as separate processes, and supervises them.
+//!
+//! In order: the `[[build]]` steps; the addresses (every port checked
+//! free); certificates; PostgreSQL (found, or a private cluster started);
+//! the registry; the services by dependency level, each instance with its
+//! own sidecar, a level waiting for the one before it to be ready; the
+//! edges. Then it prints how to call the mesh and supervises: a process
+//! that exits is restarted with backoff, one that keeps crashing is given
+//! up on, and the rest keep serving. Ctrl-C or SIGTERM stops everything in
+//! reverse order (edges, sidecars, services, registry, PostgreSQL), each
+//! draining within its grace period. If anything fails while starting,
+//! what was started is stopped and the failure is shown with the
+//! component's last lines and what to check.
+
+pub mod logs;
+pub mod mesh;
+pub mod plan;
+pub mod postgres;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use self::logs::LogSink;
+use self::mesh::{MeshFile, ServiceSpec};
+use self::plan::{EdgePlan, InstancePlan, Placeholders, Plan, resolve};
+use self::supervisor::{ProcessSpec, State, Supervised, Supervisor, indent};
+
+/// `trellis up`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// The mesh file.
+    #[arg(
+        long,
+        short = 'f',
+        default_value = "trellis.toml",
+        env = "TRELLIS_MESH_FILE"
+    )]
+    pub file: PathBuf,
+    /// State directory (certificates, logs, the archive, a private
+    /// PostgreSQL); overrides the mesh file's `[mesh] state_dir`.
+    #[arg(long, env = "TRELLIS_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Where the built binaries are (`{bin}`); overrides `[mesh] bin_dir`.
+    #[arg(long, env = "TRELLIS_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// Take any free ports instead of the mesh file's (to run a second
+    /// mesh beside the first, or in tests).
+    #[arg(long)]
+    pub any_ports: bool,
+    /// Skip the `[[build]]` step with this name (repeat or comma-separate;
+    /// `all` skips every one).
+    #[arg(long = "skip-build", value_delimiter = ',')]
+    pub skip_build: Vec<String>,
+    /// Databases are named `<prefix>_<service>`; overrides
+    /// `[postgres] database_prefix`.
+    #[arg(long, env = "TRELLIS_DATABASE_PREFIX")]
+    pub database_prefix: Option<String>,
+    /// How long each level of the mesh may take to become ready.
+    #[arg(long, default_value = "120s", value_parser = crate::cli::parse_duration)]
+    pub ready_timeout: Duration,
+}
+
+/// Runs `trellis up`; returns the process's exit status.
+pub fn main(args: UpArgs) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis up: cannot start the runtime: {e}");
+            return 2;
+        }
+    };
+    runtime.block_on(up(args))
+}
+
+/// The mesh as it runs: stages in start order, each a set of processes.
+#[derive(Debug, Default)]
+struct Running {
+    stages: Vec<(Stage, Vec<Supervised>)>,
+}
+
+/// What a stage holds, which decides how it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Anything stopped on its own: PostgreSQL, the registry, the edges.
+    Plain,
+    /// Service instances; their sidecars are the stage after.
+    Services,
+    /// The sidecars of the stage before.
+    Sidecars,
+}
+
+/// How long a sidecar keeps serving after SIGTERM while peers see it
+/// deregistered (mesh-proxy's `--drain-delay` default), and a margin.
+const SIDECAR_DRAIN_DELAY: Duration = Duration::from_millis(2500);
+
+impl Running {
+    /// Stops everything in reverse start order, each stage's processes at
+    /// once. Sidecars are asked first and their services once the
+    /// sidecars' drain delay is over: peers have stopped sending by then,
+    /// calls in flight finish, and the services' own calls out through
+    /// their sidecars (configuration watches) end, so the sidecars finish
+    /// draining without running out their grace period.
+    async fn stop(mut self, logs: &LogSink) {
+        while let Some((stage, procs)) = self.stages.pop() {
+            if procs.is_empty() {
+                continue;
+            }
+            let names = |procs: &[Supervised]| {
+                procs
+                    .iter()
+                    .map(|p| p.spec.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let services = match (stage, self.stages.last()) {
+                (Stage::Sidecars, Some((Stage::Services, _))) => self.stages.pop().map(|(_, p)| p),
+                _ => None,
+            };
+            match services {
+                Some(services) => {
+                    logs.launcher(format!("stopping {} (draining)", names(&procs)));
+                    for p in &procs {
+                        p.request_stop();
+                    }
+                    tokio::time::sleep(SIDECAR_DRAIN_DELAY).await;
+                    logs.launcher(format!("stopping {}", names(&services)));
+                    futures::future::join_all(services.into_iter().map(Supervised::stop)).await;
+                    futures::future::join_all(procs.into_iter().map(Supervised::stopped)).await;
+                }
+                None => {
+                    logs.launcher(format!("stopping {}", names(&procs)));
+                    futures::future::join_all(procs.into_iter().map(Supervised::stop)).await;
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, stage: Stage, procs: Vec<Supervised>) -> &[Supervised] {
+        self.stages.push((stage, procs));
+        &self.stages.last().expect("just pushed").1
+    }
+}
+
+/// Why the mesh did not come up.
+#[derive(Debug)]
+struct StartFailure(String);
+
+async fn up(args: UpArgs) -> i32 {
+    let mut file = match MeshFile::load(&args.file) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("trellis up: {e}");
+            return 2;
+        }
+    };
+    if args.any_ports {
+        file.use_any_free_ports();
+    }
+    if let Some(prefix) = &args.database_prefix {
+        file.postgres.database_prefix = prefix.clone();
+    }
+    let root = file.root();
+    let state = resolve(
+        &root,
+        args.state_dir.as_deref().unwrap_or(&file.mesh.state_dir),
+    );
+    let bin = resolve(&root, args.bin_dir.as_deref().unwrap_or(&file.mesh.bin_dir));
+    let prepared = match prepare(&args, &file, &root, &state).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("trellis up: {e:#}");
+            return 2;
+        }
+    };
+
+    let width = prepared
+        .plan
+        .instances
+        .iter()
+        .map(|i| i.name.len() + "-proxy".len())
+        .chain(["registry".len(), "edge-tls".len()])
+        .max()
+        .unwrap_or(8);
+    let logs = LogSink::stdout(width);
+    let supervisor = Supervisor::new(logs.clone(), state.join("logs"), state.join("run"));
+    let stop = stop_signal();
+    let mut running = Running::default();
+    let context = Launch {
+        file: &file,
+        root: &root,
+        state: &state,
+        bin: &bin,
+        certs: state.join("certs"),
+        supervisor: &supervisor,
+        logs: &logs,
+        ready_timeout: args.ready_timeout,
+        stop: stop.clone(),
+    };
+    let mut plan = prepared.plan;
+    let started = Instant::now();
+    let outcome = start(&context, &mut plan, &mut running).await;
+    let code = match outcome {
+        Ok(server) => {
+            supervisor.start_restarting();
+            let banner = banner(
+                &context,
+                &plan,
+                server.as_ref(),
+                &prepared.api_key,
+                started.elapsed(),
+            );
+            logs.flush().await;
+            println!("{banner}");
+            let _ = write_run_file(&state, &plan, server.as_ref());
+            wait_for_stop(stop).await;
+            logs.launcher("stopping the mesh (Ctrl-C again to kill at once)".to_owned());
+            0
+        }
+        Err(StartFailure(message)) => {
+            logs.flush().await;
+            eprintln!("trellis up: {message}");
+            eprintln!("trellis up: stopping what was started");
+            1
+        }
+    };
+    let kill_switch = tokio::spawn(kill_on_second_signal(state.join("run"), logs.clone()));
+    running.stop(&logs).await;
+    kill_switch.abort();
+    let _ = std::fs::remove_file(state.join("run").join("up.json"));
+    let _ = std::fs::remove_file(state.join("run").join("trellis-up.pid"));
+    logs.launcher("stopped; nothing is left running".to_owned());
+    logs.flush().await;
+    code
+}
+
+/// What is decided before any process starts.
+struct Prepared {
+    plan: Plan,
+    api_key: Option<String>,
+}
+
+/// Everything that can fail before a process starts: the state directory,
+/// an earlier run, the build, ports, certificates, the edge's policy.
+async fn prepare(
+    args: &UpArgs,
+    file: &MeshFile,
+    root: &Path,
+    state: &Path,
+) -> anyhow::Result<Prepared> {
+    for dir in ["logs", "run", "certs"] {
+        std::fs::create_dir_all(state.join(dir))
+            .with_context(|| format!("creating {}", state.join(dir).display()))?;
+    }
+    claim_state_dir(state)?;
+    run_builds(args, file, root)?;
+    let plan = Plan::new(file)?;
+    let mut workloads = vec!["registry".to_owned(), "edge".to_owned(), "cli".to_owned()];
+    workloads.extend(file.services.iter().map(|s| s.name.clone()));
+    crate::certs::write_dev_certs(
+        &state.join("certs"),
+        crate::identity::DEFAULT_TRUST_DOMAIN,
+        crate::identity::DEFAULT_NAMESPACE,
+        &workloads,
+        &["localhost".to_owned(), "127.0.0.1".to_owned()],
+        90,
+    )
+    .context("making certificates")?;
+    let api_key = if plan.edges.iter().any(|e| e.tls) {
+        Some(write_edge_policy(&state.join("edge-policy.toml"))?)
+    } else {
+        None
+    };
+    Ok(Prepared { plan, api_key })
+}
+
+/// Refuses a state directory another `trellis up` is running in, and
+/// stops what an earlier run that was killed left behind.
+fn claim_state_dir(state: &Path) -> anyhow::Result<()> {
+    let run = state.join("run");
+    let own = run.join("trellis-up.pid");
+    if let Some(pid) = read_pid(&own)
+        && pid != std::process::id()
+        && process_alive(pid)
+        && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "trellis")
+    {
+        anyhow::bail!(
+            "trellis up is already running (pid {pid}) with the state directory {}; stop it first (Ctrl-C in its terminal, or kill -TERM {pid})",
+            state.display()
+        );
+    }
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "pid")
+            && path != own
+            && let Some(pid) = read_pid(&path)
+            && process_alive(pid)
+        {
+            let _ =
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            left.push(format!(
+                "{} (pid {pid})",
+                path.file_stem().unwrap_or_default().to_string_lossy()
+            ));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    if !left.is_empty() {
+        eprintln!(
+            "trellis up: stopped {} process(es) an earlier run left behind: {}",
+            left.len(),
+            left.join(", ")
+        );
+    }
+    std::fs::write(&own, format!("{}\n", std::process::id()))
+        .with_context(|| format!("writing {}", own.display()))?;
+    Ok(())
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Runs the `[[build]]` steps in order, their output straight to the
+/// terminal (cargo shows its own progress).
+fn run_builds(args: &UpArgs, file: &MeshFile, root: &Path) -> anyhow::Result<()> {
+    let skip_all = args.skip_build.iter().any(|s| s == "all");
+    for step in &file.build {
+        if skip_all || args.skip_build.contains(&step.name) {
+            continue;
+        }
+        let shown = step.command.join(" ");
+        eprintln!("==> build {}: {shown}", step.name);
+        let started = Instant::now();
+        let status = std::process::Command::new(program_path(root, &step.command[0]))
+            .args(&step.command[1..])
+            .current_dir(root)
+            .status()
+            .with_context(|| format!("build step {:?} cannot run `{shown}`", step.name))?;
+        if !status.success() {
+            anyhow::bail!(
+                "build step {:?} (`{shown}`) {}; fix it and run trellis up again",
+                step.name,
+                supervisor::describe(status)
+            );
+        }
+        eprintln!(
+            "==> build {}: done in {:.1}s",
+            step.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// A program named with a relative path is relative to the mesh file's
+/// directory; a bare name is looked up on PATH.
+fn program_path(root: &Path, program: &str) -> PathBuf {
+    let path = Path::new(program);
+    if program.contains('/') && path.is_relative() {
+        root.join(path)
+    } else {
+        path.to_owned()
+    }
+}
+
+/// A fresh API key for the TLS edge each run; only its SHA-256 is written.
+fn write_edge_policy(path: &Path) -> anyhow::Result<String> {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let sha: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let policy = format!(
+        "# Made by trellis up for this run: Echo is public (rate limited per\n\
+         # caller); every other call, and reflection, need the API key it printed.\n\
+         reflection = \"required\"\nhealth = \"public\"\n\n\
+         [[api_key]]\nname = \"you\"\nsha256 = \"{sha}\"\n\n\
+         [[route]]\nmatch = \"trellis.echo.v1.EchoService/Echo\"\nauth = \"public\"\nrate_per_second = 20.0\nburst = 40\n\n\
+         [[route]]\nmatch = \"*\"\nauth = \"required\"\n"
+    );
+    std::fs::write(path, policy).with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
+}
+
+/// What starting needs.
+struct Launch<'a> {
+    file: &'a MeshFile,
+    root: &'a Path,
+    state: &'a Path,
+    bin: &'a Path,
+    certs: PathBuf,
+    supervisor: &'a Supervisor,
+    logs: &'a LogSink,
+    ready_timeout: Duration,
+    stop: watch::Receiver<bool>,
+}
+
+impl Launch<'_> {
+    fn identity(&self, name: &str) -> Vec<String> {
+        let file = |ext: &str| {
+            self.certs
+                .join(format!("{name}.{ext}"))
+                .display()
+                .to_string()
+        };
+        vec![
+            "--cert".to_owned(),
+            file("pem"),
+            "--key".to_owned(),
+            file("key"),
+            "--ca".to_owned(),
+            self.certs.join("ca.pem").display().to_string(),
+        ]
+    }
+
+    fn binary(&self, name: &str) -> String {
+        self.bin.join(name).display().to_string()
+    }
+
+    fn spec(&self, name: &str, program: String, args: Vec<String>, grace: Duration) -> ProcessSpec {
+        ProcessSpec {
+            env: quiet_logs(),
+            name: name.to_owned(),
+            hint: format!(
+                "is {program} built? (cargo build --release --workspace, or set [mesh] bin_dir in {})",
+                self.file.path.display()
+            ),
+            program,
+            args,
+            cwd: self.root.to_owned(),
+            stop_signal: Signal::SIGTERM,
+            grace,
+            user: None,
+        }
+    }
+}
+
+/// Starts everything in order; on failure, `running` holds what was started.
+async fn start(
+    cx: &Launch<'_>,
+    plan: &mut Plan,
+    running: &mut Running,
+) -> Result<Option<postgres::Server>, StartFailure> {
+    let server = if cx.file.services.iter().any(|s| s.database) {
+        Some(start_postgres(cx, plan, running).await?)
+    } else {
+        None
+    };
+    let fail = |e: anyhow::Error| StartFailure(format!("{e:#}"));
+
+    let registry = cx.spec(
+        "registry",
+        cx.binary("trellis-registry"),
+        [
+            vec![
+                "--listen".to_owned(),
+                plan.registry.to_string(),
+                "--config-dir".to_owned(),
+                resolve(cx.root, &cx.file.mesh.config_dir)
+                    .display()
+                    .to_string(),
+                "--read-only".to_owned(),
+                "edge,cli".to_owned(),
+            ],
+            cx.identity("registry"),
+        ]
+        .concat(),
+        Duration::from_secs(7),
+    );
+    cx.logs
+        .launcher(format!("starting the registry on {}", plan.registry));
+    let addr = plan.registry;
+    let stage = running.push(Stage::Plain, vec![cx.supervisor.spawn(registry)]);
+    wait_until(cx, stage, "the registry", || async move {
+        tcp_open(addr)
+            .then_some(())
+            .ok_or_else(|| format!("nothing listens on {addr} yet"))
+    })
+    .await?;
+
+    let levels = levels(&cx.file.services);
+    for level in levels {
+        let mut apps = Vec::new();
+        let mut sidecars = Vec::new();
+        let mut admins = Vec::new();
+        for service in &level {
+            for instance in plan.instances_of(&service.name) {
+                let app = app_spec(cx, service, instance, server.as_ref()).map_err(fail)?;
+                apps.push(cx.supervisor.spawn(app));
+                sidecars.push(cx.supervisor.spawn(sidecar_spec(
+                    cx,
+                    service,
+                    instance,
+                    plan.registry,
+                )));
+                admins.push((instance.name.clone(), instance.admin));
+            }
+        }
+        let names: Vec<&str> = level.iter().map(|s| s.name.as_str()).collect();
+        cx.logs.launcher(format!(
+            "starting {} ({} instance(s), each with its sidecar)",
+            names.join(", "),
+            admins.len()
+        ));
+        running.push(Stage::Services, apps);
+        running.push(Stage::Sidecars, sidecars);
+        wait_ready_admins(cx, running, &admins, &names.join(", ")).await?;
+    }
+
+    let mut edges = Vec::new();
+    let mut admins = Vec::new();
+    for edge in &plan.edges {
+        edges.push(cx.supervisor.spawn(edge_spec(cx, edge, plan.registry)));
+        admins.push((edge.name.clone(), edge.admin));
+    }
+    cx.logs.launcher("starting the edge".to_owned());
+    running.push(Stage::Plain, edges);
+    wait_ready_admins(cx, running, &admins, "the edge").await?;
+    Ok(server)
+}
+
+/// Quiet by default: warnings and errors only, unless `RUST_LOG` (which
+/// every process then inherits) asks for more.
+fn quiet_logs() -> Vec<(String, String)> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        Vec::new()
+    } else {
+        vec![("RUST_LOG".to_owned(), "warn".to_owned())]
+    }
+}
+
+/// Finds PostgreSQL, or starts the private cluster as the first stage.
+async fn start_postgres(
+    cx: &Launch<'_>,
+    plan: &mut Plan,
+    running: &mut Running,
+) -> Result<postgres::Server, StartFailure> {
+    let configured = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| cx.file.postgres.url.clone());
+    let file_path = cx.file.path.clone();
+    let server = postgres::choose(configured, &cx.state.join("postgres"), || {
+        plan.extra_port("a private PostgreSQL", &file_path)
+            .map_err(anyhow::Error::from)
+    })
+    .await
+    .map_err(|e| StartFailure(format!("{e:#}")))?;
+    match &server {
+        postgres::Server::External { url } => {
+            cx.logs.launcher(format!("PostgreSQL: {url}"));
+        }
+        postgres::Server::Private {
+            spec, url, data, ..
+        } => {
+            cx.logs.launcher(format!(
+                "PostgreSQL: no server configured or on 127.0.0.1:5432; running a private cluster ({}) at {url}",
+                data.display()
+            ));
+            let url = url.clone();
+            let stage = running.push(
+                Stage::Plain,
+                vec![cx.supervisor.spawn(spec.as_ref().clone())],
+            );
+            wait_until(cx, stage, "PostgreSQL", || {
+                let url = url.clone();
+                async move {
+                    postgres::wait_ready(&url, Duration::from_millis(1))
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                }
+            })
+            .await?;
+        }
+    }
+    Ok(server)
+}
+
+/// Services grouped by dependency level: a level's services depend only
+/// on earlier levels, so a level starts once the one before is ready.
+fn levels(services: &[ServiceSpec]) -> Vec<Vec<&ServiceSpec>> {
+    let mut level_of: HashMap<&str, usize> = HashMap::new();
+    let mut levels: Vec<Vec<&ServiceSpec>> = Vec::new();
+    // Services come in dependency order, so every dependency is placed.
+    for service in services {
+        let level = service
+            .depends_on
+            .iter()
+            .map(|d| level_of.get(d.as_str()).map_or(0, |l| l + 1))
+            .max()
+            .unwrap_or(0);
+        level_of.insert(&service.name, level);
+        if levels.len() <= level {
+            levels.resize_with(level + 1, Vec::new);
+        }
+        levels[level].push(service);
+    }
+    levels
+}
+
+fn app_spec(
+    cx: &Launch<'_>,
+    service: &ServiceSpec,
+    instance: &InstancePlan,
+    server: Option<&postgres::Server>,
+) -> anyhow::Result<ProcessSpec> {
+    let values = Placeholders::new(instance, cx.state, cx.bin);
+    let at = |what: &str, e: String| {
+        anyhow!(
+            "{}:{}: service {:?}: {what}: {e}",
+            cx.file.path.display(),
+            service.line,
+            service.name
+        )
+    };
+    let mut command = Vec::with_capacity(service.command.len());
+    for part in &service.command {
+        command.push(values.expand(part).map_err(|e| at("command", e))?);
+    }
+    let mut env = quiet_logs();
+    env.extend([
+        ("TRELLIS_LISTEN".to_owned(), instance.listen.to_string()),
+        ("TRELLIS_OUTBOUND".to_owned(), instance.outbound.to_string()),
+        ("TRELLIS_INSTANCE".to_owned(), instance.name.clone()),
+        ("TRELLIS_SERVICE".to_owned(), service.name.clone()),
+    ]);
+    if let (true, Some(server)) = (service.database, server) {
+        let name = format!(
+            "{}_{}",
+            cx.file.postgres.database_prefix,
+            service.name.replace('-', "_")
+        );
+        env.push((
+            "TRELLIS_DATABASE_URL".to_owned(),
+            server.database_url(&name),
+        ));
+    }
+    for (key, value) in &service.env {
+        env.push((
+            key.clone(),
+            values
+                .expand(value)
+                .map_err(|e| at(&format!("env {key}"), e))?,
+        ));
+    }
+    let program = program_path(cx.root, &command[0]).display().to_string();
+    Ok(ProcessSpec {
+        name: instance.name.clone(),
+        hint: format!(
+            "the command of service {:?} on line {} of {} ({}); is it built or installed?",
+            service.name,
+            service.line,
+            cx.file.path.display(),
+            command.join(" ")
+        ),
+        program,
+        args: command[1..].to_vec(),
+        env,
+        cwd: cx.root.to_owned(),
+        stop_signal: Signal::SIGTERM,
+        grace: Duration::from_secs(15),
+        user: None,
+    })
+}
+
+fn sidecar_spec(
+    cx: &Launch<'_>,
+    service: &ServiceSpec,
+    instance: &InstancePlan,
+    registry: SocketAddr,
+) -> ProcessSpec {
+    let mut args = vec![
+        "--app".to_owned(),
+        instance.listen.to_string(),
+        "--inbound".to_owned(),
+        instance.inbound.to_string(),
+        "--outbound".to_owned(),
+        instance.outbound.to_string(),
+        "--admin".to_owned(),
+        instance.admin.to_string(),
+        "--registry".to_owned(),
+        registry.to_string(),
+    ];
+    args.extend(cx.identity(&service.name));
+    args.extend(service.sidecar_args.iter().cloned());
+    cx.spec(
+        &format!("{}-proxy", instance.name),
+        cx.binary("mesh-proxy"),
+        args,
+        Duration::from_secs(15),
+    )
+}
+
+fn edge_spec(cx: &Launch<'_>, edge: &EdgePlan, registry: SocketAddr) -> ProcessSpec {
+    let mut args = vec![
+        "--edge".to_owned(),
+        edge.listen.to_string(),
+        "--outbound".to_owned(),
+        edge.outbound.to_string(),
+        "--admin".to_owned(),
+        edge.admin.to_string(),
+        "--registry".to_owned(),
+        registry.to_string(),
+    ];
+    if edge.tls {
+        let file = |name: &str| cx.certs.join(name).display().to_string();
+        args.extend([
+            "--edge-tls-cert".to_owned(),
+            file("edge-server.pem"),
+            "--edge-tls-key".to_owned(),
+            file("edge-server.key"),
+            "--edge-policy".to_owned(),
+            cx.state.join("edge-policy.toml").display().to_string(),
+        ]);
+    }
+    args.extend(cx.identity("edge"));
+    cx.spec(
+        &edge.name,
+        cx.binary("mesh-proxy"),
+        args,
+        Duration::from_secs(15),
+    )
+}
+
+/// Waits until every admin port in `admins` answers `/ready` with 200.
+async fn wait_ready_admins(
+    cx: &Launch<'_>,
+    running: &Running,
+    admins: &[(String, SocketAddr)],
+    what: &str,
+) -> Result<(), StartFailure> {
+    // The processes of the last two stages (the services and their
+    // sidecars, or the edges) are the ones that may fail meanwhile.
+    let watched: Vec<&Supervised> = running
+        .stages
+        .iter()
+        .rev()
+        .take(2)
+        .flat_map(|(_, procs)| procs)
+        .collect();
+    let admins = admins.to_vec();
+    wait_until_all(cx, &watched, what, move || {
+        let admins = admins.clone();
+        async move {
+            let mut waiting = Vec::new();
+            for (name, admin) in &admins {
+                match http_get(*admin, "/ready").await {
+                    Some((200, _)) => {}
+                    Some((_, body)) => waiting.push(format!("{name}: {}", body.trim())),
+                    None => waiting.push(format!(
+                        "{name}: its sidecar's admin port {admin} does not answer yet"
+                    )),
+                }
+            }
+            if waiting.is_empty() {
+                Ok(())
+            } else {
+                Err(waiting.join("; "))
+            }
+        }
+    })
+    .await
+}
+
+async fn wait_until<F, Fut>(
+    cx: &Launch<'_>,
+    stage: &[Supervised],
+    what: &str,
+    probe: F,
+) -> Result<(), StartFailure>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let watched: Vec<&Supervised> = stage.iter().collect();
+    wait_until_all(cx, &watched, what, probe).await
+}
+
+/// Polls `probe` until it succeeds; fails at once if a watched process
+/// exits or cannot start, or Ctrl-C arrives, and after the ready timeout.
+async fn wait_until_all<F, Fut>(
+    cx: &Launch<'_>,
+    watched: &[&Supervised],
+    what: &str,
+    probe: F,
+) -> Result<(), StartFailure>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let started = Instant::now();
+    let mut last;
+    loop {
+        for p in watched {
+            match p.state() {
+                State::FailedToStart { reason } => {
+                    return Err(StartFailure(format!(
+                        "{}: {reason}\n  check: {}",
+                        p.spec.name, p.spec.hint
+                    )));
+                }
+                State::Exited { status } | State::GaveUp { status } => {
+                    return Err(StartFailure(format!(
+                        "{} {status} while {what} was starting. Its last lines ({}):\n{}\n  check: {}",
+                        p.spec.name,
+                        cx.state
+                            .join("logs")
+                            .join(format!("{}.log", p.spec.name))
+                            .display(),
+                        indent(&p.tail()),
+                        p.spec.hint
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if *cx.stop.borrow() {
+            return Err(StartFailure("interrupted while starting".to_owned()));
+        }
+        match probe().await {
+            Ok(()) => {
+                cx.logs.launcher(format!(
+                    "{what}: ready in {:.1}s",
+                    started.elapsed().as_secs_f64()
+                ));
+                return Ok(());
+            }
+            Err(why) => last = why,
+        }
+        if started.elapsed() > cx.ready_timeout {
+            let tails: Vec<String> = watched
+                .iter()
+                .map(|p| format!("  {}:\n{}", p.spec.name, indent(&p.tail())))
+                .collect();
+            return Err(StartFailure(format!(
+                "{what} was not ready within {}: {last}\nlast lines:\n{}\n  logs: {}",
+                humantime::format_duration(cx.ready_timeout),
+                tails.join("\n"),
+                cx.state.join("logs").display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+fn tcp_open(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+}
+
+/// A plain HTTP/1.0 GET on loopback: the status and body, or `None` if
+/// nothing answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut response = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut response).ok()?;
+        let text = String::from_utf8_lossy(&response);
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A watch that turns true on SIGINT or SIGTERM.
+fn stop_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+        // Keep the handlers installed: a second signal is for
+        // `kill_on_second_signal`, not the default action.
+        std::future::pending::<()>().await;
+    });
+    rx
+}
+
+async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// While stopping, a second Ctrl-C kills every process at once.
+async fn kill_on_second_signal(run: PathBuf, logs: LogSink) {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    logs.launcher("killing every process now".to_owned());
+    for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "pid")
+            && path.file_stem().is_some_and(|s| s != "trellis-up")
+            && let Some(pid) = read_pid(&path)
+        {
+            let _ =
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// `<state>/run/up.json`: the running mesh's addresses, for `trellis
+/// status` and scripts.
+fn write_run_file(
+    state: &Path,
+    plan: &Plan,
+    server: Option<&postgres::Server>,
+) -> std::io::Result<()> {
+    let instances: Vec<serde_json::Value> = plan
+        .instances
+        .iter()
+        .map(|i| {
+            serde_json::json!({
+                "service": i.service, "instance": i.name, "listen": i.listen.to_string(),
+                "inbound": i.inbound.to_string(), "outbound": i.outbound.to_string(),
+                "admin": i.admin.to_string(),
+            })
+        })
+        .collect();
+    let edges: Vec<serde_json::Value> = plan
+        .edges
+        .iter()
+        .map(|e| serde_json::json!({"name": e.name, "listen": e.listen.to_string(), "admin": e.admin.to_string(), "tls": e.tls}))
+        .collect();
+    let doc = serde_json::json!({
+        "pid": std::process::id(),
+        "registry": plan.registry.to_string(),
+        "certs": state.join("certs").display().to_string(),
+        "postgres": server.map(|s| s.url()),
+        "instances": instances,
+        "edges": edges,
+    });
+    let path = state.join("run").join("up.json");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())?;
+    std::fs::rename(tmp, path)
+}
+
+/// What to print once the mesh is up: the edge on a line of its own, then
+/// commands to paste.
+fn banner(
+    cx: &Launch<'_>,
+    plan: &Plan,
+    server: Option<&postgres::Server>,
+    api_key: &Option<String>,
+    took: Duration,
+) -> String {
+    let edge = &plan.edges[0];
+    let e = format!("http://{}", edge.listen);
+    let certs = cx.certs.display();
+    let services = cx.file.services.len();
+    let mut out = format!(
+        "\nThe mesh is up ({} instances of {services} services, each with its sidecar) in {:.0}s.\n\n\
+         edge: {}\n",
+        plan.instances.len(),
+        took.as_secs_f64(),
+        edge.listen
+    );
+    if let (Some(tls), Some(key)) = (plan.edges.iter().find(|e| e.tls), api_key) {
+        out.push_str(&format!(
+            "edge (TLS): {}  (API key {key}; CA {certs}/ca.pem)\n",
+            tls.listen
+        ));
+    }
+    out.push_str(&format!(
+        "registry: {} (mTLS; certificates in {certs})\n",
+        plan.registry
+    ));
+    if let Some(server) = server {
+        out.push_str(&format!(
+            "databases: {}/{}_<service>\n",
+            server.url(),
+            cx.file.postgres.database_prefix
+        ));
+    }
+    out.push_str(&format!(
+        "logs: {}/<process>.log\n",
+        cx.state.join("logs").display()
+    ));
+    out.push_str("instances:\n");
+    for i in &plan.instances {
+        out.push_str(&format!(
+            "  {:<14} service {}  sidecar inbound {}  outbound {}  admin http://{}\n",
+            i.name, i.listen, i.inbound, i.outbound, i.admin
+        ));
+    }
+    let host = edge.listen.to_string();
+    let status_flags = status_flags(cx, plan);
+    out.push_str(&format!(
+        "\nWhat is running, from the registry:\n  trellis status{status_flags}\n\n\
+         Through the edge, with no .proto files (reflection for the whole mesh):\n\
+         \x20 grpcurl -plaintext {host} list\n\
+         \x20 buf curl --protocol grpc --http2-prior-knowledge --list-services {e}\n\
+         \x20 grpcurl -plaintext -d '{{\"count\":3}}' {host} trellis.echo.v1.EchoService/Count\n\n\
+         The billing system (grpcurl takes the same -d):\n\
+         \x20 e={e}\n\
+         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{}}' $e/telco.user.v1.UserService/ListPlans\n\
+         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{\"msisdn\":\"+4915112345678\",\"name\":\"Ada Lovelace\",\"email\":\"ada@example.com\"}}' $e/telco.user.v1.UserService/CreateUser\n\
+         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{\"userId\":\"<id>\",\"planId\":\"basic\"}}' $e/telco.user.v1.UserService/Subscribe\n\
+         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{\"userId\":\"<id>\",\"type\":\"USAGE_TYPE_DATA\",\"quantity\":\"6000\",\"occurredAt\":\"<now, e.g. 2026-12-02T10:00:00Z>\",\"idempotencyKey\":\"cdr-1\"}}' $e/telco.usage.v1.UsageService/RecordUsage\n\
+         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{\"userId\":\"<id>\",\"period\":{{\"year\":<year>,\"month\":<month>}}}}' $e/telco.settlement.v1.SettlementService/GetBill\n\
+         \x20 grpcurl -plaintext -d '{{\"userId\":\"<id>\"}}' {host} telco.profile.v1.ProfileService/GetProfile\n\n\
+         JSON over HTTP/1.1:\n\
+         \x20 curl -s -X POST -H 'content-type: application/json' -d '{{}}' {e}/telco.user.v1.UserService/ListPlans\n"
+    ));
+    if let (Some(tls), Some(key)) = (plan.edges.iter().find(|e| e.tls), api_key) {
+        let port = tls.listen.port();
+        out.push_str(&format!(
+            "\nOver TLS, with the API key (reflection needs it too):\n\
+             \x20 grpcurl -cacert {certs}/ca.pem -H 'x-api-key: {key}' -reflect-header 'x-api-key: {key}' localhost:{port} list\n\
+             \x20 buf curl --protocol grpc --cacert {certs}/ca.pem -H 'x-api-key: {key}' --reflect-header 'x-api-key: {key}' -d '{{}}' https://localhost:{port}/telco.user.v1.UserService/ListPlans\n"
+        ));
+    }
+    out.push_str("\nCtrl-C stops everything.\n");
+    out
+}
+
+/// The flags `trellis status` needs when this mesh is not on the defaults.
+fn status_flags(cx: &Launch<'_>, plan: &Plan) -> String {
+    let mut flags = String::new();
+    if plan.registry != SocketAddr::from(([127, 0, 0, 1], 7000)) {
+        flags.push_str(&format!(" --registry {}", plan.registry));
+    }
+    let default_certs = cx.root.join(".trellis").join("certs");
+    if cx.certs != default_certs {
+        flags.push_str(&format!(" --certs {}", cx.certs.display()));
+    }
+    flags
+}
