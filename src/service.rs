@@ -214,11 +214,11 @@ impl Context {
                 wake,
             }),
         };
-        ctx.spawn(ctx.clone().migrate(pg.clone()));
+        ctx.spawn_until_stopped(ctx.clone().migrate(pg.clone()));
         if !args.no_config {
-            ctx.spawn(ctx.clone().follow_config(config_tx));
+            ctx.spawn_until_stopped(ctx.clone().follow_config(config_tx));
         }
-        ctx.spawn(ctx.clone().follow_health(health));
+        ctx.spawn_until_stopped(ctx.clone().follow_health(health));
         ctx.spawn(ctx.clone().prune_inbox());
         if spec.publishes_events {
             let dispatcher = Dispatcher {
@@ -241,6 +241,19 @@ impl Context {
     fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let handle = tokio::spawn(task);
         self.inner.tasks.lock().expect("tasks lock").push(handle);
+    }
+
+    /// A background task with nothing to finish: it ends the moment the
+    /// service stops (a retry sleep, a watch through the sidecar, a health
+    /// probe), so stopping never waits out their timers.
+    fn spawn_until_stopped(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut stop = self.inner.stop.subscribe();
+        self.spawn(async move {
+            tokio::select! {
+                _ = task => {}
+                _ = stop.wait_for(|stopped| *stopped) => {}
+            }
+        });
     }
 
     /// The router, with grpc.health.v1 and reflection (v1, v1alpha)
