@@ -118,6 +118,7 @@ impl Running {
             if procs.is_empty() {
                 continue;
             }
+            let started = Instant::now();
             let names = |procs: &[Supervised]| {
                 procs
                     .iter()
@@ -139,10 +140,18 @@ impl Running {
                     logs.launcher(format!("stopping {}", names(&services)));
                     futures::future::join_all(services.into_iter().map(Supervised::stop)).await;
                     futures::future::join_all(procs.into_iter().map(Supervised::stopped)).await;
+                    logs.launcher(format!(
+                        "stopped in {:.1}s",
+                        started.elapsed().as_secs_f64()
+                    ));
                 }
                 None => {
                     logs.launcher(format!("stopping {}", names(&procs)));
                     futures::future::join_all(procs.into_iter().map(Supervised::stop)).await;
+                    logs.launcher(format!(
+                        "stopped in {:.1}s",
+                        started.elapsed().as_secs_f64()
+                    ));
                 }
             }
         }
