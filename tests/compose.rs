@@ -358,7 +358,12 @@ fn check(mesh: &MeshFile, compose: &Yaml) -> Vec<String> {
         }
         let database = format!(
             "{}_{}",
-            mesh.postgres.database_prefix,
+            // Containers have a PostgreSQL of their own (the pgdata
+            // volume): the databases need no per-state-directory id.
+            mesh.postgres
+                .database_prefix
+                .as_deref()
+                .unwrap_or("trellis"),
             spec.name.replace('-', "_")
         );
         match (spec.database, env.get("TRELLIS_DATABASE_URL")) {

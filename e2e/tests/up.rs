@@ -40,7 +40,6 @@ impl Up {
     /// Starts `trellis up` with the repository's mesh file and waits for
     /// its `edge:` line.
     fn start(state: &Path) -> Self {
-        let prefix = format!("t_up_{}", std::process::id());
         let mut child = Command::new(workspace_binary("trellis"))
             .args(["up", "--any-ports", "--skip-build", "rust"])
             .arg("--file")
@@ -49,7 +48,6 @@ impl Up {
             .arg(state)
             .arg("--bin-dir")
             .arg(binary_dir())
-            .args(["--database-prefix", &prefix])
             .env("DATABASE_URL", server_url().unwrap())
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
@@ -76,13 +74,16 @@ impl Up {
             state: state.to_owned(),
             output,
             lines,
-            prefix,
+            prefix: String::new(),
             drop_databases: true,
             edge: "0.0.0.0:0".parse().unwrap(),
             registry: "0.0.0.0:0".parse().unwrap(),
         };
         let edge = up.wait_line("edge: ", Duration::from_secs(240));
         up.edge = edge.trim_start_matches("edge: ").trim().parse().unwrap();
+        // The databases belong to the state directory: trellis_<its id>_*.
+        let id = std::fs::read_to_string(state.join("mesh-id")).unwrap();
+        up.prefix = format!("trellis_{}", id.trim());
         let registry = up.wait_line("registry: ", Duration::from_secs(5));
         up.registry = registry
             .trim_start_matches("registry: ")

@@ -77,24 +77,17 @@ pub struct RegistrySection {
 }
 
 /// `[postgres]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSection {
     /// The server (`postgres://user@host:port`); `DATABASE_URL` wins over
     /// it. Unset: 127.0.0.1:5432, else a private cluster.
     pub url: Option<String>,
-    /// Databases are named `<prefix>_<service>`.
-    #[serde(default = "default_database_prefix")]
-    pub database_prefix: String,
-}
-
-impl Default for PostgresSection {
-    fn default() -> Self {
-        Self {
-            url: None,
-            database_prefix: default_database_prefix(),
-        }
-    }
+    /// Databases are named `<prefix>_<service>`. Unset: `trellis_<id>`,
+    /// with an id made once per state directory, so the databases belong
+    /// to the state directory (its archive, its certificates) and a fresh
+    /// state directory starts from empty databases.
+    pub database_prefix: Option<String>,
 }
 
 /// `[edge]`: the front door.
@@ -181,9 +174,6 @@ fn default_registry_listen() -> Spanned<String> {
 }
 fn default_edge_listen() -> Spanned<String> {
     Spanned::new(0..0, "127.0.0.1:8080".to_owned())
-}
-fn default_database_prefix() -> String {
-    "trellis".to_owned()
 }
 fn default_mesh() -> MeshSection {
     MeshSection {
@@ -298,12 +288,13 @@ impl MeshFile {
                 ));
             }
         }
-        if !valid_name(&raw.postgres.database_prefix) {
+        if let Some(prefix) = &raw.postgres.database_prefix
+            && !valid_name(prefix)
+        {
             return Err(error(
                 None,
                 format!(
-                    "[postgres] database_prefix {:?} must be lowercase letters, digits and _ (it names databases)",
-                    raw.postgres.database_prefix
+                    "[postgres] database_prefix {prefix:?} must be lowercase letters, digits and _ (it names databases)"
                 ),
             ));
         }

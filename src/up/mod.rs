@@ -179,7 +179,7 @@ async fn up(args: UpArgs) -> i32 {
         file.use_any_free_ports();
     }
     if let Some(prefix) = &args.database_prefix {
-        file.postgres.database_prefix = prefix.clone();
+        file.postgres.database_prefix = Some(prefix.clone());
     }
     let root = file.root();
     let state = resolve(
@@ -194,6 +194,15 @@ async fn up(args: UpArgs) -> i32 {
             return 2;
         }
     };
+    if file.postgres.database_prefix.is_none() {
+        match state_database_prefix(&state) {
+            Ok(prefix) => file.postgres.database_prefix = Some(prefix),
+            Err(e) => {
+                eprintln!("trellis up: {e:#}");
+                return 2;
+            }
+        }
+    }
 
     let width = prepared
         .plan
@@ -293,6 +302,42 @@ async fn prepare(
         None
     };
     Ok(Prepared { plan, api_key })
+}
+
+/// The prefix of the mesh's database names (settled before start-up).
+fn database_prefix(file: &MeshFile) -> &str {
+    file.postgres
+        .database_prefix
+        .as_deref()
+        .unwrap_or("trellis")
+}
+
+/// `trellis_<id>`, the id made once per state directory (`<state>/mesh-id`):
+/// the databases of a mesh belong with its archive and certificates.
+fn state_database_prefix(state: &Path) -> anyhow::Result<String> {
+    let path = state.join("mesh-id");
+    let id = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use rand::RngCore;
+            let id = format!("{:06x}", rand::rng().next_u32() & 0xff_ffff);
+            std::fs::write(&path, format!("{id}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            id
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        anyhow::bail!(
+            "{} holds {id:?}, not a mesh id (six hex digits); remove it to make a new one (and new databases)",
+            path.display()
+        );
+    }
+    Ok(format!("trellis_{id}"))
 }
 
 /// Refuses a state directory another `trellis up` is running in, and
@@ -655,7 +700,7 @@ fn app_spec(
     if let (true, Some(server)) = (service.database, server) {
         let name = format!(
             "{}_{}",
-            cx.file.postgres.database_prefix,
+            database_prefix(cx.file),
             service.name.replace('-', "_")
         );
         env.push((
@@ -1017,10 +1062,18 @@ fn banner(
         plan.registry
     ));
     if let Some(server) = server {
+        let names: Vec<String> = cx
+            .file
+            .services
+            .iter()
+            .filter(|s| s.database)
+            .map(|s| format!("{}_{}", database_prefix(cx.file), s.name.replace('-', "_")))
+            .collect();
         out.push_str(&format!(
-            "databases: {}/{}_<service>\n",
+            "databases: {} on {} (they belong to {}: remove both to start afresh)\n",
+            names.join(", "),
             server.url(),
-            cx.file.postgres.database_prefix
+            cx.state.display()
         ));
     }
     out.push_str(&format!(
