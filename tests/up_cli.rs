@@ -296,3 +296,104 @@ fn a_service_that_keeps_crashing_is_given_up_on_and_the_rest_keeps_running() {
         processes_under(dir.path())
     );
 }
+
+/// With no server to use (`--private-postgres` stands in for a machine
+/// without one), `trellis up` makes a cluster under the state directory,
+/// runs the service on it, stops it last, and finds its data again on the
+/// next run.
+#[test]
+fn a_private_postgresql_is_made_under_the_state_directory_and_kept() {
+    if trellis::up::postgres::bindir().is_err() {
+        // The fixture of every database test needs PostgreSQL binaries or a
+        // server; CI installs them. Say so rather than pass quietly.
+        panic!("no PostgreSQL binaries on this machine: install postgresql (CI does)");
+    }
+    let (dir, path) = mesh_file(
+        "[[service]]\nname = \"user\"\ncommand = [\"{bin}/trellis-user\"]\ndatabase = true\n",
+    );
+    // The cluster runs as the postgres user, which must reach the state
+    // directory; a test's temporary directory is private to root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    for run in 1..=2 {
+        let mut child = Command::new(trellis())
+            .arg("up")
+            .arg("--file")
+            .arg(&path)
+            .arg("--bin-dir")
+            .arg(bin_dir())
+            .arg("--private-postgres")
+            .env_remove("RUST_LOG")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut o = output.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !output.lock().unwrap().contains("\nedge: ") {
+            assert!(
+                Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+                "run {run}: not up:\n{}",
+                output.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let all = output.lock().unwrap().clone();
+        assert!(all.contains("PostgreSQL: a private cluster"), "{all}");
+        let data = dir.path().join(".trellis/postgres/data/PG_VERSION");
+        assert!(data.exists(), "the cluster lives in the state directory");
+        let id = std::fs::read_to_string(dir.path().join(".trellis/mesh-id")).unwrap();
+        assert!(
+            all.contains(&format!(
+                "databases: trellis_{}_user on postgres://postgres@127.0.0.1:",
+                id.trim()
+            )),
+            "{all}"
+        );
+
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "did not stop:\n{}",
+                output.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let all = output.lock().unwrap().clone();
+        assert!(status.success(), "{status:?}\n{all}");
+        assert!(
+            all.contains("stopping postgres"),
+            "PostgreSQL stops last:\n{all}"
+        );
+        let postgres_at = all.find("stopping postgres").unwrap();
+        assert!(
+            all.find("stopping registry").unwrap() < postgres_at,
+            "{all}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let left: Vec<String> = processes_under(dir.path());
+        assert!(left.is_empty(), "run {run} left {left:?}");
+    }
+}

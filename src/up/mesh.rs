@@ -88,6 +88,9 @@ pub struct PostgresSection {
     /// to the state directory (its archive, its certificates) and a fresh
     /// state directory starts from empty databases.
     pub database_prefix: Option<String>,
+    /// Always run a private cluster under the state directory.
+    #[serde(default)]
+    pub private: bool,
 }
 
 /// `[edge]`: the front door.

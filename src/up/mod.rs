@@ -65,6 +65,10 @@ pub struct UpArgs {
     /// `[postgres] database_prefix`.
     #[arg(long, env = "TRELLIS_DATABASE_PREFIX")]
     pub database_prefix: Option<String>,
+    /// Run a private PostgreSQL cluster under the state directory even if
+    /// a server is configured or on 127.0.0.1:5432.
+    #[arg(long)]
+    pub private_postgres: bool,
     /// How long each level of the mesh may take to become ready.
     #[arg(long, default_value = "120s", value_parser = crate::cli::parse_duration)]
     pub ready_timeout: Duration,
@@ -225,6 +229,7 @@ async fn up(args: UpArgs) -> i32 {
         supervisor: &supervisor,
         logs: &logs,
         ready_timeout: args.ready_timeout,
+        private_postgres: args.private_postgres,
         stop: stop.clone(),
     };
     let mut plan = prepared.plan;
@@ -465,6 +470,7 @@ struct Launch<'a> {
     supervisor: &'a Supervisor,
     logs: &'a LogSink,
     ready_timeout: Duration,
+    private_postgres: bool,
     stop: watch::Receiver<bool>,
 }
 
@@ -608,12 +614,20 @@ async fn start_postgres(
     plan: &mut Plan,
     running: &mut Running,
 ) -> Result<postgres::Server, StartFailure> {
-    let configured = std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .or_else(|| cx.file.postgres.url.clone());
+    let choice = if cx.private_postgres || cx.file.postgres.private {
+        postgres::Choice::Private
+    } else {
+        match std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| cx.file.postgres.url.clone())
+        {
+            Some(url) => postgres::Choice::Url(url),
+            None => postgres::Choice::Local,
+        }
+    };
     let file_path = cx.file.path.clone();
-    let server = postgres::choose(configured, &cx.state.join("postgres"), || {
+    let server = postgres::choose(choice, &cx.state.join("postgres"), || {
         plan.extra_port("a private PostgreSQL", &file_path)
             .map_err(anyhow::Error::from)
     })
@@ -627,7 +641,7 @@ async fn start_postgres(
             spec, url, data, ..
         } => {
             cx.logs.launcher(format!(
-                "PostgreSQL: no server configured or on 127.0.0.1:5432; running a private cluster ({}) at {url}",
+                "PostgreSQL: a private cluster ({}) at {url}",
                 data.display()
             ));
             let url = url.clone();

@@ -47,14 +47,34 @@ impl Server {
     }
 }
 
-/// Picks the server: `configured` (DATABASE_URL or the mesh file's),
-/// else 127.0.0.1:5432, else a private cluster in `dir` on `port()`.
+/// Which server to use.
+#[derive(Debug, Clone)]
+pub enum Choice {
+    /// This one (DATABASE_URL or the mesh file's).
+    Url(String),
+    /// 127.0.0.1:5432 if it answers, else a private cluster.
+    Local,
+    /// Always the private cluster.
+    Private,
+}
+
+/// Picks the server as `choice` says; a private cluster lives in `dir`
+/// and listens on `port()`.
 pub async fn choose(
-    configured: Option<String>,
+    choice: Choice,
     dir: &Path,
     port: impl FnOnce() -> anyhow::Result<SocketAddr>,
 ) -> anyhow::Result<Server> {
-    if let Some(url) = configured {
+    if let Choice::Private = choice {
+        let bindir = bindir().map_err(|e| {
+            anyhow!(
+                "{e}: a private PostgreSQL needs the PostgreSQL server binaries \
+                 (Debian/Ubuntu: apt-get install postgresql)"
+            )
+        })?;
+        return private(&bindir, dir, port()?);
+    }
+    if let Choice::Url(url) = choice {
         let server = strip_database(&url);
         probe(&with_database(&server, "postgres"))
             .await
@@ -114,6 +134,7 @@ fn private(bindir: &Path, dir: &Path, addr: SocketAddr) -> anyhow::Result<Server
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if let Some(user) = &owner {
+        reachable_by(dir, user)?;
         nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
             .with_context(|| format!("giving {} to the postgres user", dir.display()))?;
     }
@@ -167,6 +188,31 @@ fn private(bindir: &Path, dir: &Path, addr: SocketAddr) -> anyhow::Result<Server
         addr,
         data,
     })
+}
+
+/// Checks that `user` can reach `dir`: every directory above it must let
+/// others through (or be theirs), or initdb fails with a bare
+/// "permission denied".
+fn reachable_by(dir: &Path, user: &nix::unistd::User) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = std::fs::metadata(ancestor)
+            .with_context(|| format!("reading {}", ancestor.display()))?;
+        if meta.mode() & 0o001 == 0 && meta.uid() != user.uid.as_raw() {
+            bail!(
+                "the private PostgreSQL runs as the user {} (it refuses root), which cannot reach {}: \
+                 {} lets no other user through (chmod o+x {} would), or put the state directory elsewhere (--state-dir)",
+                user.name,
+                dir.display(),
+                ancestor.display(),
+                ancestor.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Waits until the server answers a query, or `timeout` passes.
