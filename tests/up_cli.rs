@@ -78,6 +78,82 @@ fn processes_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `trellis up` running in the background, its output collected.
+struct Running {
+    child: std::process::Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn start(path: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(trellis())
+            .arg("up")
+            .arg("--file")
+            .arg(path)
+            .arg("--bin-dir")
+            .arg(bin_dir())
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut o = output.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        Self { child, output }
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until the output holds `what` (while trellis up runs).
+    fn wait_for(&mut self, what: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.output().contains(what) {
+            assert!(
+                Instant::now() < deadline && self.child.try_wait().unwrap().is_none(),
+                "no {what:?} within {limit:?}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Ctrl-C; waits for a successful exit.
+    fn interrupt(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "did not stop:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "{status:?}\n{}", self.output());
+    }
+}
+
 #[test]
 fn a_bad_mesh_file_is_refused_with_file_line_and_reason() {
     let (_dir, path) =
@@ -191,62 +267,24 @@ fn a_postgresql_that_cannot_be_had_stops_the_start() {
 #[test]
 fn a_service_that_keeps_crashing_is_given_up_on_and_the_rest_keeps_running() {
     // `flaky` serves for three seconds, then its process dies. (Its
-    // sidecar names its gRPC service: two meshes services cannot both
-    // serve EchoService.)
+    // sidecar names its gRPC service: two mesh services cannot both serve
+    // EchoService.)
     let (dir, path) = mesh_file(
         "[[service]]\nname = \"steady\"\ncommand = [\"{bin}/trellis-echo\", \"--listen\", \"{listen}\"]\n\n\
          [[service]]\nname = \"flaky\"\n\
          command = [\"sh\", \"-c\", \"{bin}/trellis-echo --listen {listen} & sleep 3; kill -9 $!; exit 1\"]\n\
          sidecar_args = [\"--grpc-services\", \"trellis.echo.v1.FlakyEcho\"]\n",
     );
-    let mut child = Command::new(trellis())
-        .arg("up")
-        .arg("--file")
-        .arg(&path)
-        .arg("--bin-dir")
-        .arg(bin_dir())
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let output = Arc::new(Mutex::new(String::new()));
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
+    let mut up = Running::start(&path, &[]);
+    up.wait_for("given up on it", Duration::from_secs(90));
+    let all = up.output();
+    for expected in [
+        "flaky exited with status 1; restarting in 500ms (restart 1 of at most 4)",
+        "restarting in 1s (restart 2 of at most 4)",
+        "flaky exited with status 1 again: 5 times in a row",
     ] {
-        let output = output.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let mut o = output.lock().unwrap();
-                o.push_str(&line);
-                o.push('\n');
-            }
-        });
+        assert!(all.contains(expected), "{expected}:\n{all}");
     }
-    let seen = |what: &str| output.lock().unwrap().contains(what);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !seen("given up on it") {
-        assert!(
-            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
-            "no give-up:\n{}",
-            output.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let all = output.lock().unwrap().clone();
-    assert!(
-        all.contains("flaky exited with status 1; restarting in 500ms (restart 1 of at most 4)"),
-        "{all}"
-    );
-    assert!(
-        all.contains("restarting in 1s (restart 2 of at most 4)"),
-        "{all}"
-    );
-    assert!(
-        all.contains("flaky exited with status 1 again: 5 times in a row"),
-        "{all}"
-    );
 
     // The rest of the mesh is still up: steady's sidecar is ready.
     let run: serde_json::Value =
@@ -269,26 +307,11 @@ fn a_service_that_keeps_crashing_is_given_up_on_and_the_rest_keeps_running() {
     let ready = runtime.block_on(trellis::up::http_get(admin, "/ready"));
     assert_eq!(ready.map(|(code, _)| code), Some(200), "{all}");
     assert!(
-        child.try_wait().unwrap().is_none(),
+        up.child.try_wait().unwrap().is_none(),
         "trellis up keeps running"
     );
 
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "did not stop:\n{}",
-            output.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status:?}\n{}", output.lock().unwrap());
+    up.interrupt();
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         processes_under(dir.path()).is_empty(),
@@ -304,8 +327,8 @@ fn a_service_that_keeps_crashing_is_given_up_on_and_the_rest_keeps_running() {
 #[test]
 fn a_private_postgresql_is_made_under_the_state_directory_and_kept() {
     if trellis::up::postgres::bindir().is_err() {
-        // The fixture of every database test needs PostgreSQL binaries or a
-        // server; CI installs them. Say so rather than pass quietly.
+        // Every database test needs PostgreSQL binaries or a server; CI
+        // installs them. Say so rather than pass quietly.
         panic!("no PostgreSQL binaries on this machine: install postgresql (CI does)");
     }
     let (dir, path) = mesh_file(
@@ -317,43 +340,9 @@ fn a_private_postgresql_is_made_under_the_state_directory_and_kept() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
 
     for run in 1..=2 {
-        let mut child = Command::new(trellis())
-            .arg("up")
-            .arg("--file")
-            .arg(&path)
-            .arg("--bin-dir")
-            .arg(bin_dir())
-            .arg("--private-postgres")
-            .env_remove("RUST_LOG")
-            .env_remove("DATABASE_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let mut o = output.lock().unwrap();
-                    o.push_str(&line);
-                    o.push('\n');
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !output.lock().unwrap().contains("\nedge: ") {
-            assert!(
-                Instant::now() < deadline && child.try_wait().unwrap().is_none(),
-                "run {run}: not up:\n{}",
-                output.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let all = output.lock().unwrap().clone();
+        let mut up = Running::start(&path, &["--private-postgres"]);
+        up.wait_for("\nedge: ", Duration::from_secs(120));
+        let all = up.output();
         assert!(all.contains("PostgreSQL: a private cluster"), "{all}");
         let data = dir.path().join(".trellis/postgres/data/PG_VERSION");
         assert!(data.exists(), "the cluster lives in the state directory");
@@ -366,23 +355,8 @@ fn a_private_postgresql_is_made_under_the_state_directory_and_kept() {
             "{all}"
         );
 
-        let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "did not stop:\n{}",
-                output.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let all = output.lock().unwrap().clone();
-        assert!(status.success(), "{status:?}\n{all}");
+        up.interrupt();
+        let all = up.output();
         assert!(
             all.contains("stopping postgres"),
             "PostgreSQL stops last:\n{all}"

@@ -15,7 +15,7 @@ use trellis::pb::telco::settlement::v1 as settlement;
 use trellis::pb::telco::usage::v1 as usage;
 use trellis::pb::telco::user::v1 as user;
 use trellis::pb::trellis::events::v1::GetOutboxStatusRequest;
-use trellis_test_support::{BillingMesh, Databases, TestDb, workspace_binary};
+use trellis_test_support::{TestDb, workspace_binary};
 
 use settlement::settlement_service_client::SettlementServiceClient;
 use usage::usage_outbox_service_client::UsageOutboxServiceClient;
@@ -29,31 +29,6 @@ const SERVICES: [&str; 4] = [
     "telco.settlement.v1.SettlementService",
     "telco.archive.v1.ArchiveService",
 ];
-
-struct Fixture {
-    mesh: BillingMesh,
-    _dbs: [TestDb; 3],
-}
-
-async fn start() -> Fixture {
-    let dbs = [
-        TestDb::new().await.unwrap(),
-        TestDb::new().await.unwrap(),
-        TestDb::new().await.unwrap(),
-    ];
-    let databases = Databases {
-        user: dbs[0].url(),
-        usage: dbs[1].url(),
-        settlement: dbs[2].url(),
-    };
-    let mesh = tokio::task::spawn_blocking(move || BillingMesh::start(databases))
-        .await
-        .unwrap();
-    for service in SERVICES {
-        wait_serving(mesh.edge, service, Duration::from_secs(30)).await;
-    }
-    Fixture { mesh, _dbs: dbs }
-}
 
 fn field<'a>(v: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
     path.split('.').fold(v, |v, k| &v[k])
@@ -70,7 +45,7 @@ fn int(v: &serde_json::Value, path: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bill_through_the_edge_with_buf_curl_and_json_only() {
-    let fx = start().await;
+    let fx = start_billing(&SERVICES).await;
     let edge = fx.mesh.edge;
     let call = |method: &str, body: String| -> serde_json::Value {
         buf_curl(edge, method, &body).unwrap_or_else(|e| panic!("{method} {body}: {e}"))
@@ -239,7 +214,7 @@ async fn a_bill_through_the_edge_with_buf_curl_and_json_only() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_python_client_with_nothing_but_reflection_gets_the_right_bill() {
-    let fx = start().await;
+    let fx = start_billing(&SERVICES).await;
     let python = trellis_test_support::repo_root().join("target/pytools/bin/python");
     let script = trellis_test_support::repo_root().join("e2e/tests/python/billing_client.py");
     let edge = fx.mesh.edge.to_string();
@@ -277,7 +252,7 @@ struct Sent {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_records_reconcile_across_two_usage_instances_and_a_settlement_crash() {
-    let mut fx = start().await;
+    let mut fx = start_billing(&SERVICES).await;
     let edge = fx.mesh.edge;
     let mut users_api = UserServiceClient::new(channel(edge));
     let plans = users_api

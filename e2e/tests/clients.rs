@@ -6,10 +6,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use common::*;
-use trellis_test_support::{BillingMesh, Databases, TestDb, repo_root};
+use trellis_test_support::repo_root;
 
 const SERVICES: [&str; 3] = [
     "telco.user.v1.UserService",
@@ -64,22 +63,8 @@ async fn generated_python_stubs_run_the_billing_scenario_through_the_edge() {
         );
     }
 
-    let dbs = [
-        TestDb::new().await.unwrap(),
-        TestDb::new().await.unwrap(),
-        TestDb::new().await.unwrap(),
-    ];
-    let databases = Databases {
-        user: dbs[0].url(),
-        usage: dbs[1].url(),
-        settlement: dbs[2].url(),
-    };
-    let mesh = tokio::task::spawn_blocking(move || BillingMesh::start(databases))
-        .await
-        .unwrap();
-    for service in SERVICES {
-        wait_serving(mesh.edge, service, Duration::from_secs(30)).await;
-    }
+    let fx = start_billing(&SERVICES).await;
+    let mesh = &fx.mesh;
 
     // The virtualenv scripts/gen-clients made sure of (grpcio is in it).
     let mut client = Command::new(root.join("target/pytools/bin/python"));
@@ -105,5 +90,4 @@ async fn generated_python_stubs_run_the_billing_scenario_through_the_edge() {
     );
     assert!(answer["total_cents"].as_i64().unwrap() > 0, "{answer}");
     assert_eq!(answer["invalid_argument"]["code"], "INVALID_ARGUMENT");
-    drop(mesh);
 }

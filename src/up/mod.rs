@@ -750,24 +750,27 @@ fn app_spec(
     })
 }
 
+/// `--flag addr` pairs as arguments.
+fn flags(pairs: &[(&str, SocketAddr)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(flag, addr)| [(*flag).to_owned(), addr.to_string()])
+        .collect()
+}
+
 fn sidecar_spec(
     cx: &Launch<'_>,
     service: &ServiceSpec,
     instance: &InstancePlan,
     registry: SocketAddr,
 ) -> ProcessSpec {
-    let mut args = vec![
-        "--app".to_owned(),
-        instance.listen.to_string(),
-        "--inbound".to_owned(),
-        instance.inbound.to_string(),
-        "--outbound".to_owned(),
-        instance.outbound.to_string(),
-        "--admin".to_owned(),
-        instance.admin.to_string(),
-        "--registry".to_owned(),
-        registry.to_string(),
-    ];
+    let mut args = flags(&[
+        ("--app", instance.listen),
+        ("--inbound", instance.inbound),
+        ("--outbound", instance.outbound),
+        ("--admin", instance.admin),
+        ("--registry", registry),
+    ]);
     args.extend(cx.identity(&service.name));
     args.extend(service.sidecar_args.iter().cloned());
     cx.spec(
@@ -779,16 +782,12 @@ fn sidecar_spec(
 }
 
 fn edge_spec(cx: &Launch<'_>, edge: &EdgePlan, registry: SocketAddr) -> ProcessSpec {
-    let mut args = vec![
-        "--edge".to_owned(),
-        edge.listen.to_string(),
-        "--outbound".to_owned(),
-        edge.outbound.to_string(),
-        "--admin".to_owned(),
-        edge.admin.to_string(),
-        "--registry".to_owned(),
-        registry.to_string(),
-    ];
+    let mut args = flags(&[
+        ("--edge", edge.listen),
+        ("--outbound", edge.outbound),
+        ("--admin", edge.admin),
+        ("--registry", registry),
+    ]);
     if edge.tls {
         let file = |name: &str| cx.certs.join(name).display().to_string();
         args.extend([
@@ -1103,8 +1102,9 @@ fn banner(
     }
     let host = edge.listen.to_string();
     let status_flags = status_flags(cx, plan);
+    let trellis = trellis_command(cx.root);
     out.push_str(&format!(
-        "\nWhat is running, from the registry:\n  trellis status{status_flags}\n\n\
+        "\nWhat is running, from the registry:\n  {trellis} status{status_flags}\n\n\
          Through the edge, with no .proto files (reflection for the whole mesh):\n\
          \x20 grpcurl -plaintext {host} list\n\
          \x20 buf curl --protocol grpc --http2-prior-knowledge --list-services {e}\n\
@@ -1130,6 +1130,19 @@ fn banner(
     }
     out.push_str("\nCtrl-C stops everything.\n");
     out
+}
+
+/// How to run this `trellis` binary from the mesh file's directory:
+/// `target/release/trellis`, or its full path.
+fn trellis_command(root: &Path) -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "trellis".to_owned();
+    };
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
+    match exe.strip_prefix(&root) {
+        Ok(relative) => relative.display().to_string(),
+        Err(_) => exe.display().to_string(),
+    }
 }
 
 /// The flags `trellis status` needs when this mesh is not on the defaults.

@@ -14,7 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use trellis::pb::telco::settlement::v1 as settlement;
 use trellis::pb::telco::user::v1 as user;
-use trellis_test_support::repo_root;
+use trellis_test_support::{BillingMesh, Databases, TestDb, repo_root};
 
 /// The Buf CLI (`scripts/test` installs it into target/pytools).
 pub fn buf() -> PathBuf {
@@ -170,4 +170,31 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
         let _ = connection.await;
     });
     client
+}
+
+/// The billing mesh on three fresh databases, kept for as long as it runs.
+pub struct Fixture {
+    pub mesh: BillingMesh,
+    pub _dbs: [TestDb; 3],
+}
+
+/// Starts the billing mesh and waits until the edge serves `services`.
+pub async fn start_billing(services: &[&str]) -> Fixture {
+    let dbs = [
+        TestDb::new().await.unwrap(),
+        TestDb::new().await.unwrap(),
+        TestDb::new().await.unwrap(),
+    ];
+    let databases = Databases {
+        user: dbs[0].url(),
+        usage: dbs[1].url(),
+        settlement: dbs[2].url(),
+    };
+    let mesh = tokio::task::spawn_blocking(move || BillingMesh::start(databases))
+        .await
+        .unwrap();
+    for service in services {
+        wait_serving(mesh.edge, service, Duration::from_secs(30)).await;
+    }
+    Fixture { mesh, _dbs: dbs }
 }
