@@ -278,12 +278,25 @@ async fn trellis_up_runs_supervises_and_stops_the_mesh() {
     // `trellis status`: every instance, serving, exit 0.
     let (code, status) = up.status();
     assert_eq!(code, 0, "trellis status:\n{status}");
-    for service in ["user", "usage", "settlement", "archive", "echo", "profile"] {
+    for instance in [
+        "user",
+        "usage-1",
+        "usage-2",
+        "settlement",
+        "archive",
+        "echo-1",
+        "echo-2",
+        "profile",
+    ] {
         assert!(
-            status.contains(service),
-            "{service} in trellis status:\n{status}"
+            status.contains(&format!("instance={instance}")),
+            "{instance} in trellis status:\n{status}"
         );
     }
+    assert!(
+        status.contains("8 instances in 6 services, all serving"),
+        "{status}"
+    );
 
     // The Python service, through the edge, calls user (Rust) through
     // its own sidecar.

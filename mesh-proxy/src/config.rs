@@ -90,6 +90,13 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_PROXY_ZONE", default_value = "")]
     pub zone: String,
 
+    /// A label registered with the instance, `KEY=VALUE` (repeatable; in
+    /// the environment, separate them with `;`), e.g. `instance=usage-1`.
+    /// At most 64, keys of 1 to 63 bytes, values up to 1,024 bytes (the
+    /// registry's limits).
+    #[arg(long = "metadata", env = "TRELLIS_PROXY_METADATA", value_delimiter = ';', value_parser = parse_metadata)]
+    pub metadata: Vec<(String, String)>,
+
     /// Services (SPIFFE service names, comma-separated) whose calls may
     /// carry an external caller in `x-trellis-principal`: the edges. From
     /// anyone else the header is removed.
@@ -138,6 +145,23 @@ pub struct Args {
 
     #[command(flatten)]
     pub identity: IdentityArgs,
+}
+
+/// Most `--metadata` labels (the registry refuses more).
+const MAX_METADATA: usize = 64;
+
+/// Parses `KEY=VALUE` within the registry's limits.
+fn parse_metadata(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    if key.is_empty() || key.len() > 63 {
+        return Err(format!("{text:?}: the key must be 1 to 63 bytes"));
+    }
+    if value.len() > 1024 {
+        return Err(format!("{text:?}: the value is over 1,024 bytes"));
+    }
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 /// Parses `SERVICE=URL[,URL...]`.
@@ -215,6 +239,12 @@ impl Args {
         if self.edge_tls_cert.is_some() != self.edge_tls_key.is_some() {
             problems.push("--edge-tls-cert and --edge-tls-key go together".to_owned());
         }
+        if self.metadata.len() > MAX_METADATA {
+            problems.push(format!(
+                "{} --metadata labels; the registry takes at most {MAX_METADATA}",
+                self.metadata.len()
+            ));
+        }
         if self.edge.is_none()
             && (self.edge_tls_cert.is_some()
                 || self.edge_policy.is_some()
@@ -283,6 +313,43 @@ mod tests {
             parse_static_route("a=tcp://1.2.3.4:5")
                 .unwrap_err()
                 .contains("http://")
+        );
+    }
+
+    #[test]
+    fn metadata_labels_parse_within_the_registry_limits() {
+        let args = parse(&[
+            "--registry",
+            "127.0.0.1:7000",
+            "--metadata",
+            "instance=usage-1",
+            "--metadata",
+            "team=billing=core",
+        ]);
+        assert_eq!(
+            args.metadata,
+            [
+                ("instance".to_owned(), "usage-1".to_owned()),
+                ("team".to_owned(), "billing=core".to_owned())
+            ]
+        );
+        assert!(parse_metadata("novalue").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_metadata("=x").unwrap_err().contains("1 to 63"));
+        assert!(
+            parse_metadata(&format!("k={}", "v".repeat(1025)))
+                .unwrap_err()
+                .contains("1,024")
+        );
+        let many: Vec<String> = (0..65).map(|i| format!("k{i}=v")).collect();
+        let mut flags = vec!["--registry", "127.0.0.1:7000"];
+        for m in &many {
+            flags.extend(["--metadata", m]);
+        }
+        assert!(
+            parse(&flags)
+                .problems()
+                .iter()
+                .any(|p| p.contains("at most 64"))
         );
     }
 

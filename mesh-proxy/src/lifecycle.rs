@@ -33,6 +33,8 @@ pub struct Registration {
     pub version: String,
     /// Zone label.
     pub zone: String,
+    /// Labels registered with the instance.
+    pub metadata: std::collections::HashMap<String, String>,
     /// gRPC services given by configuration; empty: ask reflection.
     pub grpc_services: Vec<String>,
     /// The lease's time to live.
@@ -115,7 +117,7 @@ async fn run(
             zone: registration.zone.clone(),
             address: registration.advertise.clone(),
             grpc_services: grpc_services.clone(),
-            metadata: Default::default(),
+            metadata: registration.metadata.clone(),
             health: *health.borrow_and_update() as i32,
             lease_ttl: Some(duration(registration.lease_ttl)),
             file_descriptors: files.clone(),

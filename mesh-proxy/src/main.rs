@@ -176,6 +176,7 @@ async fn run(
                         advertise: advertise.to_string(),
                         version: args.service_version.clone(),
                         zone: args.zone.clone(),
+                        metadata: args.metadata.iter().cloned().collect(),
                         grpc_services: args.grpc_services.clone(),
                         lease_ttl: args.lease_ttl,
                     },

@@ -771,6 +771,10 @@ fn sidecar_spec(
         ("--admin", instance.admin),
         ("--registry", registry),
     ]);
+    args.extend([
+        "--metadata".to_owned(),
+        format!("instance={}", instance.name),
+    ]);
     args.extend(cx.identity(&service.name));
     args.extend(service.sidecar_args.iter().cloned());
     cx.spec(

@@ -85,24 +85,28 @@ pub async fn choose(
             })?;
         return Ok(Server::External { url: server });
     }
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres".to_owned());
-    let local = format!("postgres://{user}@127.0.0.1:5432");
     if tokio::net::TcpStream::connect("127.0.0.1:5432")
         .await
         .is_ok()
     {
-        probe(&with_database(&local, "postgres"))
-            .await
-            .with_context(|| {
-                format!(
-                    "a PostgreSQL server listens on 127.0.0.1:5432 but {local} cannot be used; \
-                 set DATABASE_URL=postgres://user:password@host:port to one that can"
-                )
-            })?;
-        return Ok(Server::External { url: local });
+        // As this machine's user (trust or peer set-ups), else as postgres.
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        let mut last = None;
+        for user in me.into_iter().chain(["postgres".to_owned()]) {
+            let local = format!("postgres://{user}@127.0.0.1:5432");
+            match probe(&with_database(&local, "postgres")).await {
+                Ok(()) => return Ok(Server::External { url: local }),
+                Err(e) => last = Some((local, e)),
+            }
+        }
+        let (local, e) = last.expect("at least one user was tried");
+        return Err(e.context(format!(
+            "a PostgreSQL server listens on 127.0.0.1:5432 but {local} cannot be used; \
+             set DATABASE_URL=postgres://user:password@host:port to one that can"
+        )));
     }
     let bindir = bindir().map_err(|e| {
         anyhow!(
