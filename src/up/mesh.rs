@@ -36,6 +36,8 @@ pub struct MeshFile {
     /// `[[service]]`, in dependency order (a service after everything it
     /// depends on; otherwise in file order).
     pub services: Vec<ServiceSpec>,
+    /// `[banner] text`: printed once the mesh is up (calls to try).
+    pub banner: Option<String>,
 }
 
 /// `[mesh]`: where things go.
@@ -141,6 +143,13 @@ struct RawFile {
     edge: EdgeSection,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    banner: Option<Banner>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Banner {
+    text: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -392,6 +401,7 @@ impl MeshFile {
             postgres: raw.postgres,
             edge: raw.edge,
             services,
+            banner: raw.banner.map(|b| b.text),
         })
     }
 

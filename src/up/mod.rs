@@ -1111,19 +1111,19 @@ fn banner(
         "\nWhat is running, from the registry:\n  {trellis} status{status_flags}\n\n\
          Through the edge, with no .proto files (reflection for the whole mesh):\n\
          \x20 grpcurl -plaintext {host} list\n\
+         \x20 grpcurl -plaintext {host} describe <service>\n\
          \x20 buf curl --protocol grpc --http2-prior-knowledge --list-services {e}\n\
-         \x20 grpcurl -plaintext -d '{{\"count\":3}}' {host} trellis.echo.v1.EchoService/Count\n\n\
-         The billing system (grpcurl takes the same -d):\n\
-         \x20 e={e}\n\
-         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{}}' $e/telco.user.v1.UserService/ListPlans\n\
-         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{\"msisdn\":\"+4915112345678\",\"name\":\"Ada Lovelace\",\"email\":\"ada@example.com\"}}' $e/telco.user.v1.UserService/CreateUser\n\
-         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{\"userId\":\"<id>\",\"planId\":\"basic\"}}' $e/telco.user.v1.UserService/Subscribe\n\
-         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{\"userId\":\"<id>\",\"type\":\"USAGE_TYPE_DATA\",\"quantity\":\"6000\",\"occurredAt\":\"<now, e.g. 2026-12-02T10:00:00Z>\",\"idempotencyKey\":\"cdr-1\"}}' $e/telco.usage.v1.UsageService/RecordUsage\n\
-         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '{{\"userId\":\"<id>\",\"period\":{{\"year\":<year>,\"month\":<month>}}}}' $e/telco.settlement.v1.SettlementService/GetBill\n\
-         \x20 grpcurl -plaintext -d '{{\"userId\":\"<id>\"}}' {host} telco.profile.v1.ProfileService/GetProfile\n\n\
+         \x20 buf curl --protocol grpc --http2-prior-knowledge -d '<JSON>' {e}/<package.Service>/<Method>\n\
          JSON over HTTP/1.1:\n\
-         \x20 curl -s -X POST -H 'content-type: application/json' -d '{{}}' {e}/telco.user.v1.UserService/ListPlans\n"
+         \x20 curl -s -X POST -H 'content-type: application/json' -d '<JSON>' {e}/<package.Service>/<Method>\n"
     ));
+    if let Some(text) = &cx.file.banner {
+        out.push('\n');
+        out.push_str(&banner_text(text, cx, plan, server));
+        if !text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
     if let (Some(tls), Some(key)) = (plan.edges.iter().find(|e| e.tls), api_key) {
         let port = tls.listen.port();
         out.push_str(&format!(
@@ -1142,11 +1142,53 @@ fn trellis_command(root: &Path) -> String {
     let Ok(exe) = std::env::current_exe() else {
         return "trellis".to_owned();
     };
+    // A binary rebuilt while it runs shows as "path (deleted)".
+    let exe = PathBuf::from(
+        exe.display()
+            .to_string()
+            .trim_end_matches(" (deleted)")
+            .to_owned(),
+    );
     let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
     match exe.strip_prefix(&root) {
         Ok(relative) => relative.display().to_string(),
         Err(_) => exe.display().to_string(),
     }
+}
+
+/// The mesh file's `[banner] text` with `${edge}`, `${edge_url}`,
+/// `${edge_tls}`, `${state}`, `${certs}`, `${bin}` and `${database:<service>}`
+/// filled in (the `$` keeps JSON's braces out of the way).
+fn banner_text(
+    text: &str,
+    cx: &Launch<'_>,
+    plan: &Plan,
+    server: Option<&postgres::Server>,
+) -> String {
+    let edge = plan.edges[0].listen;
+    let mut out = text
+        .replace("${edge_url}", &format!("http://{edge}"))
+        .replace("${edge}", &edge.to_string())
+        .replace("${state}", &cx.state.display().to_string())
+        .replace("${certs}", &cx.certs.display().to_string())
+        .replace("${bin}", &cx.bin.display().to_string());
+    if let Some(tls) = plan.edges.iter().find(|e| e.tls) {
+        out = out.replace("${edge_tls}", &tls.listen.to_string());
+    }
+    if let Some(server) = server {
+        for service in cx.file.services.iter().filter(|s| s.database) {
+            let name = format!(
+                "{}_{}",
+                database_prefix(cx.file),
+                service.name.replace('-', "_")
+            );
+            out = out.replace(
+                &format!("${{database:{}}}", service.name),
+                &server.database_url(&name),
+            );
+        }
+    }
+    out
 }
 
 /// The flags `trellis status` needs when this mesh is not on the defaults.
