@@ -155,6 +155,19 @@ impl SpiffeId {
             _ => None,
         }
     }
+
+    /// The mesh service this ID names, only when it is in `trust_domain`
+    /// and `namespace`: `spiffe://<trust_domain>/ns/<namespace>/sa/<service>`.
+    ///
+    /// Authorization decisions must use this rather than [`Self::service`]:
+    /// one CA may sign identities for several namespaces (or, with a shared
+    /// bundle, trust domains), and `ns/other/sa/usage` is not `usage`.
+    pub fn service_in(&self, trust_domain: &str, namespace: &str) -> Option<&str> {
+        if self.trust_domain() != trust_domain || self.namespace() != Some(namespace) {
+            return None;
+        }
+        self.service()
+    }
 }
 
 impl fmt::Display for SpiffeId {
@@ -397,6 +410,30 @@ mod tests {
             SpiffeId::for_service("trellis.local", "default", "usage").unwrap(),
             id
         );
+    }
+
+    #[test]
+    fn service_in_requires_the_trust_domain_and_namespace() {
+        let id = SpiffeId::parse("spiffe://trellis.local/ns/default/sa/usage").unwrap();
+        assert_eq!(id.service_in("trellis.local", "default"), Some("usage"));
+        for (domain, namespace) in [
+            ("trellis.local", "other"),
+            ("other.local", "default"),
+            ("trellis.local", "defaul"),
+            ("trellis.local", ""),
+        ] {
+            assert_eq!(
+                id.service_in(domain, namespace),
+                None,
+                "{domain} {namespace}"
+            );
+        }
+        let other = SpiffeId::parse("spiffe://trellis.local/ns/other/sa/settlement").unwrap();
+        assert_eq!(other.service(), Some("settlement"));
+        assert_eq!(other.service_in("trellis.local", "default"), None);
+        // Not of the /ns/<ns>/sa/<service> form at all.
+        let plain = SpiffeId::parse("spiffe://trellis.local/ns/default/sa/usage/x").unwrap();
+        assert_eq!(plain.service_in("trellis.local", "default"), None);
     }
 
     #[test]

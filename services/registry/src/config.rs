@@ -23,7 +23,7 @@ use toml::Spanned;
 use tonic::{Request, Response, Status};
 use trellis::pb::trellis::config::v1 as pb;
 
-use crate::registry::Registry;
+use crate::registry::{Declaration, Registry};
 use crate::{proto_duration, validate};
 
 /// How often the directory is re-read.
@@ -42,18 +42,32 @@ mod builtin {
     pub const MAX_BUFFERED_BYTES: u32 = 64 * 1024;
 }
 
-/// A duration written with its unit (`750ms`, `2s`).
+/// The longest duration a config file may give. Durations are sent as
+/// protobuf Durations (i64 seconds) and proxies add them to clocks and turn
+/// them into milliseconds and `grpc-timeout` headers; a day is far beyond
+/// any sensible call timeout or backoff and fits all of those, so a larger
+/// value is an operator's mistake reported with its line, not a panic later.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A duration written with its unit (`750ms`, `2s`), at most [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Dur(Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map(Dur).map_err(|e| {
+        let parsed = humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
                 "{text:?} is not a duration with a unit such as 750ms or 2s: {e}"
             ))
-        })
+        })?;
+        if parsed > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "{text:?} is longer than the longest duration allowed, {}",
+                humantime::format_duration(MAX_DURATION)
+            )));
+        }
+        Ok(Dur(parsed))
     }
 }
 
@@ -222,12 +236,24 @@ struct RuleFile {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
+    /// gRPC services this mesh service owns: no other identity may
+    /// register them, whether or not this service has instances.
+    #[serde(default)]
+    grpc_services: Vec<Spanned<String>>,
     #[serde(default)]
     routes: Vec<RouteFile>,
-    #[serde(default)]
-    authorization: Vec<RuleFile>,
+    /// `None` when the file has no `authorization` at all, `Some([])` for an
+    /// explicit `authorization = []`: only the latter may take away every
+    /// rule a previous version had (see [`ConfigStore::reload`]).
+    authorization: Option<Vec<RuleFile>>,
     #[serde(default)]
     settings: toml::Table,
+}
+
+impl ConfigFile {
+    fn rules(&self) -> &[RuleFile] {
+        self.authorization.as_deref().unwrap_or_default()
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> u32 {
@@ -251,6 +277,28 @@ fn parse_file(name: &str, text: &str) -> Result<ConfigFile, pb::ConfigProblem> {
         let line = e.span().map_or(0, |s| line_of(text, s.start));
         problem(line, e.message().trim().to_owned())
     })?;
+    for (i, g) in file.grpc_services.iter().enumerate() {
+        let line = line_of(text, g.span().start);
+        let rule = format!("grpc_services[{i}]");
+        let message = if name == DEFAULTS_FILE {
+            Some(format!(
+                "{DEFAULTS_FILE} cannot own gRPC services; declare them in <service>.toml"
+            ))
+        } else if file.grpc_services[..i]
+            .iter()
+            .any(|other| other.get_ref() == g.get_ref())
+        {
+            Some(format!("{} is given twice", g.get_ref()))
+        } else {
+            validate::routable_name(g.get_ref()).err()
+        };
+        if let Some(message) = message {
+            return Err(pb::ConfigProblem {
+                rule,
+                ..problem(line, message)
+            });
+        }
+    }
     for (i, route) in file.routes.iter().enumerate() {
         if let Some(r) = &route.retry {
             if r.max_attempts == Some(0) {
@@ -297,6 +345,81 @@ fn parse_file(name: &str, text: &str) -> Result<ConfigFile, pb::ConfigProblem> {
         }
     }
     Ok(file)
+}
+
+/// Checks a parsed file against what is already in force: `previous`, the
+/// last good version of the same file, and `accepted`, every file's.
+///
+/// An empty file after a good version is taken as a failed or truncating
+/// write, and a version without `authorization` after one with rules as a
+/// truncated one: accepting either would turn "these callers only" into
+/// "every caller". Taking every rule away takes an explicit
+/// `authorization = []`.
+fn check_against(
+    name: &str,
+    text: &str,
+    file: &ConfigFile,
+    previous: Option<&ConfigFile>,
+    accepted: &BTreeMap<String, (String, ConfigFile)>,
+) -> Result<(), pb::ConfigProblem> {
+    let problem = |line, rule: String, message: String| pb::ConfigProblem {
+        file: name.to_owned(),
+        line,
+        rule,
+        message,
+        rejected: true,
+    };
+    if let Some(previous) = previous {
+        if text.trim().is_empty() {
+            return Err(problem(
+                0,
+                String::new(),
+                "file is empty; taken as a failed write, so its last good version stays in force (to drop its rules on purpose, write `authorization = []`)".into(),
+            ));
+        }
+        if file.authorization.is_none() && !previous.rules().is_empty() {
+            return Err(problem(
+                0,
+                "authorization".into(),
+                format!(
+                    "has no authorization rules where its last good version had {}; taken as truncated, so that version stays in force (to drop every rule on purpose, write `authorization = []`)",
+                    previous.rules().len()
+                ),
+            ));
+        }
+    }
+    for (i, g) in file.grpc_services.iter().enumerate() {
+        let other = accepted.iter().find(|(other, (_, f))| {
+            other.as_str() != name && f.grpc_services.iter().any(|o| o.get_ref() == g.get_ref())
+        });
+        if let Some((other, _)) = other {
+            return Err(problem(
+                line_of(text, g.span().start),
+                format!("grpc_services[{i}]"),
+                format!("{} is already declared by {other}", g.get_ref()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The gRPC service names `files` declare, each with its owner.
+fn declarations(files: &BTreeMap<String, (String, ConfigFile)>) -> HashMap<String, Declaration> {
+    let mut declared = HashMap::new();
+    for (name, (_, file)) in files {
+        let Some(service) = name.strip_suffix(".toml") else {
+            continue;
+        };
+        for g in &file.grpc_services {
+            declared
+                .entry(g.get_ref().clone())
+                .or_insert_with(|| Declaration {
+                    service: service.to_owned(),
+                    file: name.clone(),
+                });
+        }
+    }
+    declared
 }
 
 /// The accepted state of the directory.
@@ -381,9 +504,31 @@ impl ConfigStore {
         }
         let current = self.snapshot.borrow().clone();
         let mut files = current.files.clone();
-        files.retain(|name, _| texts.contains_key(name));
-        reader.rejected.retain(|name, _| texts.contains_key(name));
-        for (name, text) in &texts {
+        // A file that disappears keeps its last good version until it is
+        // written again or the registry restarts: a missing file is as
+        // likely a botched deploy or a remount as a deliberate removal, and
+        // dropping it could drop a service's rules, which means "allow
+        // every caller". It is reported until then.
+        reader
+            .rejected
+            .retain(|name, _| texts.contains_key(name) || files.contains_key(name));
+        for name in files.keys() {
+            if !texts.contains_key(name) && reader.seen.contains_key(name) {
+                let problem = pb::ConfigProblem {
+                    file: name.clone(),
+                    line: 0,
+                    rule: String::new(),
+                    message: "file is missing; its last good version stays in force until the file is written again or the registry restarts (to drop its rules on purpose, write `authorization = []`)".into(),
+                    rejected: true,
+                };
+                tracing::warn!(file = %name, reason = %problem.message, "config file removed; its last good version stays in force");
+                reader.rejected.insert(name.clone(), problem);
+            }
+        }
+        // Sorted, so that of two files declaring the same gRPC service the
+        // same one wins every time.
+        let texts_sorted: BTreeMap<&String, &String> = texts.iter().collect();
+        for (name, text) in texts_sorted {
             if reader.seen.get(name) == Some(text) {
                 continue;
             }
@@ -399,7 +544,10 @@ impl ConfigStore {
                     rejected: true,
                 })
             } else {
-                parse_file(name, text)
+                parse_file(name, text).and_then(|file| {
+                    check_against(name, text, &file, files.get(name).map(|(_, f)| f), &files)?;
+                    Ok(file)
+                })
             };
             match parsed {
                 Ok(file) => {
@@ -422,6 +570,7 @@ impl ConfigStore {
         reader.seen = texts;
         let changed = files != current.files;
         if changed {
+            self.registry.set_declared(declarations(&files));
             let next = Snapshot {
                 revision: current.revision + 1,
                 loaded_at: Some(SystemTime::now()),
@@ -460,7 +609,7 @@ impl ConfigStore {
             for (i, r) in file.routes.iter().enumerate() {
                 check(format!("routes[{i}].method"), &r.method);
             }
-            for (i, a) in file.authorization.iter().enumerate() {
+            for (i, a) in file.rules().iter().enumerate() {
                 for (j, m) in a.methods.iter().enumerate() {
                     check(format!("authorization[{i}].methods[{j}]"), m);
                 }
@@ -552,10 +701,10 @@ impl ConfigStore {
         let routes = keys.iter().map(|k| resolve_route(&layers, k)).collect();
 
         let authorization = own
-            .filter(|f| !f.authorization.is_empty())
+            .filter(|f| !f.rules().is_empty())
             .or(defaults)
             .map(|f| {
-                f.authorization
+                f.rules()
                     .iter()
                     .map(|r| pb::AuthorizationRule {
                         callers: r.callers.iter().map(|c| c.0.clone()).collect(),
@@ -851,6 +1000,22 @@ currency = "EUR"
                 "more than one route",
             ),
             ("this is not toml", 1, ""),
+            (
+                "[[routes]]\nmethod = \"*\"\ntimeout = \"10000000000000000000s\"\n",
+                3,
+                "longer than the longest duration allowed",
+            ),
+            (
+                "[[routes]]\nmethod = \"*\"\nretry = { max_backoff = \"25h\" }\n",
+                3,
+                "longer than the longest duration allowed",
+            ),
+            (
+                "\ngrpc_services = [\"grpc.health.v1.Health\"]\n",
+                2,
+                "never a routable name",
+            ),
+            ("grpc_services = [\"a.B\", \"a.B\"]\n", 1, "given twice"),
         ];
         for (text, line, reason) in cases {
             let problem = parse_file("usage.toml", text).unwrap_err();
@@ -859,5 +1024,54 @@ currency = "EUR"
             assert!(problem.message.contains(reason), "{text}: {problem:?}");
             assert!(problem.rejected);
         }
+        let problem = parse_file("defaults.toml", "grpc_services = [\"a.B\"]\n").unwrap_err();
+        assert!(problem.message.contains("cannot own"), "{problem:?}");
+        // The longest allowed duration still fits every representation.
+        let file = parse_file(
+            "usage.toml",
+            "[[routes]]\nmethod = \"*\"\ntimeout = \"24h\"\n",
+        );
+        assert!(file.is_ok(), "{file:?}");
+    }
+
+    #[test]
+    fn losing_every_rule_takes_an_explicit_empty_list() {
+        let with_rules =
+            "[[authorization]]\ncallers = [\"*\"]\nmethods = [\"*\"]\naction = \"allow\"\n";
+        let previous = parse_file("usage.toml", with_rules).unwrap();
+        let accepted = BTreeMap::new();
+        let check = |text: &str| {
+            let file = parse_file("usage.toml", text).unwrap();
+            check_against("usage.toml", text, &file, Some(&previous), &accepted)
+        };
+        assert!(check("").unwrap_err().message.contains("empty"));
+        assert!(check("  \n").unwrap_err().message.contains("empty"));
+        assert!(
+            check("# cut\n")
+                .unwrap_err()
+                .message
+                .contains("authorization = []")
+        );
+        assert!(check("authorization = []\n").is_ok());
+        assert!(check(with_rules).is_ok());
+        // A first version may be empty: there is nothing to lose.
+        let empty = parse_file("usage.toml", "").unwrap();
+        assert!(check_against("usage.toml", "", &empty, None, &accepted).is_ok());
+    }
+
+    #[test]
+    fn a_grpc_service_is_declared_by_one_file() {
+        let text = "grpc_services = [\"telco.usage.v1.UsageService\"]\n";
+        let usage = parse_file("usage.toml", text).unwrap();
+        let accepted: BTreeMap<_, _> = [("usage.toml".to_owned(), (text.to_owned(), usage))].into();
+        let echo = parse_file("echo.toml", text).unwrap();
+        let problem = check_against("echo.toml", text, &echo, None, &accepted).unwrap_err();
+        assert!(
+            problem.message.contains("already declared by usage.toml"),
+            "{problem:?}"
+        );
+        assert_eq!(problem.line, 1);
+        let declared = declarations(&accepted);
+        assert_eq!(declared["telco.usage.v1.UsageService"].service, "usage");
     }
 }

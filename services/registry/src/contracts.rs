@@ -19,6 +19,15 @@ pub struct Contract {
     files: HashMap<String, Bytes>,
 }
 
+/// Where a symbol is defined in a contract; see [`Contract::locate`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Located {
+    /// The gRPC services defined in the symbol's file.
+    pub file_services: Vec<String>,
+    /// Whether the symbol is a gRPC service or one of its methods.
+    pub is_service: bool,
+}
+
 /// Why a set of descriptors was refused; `field` names the request field.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ContractError {
@@ -103,6 +112,23 @@ impl Contract {
     pub fn file_containing(&self, symbol: &str) -> Option<Vec<Bytes>> {
         let file = self.find_file(symbol)?;
         Some(self.with_dependencies(&file))
+    }
+
+    /// Where `symbol` is defined: the gRPC services of its file (whose
+    /// owners decide who may answer for it) and whether the symbol is
+    /// itself a service or a method of one.
+    pub fn locate(&self, symbol: &str) -> Option<Located> {
+        let file = self.find_file(symbol)?;
+        let is_service = self.pool.get_service_by_name(symbol).is_some()
+            || symbol.rsplit_once('.').is_some_and(|(parent, leaf)| {
+                self.pool
+                    .get_service_by_name(parent)
+                    .is_some_and(|s| s.methods().any(|m| m.name() == leaf))
+            });
+        Some(Located {
+            file_services: file.services().map(|s| s.full_name().to_owned()).collect(),
+            is_service,
+        })
     }
 
     /// Whether the contract defines gRPC service `service` with method

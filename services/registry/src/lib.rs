@@ -9,7 +9,8 @@ pub mod registry;
 pub mod validate;
 
 /// A `std` duration as a protobuf `Duration`. Every duration the registry
-/// sends is bounded (TTLs, backoffs), far inside the protobuf range.
+/// sends is bounded (TTLs by `validate::MAX_TTL`, config durations by
+/// `config::MAX_DURATION`), far inside the protobuf range.
 pub(crate) fn proto_duration(d: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration::try_from(d).expect("bounded durations fit a protobuf Duration")
 }

@@ -9,7 +9,7 @@ use trellis::cli::{IdentityArgs, exit_with};
 use trellis::pb::trellis::config::v1::config_service_server::ConfigServiceServer;
 use trellis::pb::trellis::registry::v1::registry_service_server::RegistryServiceServer;
 use trellis_registry::config::{ConfigApi, ConfigStore};
-use trellis_registry::registry::{Registry, RegistryApi};
+use trellis_registry::registry::{MeshScope, Registry, RegistryApi};
 
 const PROGRAM: &str = "trellis-registry";
 
@@ -49,7 +49,13 @@ async fn main() {
     trellis::telemetry::init("warn,trellis=info,trellis_registry=info");
     let args = Args::parse();
     let workload = args.identity.load_or_exit(PROGRAM);
-    let registry = Registry::new(args.read_only.iter().filter(|s| !s.is_empty()).cloned());
+    // The registry serves the mesh services of its own trust domain and
+    // namespace; identities elsewhere (the same CA may sign them) name none.
+    let scope = MeshScope::of(workload.id()).unwrap_or_else(|e| exit_with(PROGRAM, &e));
+    let registry = Registry::new(
+        scope,
+        args.read_only.iter().filter(|s| !s.is_empty()).cloned(),
+    );
     let config = ConfigStore::open(&args.config_dir, registry.clone())
         .unwrap_or_else(|e| exit_with(PROGRAM, &format!("--config-dir {e}")));
     let listener = trellis::server::bind(args.listen)

@@ -48,6 +48,73 @@ struct Entry {
     expires: Instant,
 }
 
+/// Where the mesh's workloads live. Only IDs of the form
+/// `spiffe://<trust_domain>/ns/<namespace>/sa/<service>` name mesh
+/// services: the same CA may sign other namespaces, and
+/// `ns/other/sa/usage` is not `usage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshScope {
+    /// The trust domain, e.g. `trellis.local`.
+    pub trust_domain: String,
+    /// The namespace, e.g. `default`.
+    pub namespace: String,
+}
+
+impl MeshScope {
+    /// The scope of `id` (normally the registry's own identity), which must
+    /// have the `/ns/<namespace>/sa/<service>` form.
+    pub fn of(id: &SpiffeId) -> Result<Self, String> {
+        let namespace = id.namespace().ok_or_else(|| {
+            format!("{id}: the registry's SPIFFE ID must have the /ns/<namespace>/sa/<service> form, to know which namespace it serves")
+        })?;
+        Ok(Self {
+            trust_domain: id.trust_domain().to_owned(),
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    /// The mesh service `id` names, when it is in this scope.
+    pub fn service_of<'a>(&self, id: &'a SpiffeId) -> Option<&'a str> {
+        id.service_in(&self.trust_domain, &self.namespace)
+    }
+
+    /// The identity of mesh service `service`, as text for messages.
+    fn identity(&self, service: &str) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{service}",
+            self.trust_domain, self.namespace
+        )
+    }
+}
+
+/// A gRPC service name declared in config for one mesh service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declaration {
+    /// The mesh service (and so identity) that owns the name.
+    pub service: String,
+    /// The config file declaring it, for messages.
+    pub file: String,
+}
+
+/// Who owns a gRPC service name, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner<'a> {
+    /// Declared in config.
+    Declared(&'a Declaration),
+    /// Claimed by the first registration naming it (and kept for the
+    /// registry's lifetime, instances or not).
+    Claimed(&'a str),
+}
+
+impl<'a> Owner<'a> {
+    fn service(self) -> &'a str {
+        match self {
+            Owner::Declared(d) => &d.service,
+            Owner::Claimed(s) => s,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     revision: u64,
@@ -56,9 +123,15 @@ struct State {
     contracts: HashMap<String, Arc<Contract>>,
     /// Instances per mesh service.
     per_service: HashMap<String, usize>,
-    /// For each gRPC service: the mesh service serving it, and how many of
-    /// its instances do.
-    grpc_owners: HashMap<String, (String, usize)>,
+    /// gRPC service names declared in config: they belong to the declared
+    /// mesh service whether or not it has instances.
+    declared: HashMap<String, Declaration>,
+    /// Every gRPC service name ever registered, with the mesh service that
+    /// last registered it with the right to. Never forgotten while the
+    /// registry runs: a name whose owner has no instance right now is not
+    /// up for grabs (making this durable across restarts is for the
+    /// registry's state store).
+    claims: HashMap<String, String>,
 }
 
 impl State {
@@ -66,13 +139,12 @@ impl State {
         instance.service == target || instance.grpc_services.iter().any(|s| s == target)
     }
 
-    /// The mesh service (other than `except`) whose instances already serve
-    /// gRPC service `grpc`.
-    fn owner_of(&self, grpc: &str, except: &str) -> Option<&str> {
-        self.grpc_owners
+    /// Who owns gRPC service `grpc`: config first, then the first claim.
+    fn owner(&self, grpc: &str) -> Option<Owner<'_>> {
+        self.declared
             .get(grpc)
-            .map(|(owner, _)| owner.as_str())
-            .filter(|owner| *owner != except)
+            .map(Owner::Declared)
+            .or_else(|| self.claims.get(grpc).map(|s| Owner::Claimed(s)))
     }
 
     fn index(&mut self, instance: &pb::Instance) {
@@ -81,23 +153,13 @@ impl State {
             .entry(instance.service.clone())
             .or_default() += 1;
         for g in &instance.grpc_services {
-            self.grpc_owners
-                .entry(g.clone())
-                .or_insert_with(|| (instance.service.clone(), 0))
-                .1 += 1;
+            // The registration was allowed, so its service owns the name.
+            self.claims.insert(g.clone(), instance.service.clone());
         }
     }
 
     /// Forgets an instance in the indexes; true if it was its service's last.
     fn unindex(&mut self, instance: &pb::Instance) -> bool {
-        for g in &instance.grpc_services {
-            if let Some((_, count)) = self.grpc_owners.get_mut(g) {
-                *count -= 1;
-                if *count == 0 {
-                    self.grpc_owners.remove(g);
-                }
-            }
-        }
         match self.per_service.get_mut(&instance.service) {
             Some(count) if *count > 1 => {
                 *count -= 1;
@@ -129,6 +191,7 @@ pub struct Registry {
     /// Bumped whenever the set of registered contracts changes.
     contracts_version: watch::Sender<u64>,
     read_only: HashSet<String>,
+    scope: MeshScope,
 }
 
 fn random_id(prefix: &str) -> String {
@@ -136,9 +199,10 @@ fn random_id(prefix: &str) -> String {
 }
 
 impl Registry {
-    /// A new, empty registry. Callers whose service name or SPIFFE ID is in
-    /// `read_only` may resolve and watch but not register.
-    pub fn new(read_only: impl IntoIterator<Item = String>) -> Arc<Self> {
+    /// A new, empty registry for the mesh services of `scope`. Callers
+    /// whose service name or SPIFFE ID is in `read_only` may resolve and
+    /// watch but not register.
+    pub fn new(scope: MeshScope, read_only: impl IntoIterator<Item = String>) -> Arc<Self> {
         let (changes, _) = broadcast::channel(WATCH_BUFFER);
         let (contracts_version, _) = watch::channel(0);
         Arc::new(Self {
@@ -146,6 +210,7 @@ impl Registry {
             changes,
             contracts_version,
             read_only: read_only.into_iter().collect(),
+            scope,
         })
     }
 
@@ -179,17 +244,51 @@ impl Registry {
         self.contracts_version.subscribe()
     }
 
-    /// Whether any registered contract defines gRPC service `service` (and
-    /// `method`, when given).
+    /// Whether gRPC service `service` (and `method`, when given) is defined
+    /// by its owner's registered contract. Another service's upload that
+    /// happens to define it does not count.
     pub fn knows_method(&self, service: &str, method: Option<&str>) -> bool {
-        self.lock()
-            .contracts
-            .values()
-            .any(|c| c.has_method(service, method))
+        let state = self.lock();
+        state
+            .owner(service)
+            .and_then(|o| state.contracts.get(o.service()))
+            .is_some_and(|c| c.has_method(service, method))
+    }
+
+    /// Replaces the gRPC service names declared in config (name → owner).
+    /// Instances of another mesh service that serve a name now declared
+    /// for someone else are removed: they were let in before the
+    /// declaration, and the declared owner's traffic must not keep going to
+    /// them (their sidecars' next registration is refused, naming the owner).
+    pub fn set_declared(&self, declared: HashMap<String, Declaration>) {
+        let mut state = self.lock();
+        if state.declared == declared {
+            return;
+        }
+        state.declared = declared;
+        let usurpers: Vec<String> = state
+            .instances
+            .iter()
+            .filter(|(_, e)| {
+                e.instance.grpc_services.iter().any(|g| {
+                    state
+                        .declared
+                        .get(g)
+                        .is_some_and(|d| d.service != e.instance.service)
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &usurpers {
+            let revision = self.remove(&mut state, id, RemovalReason::Unspecified);
+            tracing::warn!(instance.id = %id, revision, "instance removed: it serves a gRPC service config now declares for another mesh service");
+        }
     }
 
     fn check_may_register(&self, caller: &SpiffeId, service: &str) -> Result<(), Status> {
-        let caller_service = caller.service();
+        // Only an identity in the registry's own trust domain and namespace
+        // names a mesh service (see MeshScope).
+        let caller_service = self.scope.service_of(caller);
         if self.read_only.contains(caller.as_str())
             || caller_service.is_some_and(|s| self.read_only.contains(s))
         {
@@ -198,9 +297,43 @@ impl Registry {
             )));
         }
         if caller_service != Some(service) {
+            let scope = &self.scope;
+            return Err(match caller_service {
+                Some(own) => Status::permission_denied(format!(
+                    "{caller} may only register as its own service ({own}), not as {service:?}"
+                )),
+                None => Status::permission_denied(format!(
+                    "{caller} may not register as {service:?}: only spiffe://{}/ns/{}/sa/<service> identities name mesh services here",
+                    scope.trust_domain, scope.namespace
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a claim on a gRPC service name another identity owns.
+    fn check_owned(
+        &self,
+        state: &State,
+        caller: &SpiffeId,
+        service: &str,
+        grpc: &[String],
+    ) -> Result<(), Status> {
+        for g in grpc {
+            let Some(owner) = state.owner(g) else {
+                continue;
+            };
+            if owner.service() == service {
+                continue;
+            }
+            let why = match owner {
+                Owner::Declared(d) => format!("declared in {}", d.file),
+                Owner::Claimed(_) => "claimed first while this registry runs".to_owned(),
+            };
             return Err(Status::permission_denied(format!(
-                "{caller} may only register as its own service ({}), not as {service:?}",
-                caller_service.unwrap_or("none: its SPIFFE ID has no /ns/<ns>/sa/<service> path")
+                "{g} belongs to {} (mesh service {}, {why}); {caller} may not serve it",
+                self.scope.identity(owner.service()),
+                owner.service()
             )));
         }
         Ok(())
@@ -234,7 +367,9 @@ impl Registry {
             );
         }
         for (i, s) in req.grpc_services.iter().enumerate() {
-            if let Err(e) = validate::qualified_name(s) {
+            // Sidecars leave health and reflection out of what they learn
+            // through reflection; one given them explicitly is refused.
+            if let Err(e) = validate::routable_name(s) {
                 violations.add(format!("grpc_services[{i}]"), e);
             }
         }
@@ -278,13 +413,7 @@ impl Registry {
         };
 
         let mut state = self.lock();
-        for grpc in &req.grpc_services {
-            if let Some(owner) = state.owner_of(grpc, &req.service) {
-                return Err(Status::already_exists(format!(
-                    "{grpc} is already served by mesh service {owner:?}"
-                )));
-            }
-        }
+        self.check_owned(&state, caller, &req.service, &req.grpc_services)?;
         let instance_id = random_id(&req.service);
         let lease_id = random_id("lease");
         let now = SystemTime::now();
@@ -529,13 +658,46 @@ impl Registry {
 
     /// The registered file defining `symbol`, with its dependencies, and the
     /// mesh service that registered it.
+    ///
+    /// Any upload may carry other services' files (imports), so who may
+    /// answer is decided by ownership: a file that defines a gRPC service
+    /// with an owner is answered only from the owner's contract; a service
+    /// or method nobody owns is not answered at all (it is not routable);
+    /// other symbols (messages, enums) from any contract whose file defines
+    /// no owned service, first by mesh service name.
     pub fn file_containing(&self, symbol: &str) -> Option<(String, Vec<Bytes>)> {
         let state = self.lock();
-        let mut services: Vec<_> = state.contracts.iter().collect();
-        services.sort_by(|a, b| a.0.cmp(b.0));
-        services
-            .into_iter()
-            .find_map(|(service, c)| c.file_containing(symbol).map(|f| (service.clone(), f)))
+        let mut contracts: Vec<_> = state.contracts.iter().collect();
+        contracts.sort_by(|a, b| a.0.cmp(b.0));
+        let mut fallback = None;
+        for (service, c) in contracts {
+            let Some(found) = c.locate(symbol) else {
+                continue;
+            };
+            let owners: Vec<&str> = found
+                .file_services
+                .iter()
+                .filter_map(|s| state.owner(s).map(|o| o.service()))
+                .collect();
+            if owners.contains(&service.as_str()) {
+                return c.file_containing(symbol).map(|f| (service.clone(), f));
+            }
+            if owners.is_empty() && !found.is_service && fallback.is_none() {
+                fallback = c.file_containing(symbol).map(|f| (service.clone(), f));
+            }
+        }
+        fallback
+    }
+
+    /// The files defining gRPC service `grpc`, from its owner's contract.
+    pub fn service_descriptors(&self, grpc: &str) -> Option<(String, Vec<Bytes>)> {
+        let state = self.lock();
+        let owner = state.owner(grpc)?.service().to_owned();
+        let contract = state.contracts.get(&owner)?;
+        if !contract.has_method(grpc, None) {
+            return None;
+        }
+        contract.file_containing(grpc).map(|f| (owner, f))
     }
 
     /// Subscribes to changes and takes a snapshot of `targets`, atomically.
@@ -830,15 +992,11 @@ impl RegistryService for RegistryApi {
         if let Err(e) = validate::qualified_name(&name) {
             return Err(trellis::status::invalid_field("grpc_service", &e));
         }
-        let (service, files) = self
-            .registry
-            .file_containing(&name)
-            .filter(|_| self.registry.knows_method(&name, None))
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "gRPC service {name} is not registered, or was registered without descriptors"
-                ))
-            })?;
+        let (service, files) = self.registry.service_descriptors(&name).ok_or_else(|| {
+            Status::not_found(format!(
+                "gRPC service {name} is not registered, or was registered without descriptors"
+            ))
+        })?;
         Ok(Response::new(pb::GetServiceDescriptorsResponse {
             service,
             file_descriptors: files.into_iter().map(|b| b.to_vec()).collect(),

@@ -70,6 +70,32 @@ pub fn qualified_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// gRPC services every server carries, and the control plane's own APIs:
+/// never routable names. A sidecar that routed `grpc.health.v1.Health` to
+/// one mesh service would send every health check in the mesh there, and
+/// the Config and Registry APIs are answered by the registry alone.
+const INFRASTRUCTURE: &[&str] = &["grpc.health.v1.Health"];
+/// Package prefixes that are infrastructure as a whole (every version).
+const INFRASTRUCTURE_PACKAGES: &[&str] =
+    &["grpc.reflection.", "trellis.registry.", "trellis.config."];
+
+/// Whether `name` is infrastructure rather than a routable gRPC service.
+pub fn is_infrastructure(name: &str) -> bool {
+    INFRASTRUCTURE.contains(&name) || INFRASTRUCTURE_PACKAGES.iter().any(|p| name.starts_with(p))
+}
+
+/// A gRPC service name an instance may serve and config may declare: a
+/// qualified name that is not infrastructure.
+pub fn routable_name(name: &str) -> Result<(), String> {
+    qualified_name(name)?;
+    if is_infrastructure(name) {
+        return Err(format!(
+            "{name} is infrastructure (health, reflection or the control plane's own API), never a routable name; leave it out"
+        ));
+    }
+    Ok(())
+}
+
 /// A `host:port` address: an IP address or a DNS host name, and a port
 /// other than 0.
 pub fn address(addr: &str) -> Result<(), String> {
@@ -121,6 +147,23 @@ mod tests {
         for bad in ["", "UsageService", "telco..v1", "telco.1usage", "a.b/c"] {
             assert!(qualified_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn infrastructure_is_not_routable() {
+        for name in [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "trellis.registry.v1.RegistryService",
+            "trellis.config.v1.ConfigService",
+        ] {
+            let e = routable_name(name).unwrap_err();
+            assert!(e.contains(name), "{e}");
+        }
+        assert!(routable_name("telco.usage.v1.UsageService").is_ok());
+        assert!(routable_name("trellis.events.v1.Example").is_ok());
+        assert!(routable_name("grpc.healthy.v1.Health").is_ok());
     }
 
     #[test]

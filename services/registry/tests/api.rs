@@ -398,11 +398,18 @@ async fn another_identity_cannot_register_renew_or_deregister_as_the_first() {
     .await
     .unwrap();
 
-    // A gRPC service already served by another mesh service cannot be claimed.
+    // A gRPC service another identity owns cannot be claimed; the refusal
+    // names the owner.
     let mut claim = usage_instance(9011, Duration::from_secs(30));
     claim.service = "settlement".into();
     let taken = settlement.register(claim).await.unwrap_err();
-    assert_eq!(taken.code(), Code::AlreadyExists);
+    assert_eq!(taken.code(), Code::PermissionDenied);
+    assert!(
+        taken
+            .message()
+            .contains("belongs to spiffe://trellis.local/ns/default/sa/usage"),
+        "{taken:?}"
+    );
 
     // The first identity's instance is untouched.
     let resolved = edge
@@ -774,7 +781,7 @@ async fn rules_naming_unknown_methods_are_reported_until_a_contract_defines_them
 }
 
 #[tokio::test]
-async fn a_grpc_service_can_move_to_another_mesh_service_once_its_owner_is_gone() {
+async fn a_grpc_service_moves_to_another_mesh_service_only_by_declaration() {
     let mesh = Mesh::start();
     let mut usage = mesh.registry_as("usage");
     let first = usage
@@ -782,25 +789,45 @@ async fn a_grpc_service_can_move_to_another_mesh_service_once_its_owner_is_gone(
         .await
         .unwrap()
         .into_inner();
-    let second = usage
-        .register(usage_instance(9002, Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .into_inner();
     let mut settlement = mesh.registry_as("settlement");
     let mut claim = usage_instance(9011, Duration::from_secs(30));
     claim.service = "settlement".into();
-    for id in [first.instance_id, second.instance_id] {
-        assert_eq!(
-            settlement.register(claim.clone()).await.unwrap_err().code(),
-            Code::AlreadyExists
-        );
-        usage
-            .deregister(reg::DeregisterRequest { instance_id: id })
-            .await
-            .unwrap();
+    assert_eq!(
+        settlement.register(claim.clone()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // The first claim outlives its instances: the name is not up for grabs.
+    usage
+        .deregister(reg::DeregisterRequest {
+            instance_id: first.instance_id,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        settlement.register(claim.clone()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // Config moves it.
+    write(
+        mesh.config_dir.path(),
+        "settlement.toml",
+        &format!("grpc_services = [\"{USAGE}\"]\n"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match settlement.register(claim.clone()).await {
+            Ok(_) => break,
+            Err(e) => assert_eq!(e.code(), Code::PermissionDenied, "{e:?}"),
+        }
+        assert!(Instant::now() < deadline, "declaration never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    settlement.register(claim).await.unwrap();
+    let denied = usage
+        .register(usage_instance(9002, Duration::from_secs(30)))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(denied.message().contains("settlement.toml"), "{denied:?}");
 }
 
 // Multi-threaded: the client connections must be able to close while the

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_stream::StreamExt;
 use trellis::SpiffeId;
 use trellis::pb::trellis::registry::v1 as pb;
-use trellis_registry::registry::{Registry, WATCH_BUFFER};
+use trellis_registry::registry::{MeshScope, Registry, WATCH_BUFFER};
 
 fn request(i: usize) -> pb::RegisterRequest {
     pb::RegisterRequest {
@@ -21,7 +21,11 @@ fn request(i: usize) -> pb::RegisterRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_stops_reading_is_resynced_and_others_keep_up() {
-    let registry = Registry::new([]);
+    let scope = MeshScope {
+        trust_domain: "trellis.local".into(),
+        namespace: "default".into(),
+    };
+    let registry = Registry::new(scope, []);
     let usage = SpiffeId::for_service("trellis.local", "default", "usage").unwrap();
     let changes = 3 * WATCH_BUFFER;
 

@@ -1,0 +1,551 @@
+//! Hardening of the control plane (issue 11), against the real registry
+//! process over mTLS on 127.0.0.1: the config fails closed, a gRPC service
+//! name and its contract belong to one identity, identity checks include
+//! the namespace, and operator input never panics the registry.
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use prost_types::{
+    DescriptorProto, FileDescriptorProto, MethodDescriptorProto, ServiceDescriptorProto,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+use trellis::Workload;
+use trellis::identity::{IdentityPaths, SpiffeId};
+use trellis::pb::trellis::config::v1 as cfg;
+use trellis::pb::trellis::registry::v1 as reg;
+use trellis::tls::{ExpectedPeer, channel};
+use trellis_test_support::{RunningRegistry, TestPki, spawn_registry};
+
+use cfg::config_service_client::ConfigServiceClient;
+use reg::registry_service_client::RegistryServiceClient;
+
+const REGISTRY: &str = env!("CARGO_BIN_EXE_trellis-registry");
+const USAGE: &str = "telco.usage.v1.UsageService";
+const SETTLEMENT: &str = "telco.settlement.v1.SettlementService";
+
+struct Mesh {
+    pki: TestPki,
+    registry: RunningRegistry,
+    config_dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// A registry whose config directory holds `files` from the start.
+    fn start_with(files: &[(&str, &str)]) -> Self {
+        let pki = TestPki::new("trellis.local");
+        let config_dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            write(config_dir.path(), name, text);
+        }
+        let registry = spawn_registry(
+            REGISTRY,
+            &pki.issue("registry", "registry"),
+            config_dir.path(),
+        );
+        Self {
+            pki,
+            registry,
+            config_dir,
+        }
+    }
+
+    fn channel_for(&self, paths: &IdentityPaths) -> Channel {
+        let workload = Workload::load(paths).unwrap();
+        channel(
+            &workload,
+            self.registry.addr,
+            ExpectedPeer::Exactly(self.pki.id("registry")),
+        )
+        .unwrap()
+    }
+
+    fn registry_as(&self, service: &str) -> RegistryServiceClient<Channel> {
+        RegistryServiceClient::new(self.channel_for(&self.pki.issue(service, service)))
+    }
+
+    fn config_as(&self, service: &str) -> ConfigServiceClient<Channel> {
+        ConfigServiceClient::new(self.channel_for(&self.pki.issue(service, service)))
+    }
+
+    /// The registry's log so far; fails the test if it panicked.
+    fn log_without_panic(&self) -> String {
+        let out = self.registry.process.output();
+        assert!(!out.contains("panicked"), "the registry panicked:\n{out}");
+        out
+    }
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn instance(service: &str, port: u16, grpc: &[&str]) -> reg::RegisterRequest {
+    reg::RegisterRequest {
+        service: service.into(),
+        address: format!("127.0.0.1:{port}"),
+        grpc_services: grpc.iter().map(|s| (*s).to_owned()).collect(),
+        health: reg::ServingStatus::Serving as i32,
+        lease_ttl: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn trellis_files() -> Vec<FileDescriptorProto> {
+    prost_types::FileDescriptorSet::decode(trellis::pb::FILE_DESCRIPTOR_SET)
+        .unwrap()
+        .file
+}
+
+fn encode(files: &[FileDescriptorProto]) -> Vec<Vec<u8>> {
+    files.iter().map(Message::encode_to_vec).collect()
+}
+
+async fn status(config: &mut ConfigServiceClient<Channel>) -> cfg::GetConfigStatusResponse {
+    config
+        .get_config_status(cfg::GetConfigStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn rules_of(config: &mut ConfigServiceClient<Channel>, service: &str) -> usize {
+    config
+        .get_config(cfg::GetConfigRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap()
+        .authorization
+        .len()
+}
+
+/// Polls the status until a problem about `file` contains `needle`.
+async fn wait_for_problem(
+    config: &mut ConfigServiceClient<Channel>,
+    file: &str,
+    needle: &str,
+) -> cfg::ConfigProblem {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = status(config).await;
+        if let Some(p) = status
+            .problems
+            .iter()
+            .find(|p| p.file == file && p.message.contains(needle))
+        {
+            return p.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no problem about {file} mentioning {needle:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const USAGE_RULES: &str = "\
+[[routes]]
+method = \"*\"
+timeout = \"2s\"
+
+[[authorization]]
+callers = [\"edge\"]
+methods = [\"*\"]
+action = \"allow\"
+";
+
+/// Item 1: an emptied, truncated or deleted service file is not "no rules,
+/// allow everyone": the last good rules stay and the problem is reported.
+#[tokio::test]
+async fn an_emptied_truncated_or_deleted_service_file_keeps_its_last_rules() {
+    let mesh = Mesh::start_with(&[("usage.toml", USAGE_RULES)]);
+    let dir = mesh.config_dir.path();
+    let mut config = mesh.config_as("usage");
+    assert_eq!(rules_of(&mut config, "usage").await, 1);
+
+    // Emptied (a failed write, a truncating editor).
+    write(dir, "usage.toml", "");
+    let problem = wait_for_problem(&mut config, "usage.toml", "empty").await;
+    assert!(problem.rejected, "{problem:?}");
+    assert_eq!(
+        rules_of(&mut config, "usage").await,
+        1,
+        "empty file allowed all"
+    );
+
+    // Truncated just before its rules: valid TOML, but every rule gone.
+    write(
+        dir,
+        "usage.toml",
+        &USAGE_RULES[..USAGE_RULES.find("[[auth").unwrap()],
+    );
+    wait_for_problem(&mut config, "usage.toml", "authorization = []").await;
+    assert_eq!(
+        rules_of(&mut config, "usage").await,
+        1,
+        "truncated file allowed all"
+    );
+
+    // Deleted: kept until the registry restarts, and reported.
+    std::fs::remove_file(dir.join("usage.toml")).unwrap();
+    wait_for_problem(&mut config, "usage.toml", "missing").await;
+    assert_eq!(
+        rules_of(&mut config, "usage").await,
+        1,
+        "deleted file allowed all"
+    );
+    assert!(mesh.log_without_panic().contains("usage.toml"));
+
+    // Back again: the problem clears.
+    write(dir, "usage.toml", USAGE_RULES);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while status(&mut config)
+        .await
+        .problems
+        .iter()
+        .any(|p| p.file == "usage.toml")
+    {
+        assert!(Instant::now() < deadline, "problem never cleared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Dropping every rule on purpose takes an explicit empty list.
+    write(dir, "usage.toml", "authorization = []\n");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while rules_of(&mut config, "usage").await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "explicit empty list not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Item 2: a name declared in config belongs to that service's identity,
+/// whether or not it has instances.
+#[tokio::test]
+async fn a_declared_grpc_service_cannot_be_claimed_by_another_identity() {
+    let mesh = Mesh::start_with(&[(
+        "settlement.toml",
+        &format!("grpc_services = [\"{SETTLEMENT}\"]\n"),
+    )]);
+    // Settlement has no instance; echo tries to take its traffic.
+    let denied = mesh
+        .registry_as("echo")
+        .register(instance("echo", 9001, &[SETTLEMENT]))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains(SETTLEMENT), "{denied:?}");
+    assert!(
+        denied
+            .message()
+            .contains("spiffe://trellis.local/ns/default/sa/settlement"),
+        "{denied:?}"
+    );
+    assert!(denied.message().contains("settlement.toml"), "{denied:?}");
+    // Its owner may.
+    mesh.registry_as("settlement")
+        .register(instance("settlement", 9002, &[SETTLEMENT]))
+        .await
+        .unwrap();
+
+    // A name claimed before config declared it for another service: the
+    // claimant's instances are removed once the declaration applies.
+    const ARCHIVE: &str = "telco.archive.v1.ArchiveEventsService";
+    let mut echo = mesh.registry_as("echo");
+    echo.register(instance("echo", 9003, &[ARCHIVE]))
+        .await
+        .unwrap();
+    write(
+        mesh.config_dir.path(),
+        "archive.toml",
+        &format!("grpc_services = [\"{ARCHIVE}\"]\n"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while echo
+        .resolve(reg::ResolveRequest {
+            target: ARCHIVE.into(),
+        })
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "usurper still resolves");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let denied = echo
+        .register(instance("echo", 9003, &[ARCHIVE]))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("archive.toml"), "{denied:?}");
+}
+
+/// Item 2: an undeclared name belongs to its first claimant for the
+/// registry's lifetime, even once that claimant has no instance.
+#[tokio::test]
+async fn an_undeclared_grpc_service_stays_with_its_first_claimant() {
+    let mesh = Mesh::start_with(&[]);
+    let mut usage = mesh.registry_as("usage");
+    let first = usage
+        .register(instance("usage", 9001, &[USAGE]))
+        .await
+        .unwrap()
+        .into_inner();
+    usage
+        .deregister(reg::DeregisterRequest {
+            instance_id: first.instance_id,
+        })
+        .await
+        .unwrap();
+    let denied = mesh
+        .registry_as("echo")
+        .register(instance("echo", 9002, &[USAGE]))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied
+            .message()
+            .contains("spiffe://trellis.local/ns/default/sa/usage"),
+        "{denied:?}"
+    );
+    // The owner comes back to it.
+    usage
+        .register(instance("usage", 9003, &[USAGE]))
+        .await
+        .unwrap();
+}
+
+/// Item 2: health, reflection and the control plane's own APIs are never
+/// routable names.
+#[tokio::test]
+async fn infrastructure_services_are_not_routable_names() {
+    let mesh = Mesh::start_with(&[]);
+    let mut echo = mesh.registry_as("echo");
+    for name in [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "trellis.registry.v1.RegistryService",
+        "trellis.config.v1.ConfigService",
+    ] {
+        let refused = echo
+            .register(instance("echo", 9001, &[name]))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{name}: {refused:?}");
+        assert!(refused.message().contains(name), "{refused:?}");
+    }
+    // Nothing was claimed along the way: no one resolves them.
+    let resolved = echo
+        .resolve(reg::ResolveRequest {
+            target: "grpc.health.v1.Health".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(resolved.code(), Code::NotFound);
+}
+
+/// A file `evil/v1/evil.proto` defining `evil.v1.EvilService`.
+fn evil_file() -> FileDescriptorProto {
+    FileDescriptorProto {
+        name: Some("evil/v1/evil.proto".into()),
+        package: Some("evil.v1".into()),
+        message_type: vec![DescriptorProto {
+            name: Some("Nothing".into()),
+            ..Default::default()
+        }],
+        service: vec![ServiceDescriptorProto {
+            name: Some("EvilService".into()),
+            method: vec![MethodDescriptorProto {
+                name: Some("Do".into()),
+                input_type: Some(".evil.v1.Nothing".into()),
+                output_type: Some(".evil.v1.Nothing".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        syntax: Some("proto3".into()),
+        ..Default::default()
+    }
+}
+
+fn method_names(file: &[u8]) -> Vec<String> {
+    let file = FileDescriptorProto::decode(file).unwrap();
+    file.service
+        .iter()
+        .filter(|s| s.name() == "SettlementService")
+        .flat_map(|s| s.method.iter().map(|m| m.name().to_owned()))
+        .collect()
+}
+
+/// Item 2: uploading descriptors that define another service's contract
+/// does not change what the registry serves for it.
+#[tokio::test]
+async fn a_forged_contract_for_another_service_is_not_served() {
+    let mesh = Mesh::start_with(&[]);
+    let mut files = trellis_files();
+    let real = encode(&files);
+    // A rewritten settlement.proto: one more method, as a forger would add
+    // (or change idempotency levels so proxies retry what is not safe).
+    let forged = files
+        .iter_mut()
+        .find(|f| f.name() == "telco/settlement/v1/settlement.proto")
+        .unwrap();
+    let service = forged
+        .service
+        .iter_mut()
+        .find(|s| s.name() == "SettlementService")
+        .unwrap();
+    let mut steal = service.method[0].clone();
+    steal.name = Some("Steal".into());
+    service.method.push(steal);
+    files.push(evil_file());
+
+    // "aardvark" sorts before "settlement": first in any by-name search.
+    let mut attacker = instance("aardvark", 9001, &["evil.v1.EvilService"]);
+    attacker.file_descriptors = encode(&files);
+    mesh.registry_as("aardvark")
+        .register(attacker)
+        .await
+        .unwrap();
+
+    let mut edge = mesh.registry_as("edge");
+    // Settlement has not registered: nothing is served for its service.
+    let none = edge
+        .get_service_descriptors(reg::GetServiceDescriptorsRequest {
+            grpc_service: SETTLEMENT.into(),
+        })
+        .await;
+    assert_eq!(
+        none.as_ref().map_err(tonic::Status::code).err(),
+        Some(Code::NotFound),
+        "{none:?}"
+    );
+
+    let mut settlement = instance("settlement", 9002, &[SETTLEMENT]);
+    settlement.file_descriptors = real;
+    mesh.registry_as("settlement")
+        .register(settlement)
+        .await
+        .unwrap();
+    let served = edge
+        .get_service_descriptors(reg::GetServiceDescriptorsRequest {
+            grpc_service: SETTLEMENT.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(served.service, "settlement");
+    assert_eq!(
+        method_names(&served.file_descriptors[0]),
+        ["GetBill", "ListBills"]
+    );
+    for symbol in [SETTLEMENT, "telco.settlement.v1.SettlementService.GetBill"] {
+        let found = edge
+            .get_file_containing(reg::GetFileContainingRequest {
+                symbol: symbol.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(found.service, "settlement", "{symbol}");
+        assert_eq!(
+            method_names(&found.file_descriptors[0]),
+            ["GetBill", "ListBills"]
+        );
+    }
+    let steal = edge
+        .get_file_containing(reg::GetFileContainingRequest {
+            symbol: "telco.settlement.v1.SettlementService.Steal".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(steal.code(), Code::NotFound, "{steal:?}");
+    // A message type of settlement's file comes from settlement's upload.
+    let message = edge
+        .get_file_containing(reg::GetFileContainingRequest {
+            symbol: "telco.settlement.v1.GetBillRequest".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(message.service, "settlement");
+}
+
+/// Item 3: a certificate for `settlement` in another namespace is not
+/// settlement.
+#[tokio::test]
+async fn a_certificate_in_another_namespace_is_not_the_service() {
+    let mesh = Mesh::start_with(&[]);
+    let other = SpiffeId::parse("spiffe://trellis.local/ns/other/sa/settlement").unwrap();
+    let paths = mesh.pki.issue_for_id(&other, "other-settlement");
+    let mut client = RegistryServiceClient::new(mesh.channel_for(&paths));
+    let denied = client
+        .register(instance("settlement", 9001, &[SETTLEMENT]))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("ns/other"), "{denied:?}");
+    // The real settlement still can.
+    mesh.registry_as("settlement")
+        .register(instance("settlement", 9002, &[SETTLEMENT]))
+        .await
+        .unwrap();
+}
+
+/// Item 10: durations too large to represent are refused with file and
+/// line; the registry keeps serving.
+#[tokio::test]
+async fn a_timeout_too_large_to_represent_is_a_problem_not_a_panic() {
+    let mesh = Mesh::start_with(&[]);
+    let dir = mesh.config_dir.path();
+    let mut config = mesh.config_as("usage");
+    for (value, field) in [
+        // Fits a u64 of seconds, not a protobuf Duration (i64 seconds).
+        ("10000000000000000000s", "timeout"),
+        // Fits a protobuf Duration, not u64 milliseconds.
+        ("100000000000000000s", "timeout"),
+        // Does not fit a u64 at all.
+        ("100000000000000000000s", "timeout"),
+        ("10000000000000000000s", "initial_backoff"),
+        ("10000000000000000000s", "max_backoff"),
+    ] {
+        let text = if field == "timeout" {
+            format!("[[routes]]\nmethod = \"*\"\ntimeout = \"{value}\"\n")
+        } else {
+            format!("[[routes]]\nmethod = \"*\"\n\n[routes.retry]\n{field} = \"{value}\"\n")
+        };
+        let line = if field == "timeout" { 3 } else { 5 };
+        write(dir, "usage.toml", &text);
+        let problem = wait_for_problem(&mut config, "usage.toml", value).await;
+        assert_eq!(problem.line, line, "{text}: {problem:?}");
+        assert!(problem.rejected);
+        // Still serving, and nothing panicked.
+        config
+            .get_config(cfg::GetConfigRequest {
+                service: "usage".into(),
+            })
+            .await
+            .unwrap();
+        mesh.log_without_panic();
+        // Reset, so the next case's problem is its own.
+        write(dir, "usage.toml", "# nothing\n");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !status(&mut config).await.problems.is_empty() {
+            assert!(Instant::now() < deadline, "problem never cleared");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
