@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::HeaderValue;
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -16,20 +17,31 @@ use crate::grpc;
 /// the outbound path logs the call when it ends.
 #[derive(Clone, Debug)]
 pub struct AccessInfo {
-    /// The verified external caller, or `anonymous`.
-    pub caller: String,
     /// The TCP peer.
     pub peer: SocketAddr,
     /// `grpc`, `grpc-web` or `json`.
     pub protocol: &'static str,
+    /// The verified external caller as `x-trellis-principal` carries it;
+    /// none for an anonymous one. It travels in the request's extensions,
+    /// which no client can set, and the outbound path turns it into the
+    /// header: a header a client sent is never taken for it.
+    pub principal: Option<HeaderValue>,
 }
 
 impl AccessInfo {
+    /// The verified external caller, or `anonymous`.
+    pub fn caller(&self) -> &str {
+        self.principal
+            .as_ref()
+            .and_then(|p| p.to_str().ok())
+            .unwrap_or("anonymous")
+    }
+
     /// Logs a call that ended at once (refused, or answered by the edge).
     pub fn log(&self, service: &str, method: &str, code: Code, started: Instant) {
         tracing::info!(
             target: "mesh_proxy::access",
-            caller = %self.caller,
+            caller = %self.caller(),
             peer = %self.peer,
             protocol = self.protocol,
             service,

@@ -1,6 +1,7 @@
 //! The admin port (plain HTTP/1.1): `/metrics` (Prometheus text),
 //! `/live` (the process runs) and `/ready` (identity loaded, first
-//! registry snapshot in, local service registered, not draining).
+//! registry snapshot and the local service's configuration in, local
+//! service registered, not draining).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ fn answer(path: &str, ready: &ReadyCheck) -> Response<Full<Bytes>> {
             metrics::get().render(),
         ),
         "/live" => (StatusCode::OK, "text/plain", "live\n".to_owned()),
-        "/ready" => match ready() {
+        "/ready" => match ready().and_then(|()| crate::inbound::ready()) {
             Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
             Err(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -74,6 +74,14 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_PROXY_DRAIN_DELAY", default_value = "2s", value_parser = trellis::cli::parse_duration)]
     pub drain_delay: Duration,
 
+    /// The longest a connection to an endpoint (TCP, mTLS and HTTP/2
+    /// handshakes) may take before the call is sent to another endpoint
+    /// (e.g. `1s`); a call with less time left waits at most half of it.
+    /// A mesh peer answers in milliseconds: one that accepts and has not
+    /// finished its handshake in a second is unlikely to.
+    #[arg(long, env = "TRELLIS_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = trellis::cli::parse_duration)]
+    pub connect_timeout: Duration,
+
     /// Then how long calls in flight may take to finish (e.g. `10s`).
     #[arg(long, env = "TRELLIS_PROXY_GRACE", default_value = "10s", value_parser = trellis::cli::parse_duration)]
     pub grace: Duration,
@@ -236,6 +244,14 @@ impl Args {
                 self.lease_ttl
             ));
         }
+        if self.connect_timeout < Duration::from_millis(10)
+            || self.connect_timeout > Duration::from_secs(60)
+        {
+            problems.push(format!(
+                "--connect-timeout {:?} is outside 10ms..=60s",
+                self.connect_timeout
+            ));
+        }
         if self.edge_tls_cert.is_some() != self.edge_tls_key.is_some() {
             problems.push("--edge-tls-cert and --edge-tls-key go together".to_owned());
         }
@@ -362,6 +378,8 @@ mod tests {
             "127.0.0.1:5000",
             "--lease-ttl",
             "100ms",
+            "--connect-timeout",
+            "0s",
         ]);
         let problems = args.problems();
         assert!(
@@ -376,6 +394,10 @@ mod tests {
         );
         assert!(
             problems.iter().any(|p| p.contains("--lease-ttl")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("--connect-timeout")),
             "{problems:?}"
         );
         assert!(

@@ -106,6 +106,12 @@ impl Table {
             )
     }
 
+    /// Whether `grpc_service` has a route of its own (the catch-all
+    /// aside).
+    pub fn has_route(&self, grpc_service: &str) -> bool {
+        self.routes.contains_key(grpc_service)
+    }
+
     /// Finds the upstream for `grpc_service`.
     pub fn lookup(&self, grpc_service: &str) -> Lookup {
         match self.routes.get(grpc_service) {

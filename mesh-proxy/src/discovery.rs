@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -31,6 +31,12 @@ use registry_pb::registry_service_client::RegistryServiceClient;
 
 const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+/// How long an instance a restarted registry forgot is kept when its old
+/// lease's expiry is unknown.
+const HOLD_WITHOUT_LEASE: Duration = Duration::from_secs(30);
+/// How often instances kept across a registry restart are checked for
+/// expiry.
+const HOLD_CHECK: Duration = Duration::from_secs(1);
 
 /// A fixed route: a gRPC service (or `*`, every service) served by fixed
 /// endpoints, with no registry involved.
@@ -69,6 +75,11 @@ pub struct MeshView {
     /// Bumped whenever the routing table, `registered` or `contracts`
     /// change; the edge rebuilds reflection and health from it.
     pub changes: watch::Sender<u64>,
+    /// Bumped on every registry snapshot, i.e. each time the watch is
+    /// (re)established: the registry may have restarted and forgotten
+    /// this sidecar's own registration, which the lifecycle then checks
+    /// at once rather than at its next lease renewal.
+    pub snapshots: watch::Sender<u64>,
 }
 
 impl MeshView {
@@ -102,10 +113,19 @@ pub struct Discovery {
     view: Arc<MeshView>,
     workload: Arc<Workload>,
     statics: Vec<StaticRoute>,
+    /// How long a connection to an endpoint may take.
+    connect_timeout: Duration,
     /// Endpoints by (address, identity), kept across updates so that
     /// connections and ejection state survive them.
     endpoints: HashMap<(SocketAddr, String), Arc<Endpoint>>,
     instances: HashMap<String, registry_pb::Instance>,
+    /// Instances (in `instances`) that a restarted registry no longer
+    /// lists, kept until their old lease would have run out or they
+    /// register again: a registry restart must not empty every route
+    /// while the mesh re-registers.
+    held: HashMap<String, SystemTime>,
+    /// The registry revision of the last event applied.
+    revision: u64,
     known: HashSet<String>,
     watched_configs: HashSet<String>,
     fetched_contracts: HashSet<String>,
@@ -137,8 +157,14 @@ impl ControlPlane {
 
 impl Discovery {
     /// A view holding only the static routes; whole contracts are kept
-    /// only if `keep_contracts`.
-    pub fn new(workload: Arc<Workload>, statics: Vec<StaticRoute>, keep_contracts: bool) -> Self {
+    /// only if `keep_contracts`; connections to endpoints take at most
+    /// `connect_timeout`.
+    pub fn new(
+        workload: Arc<Workload>,
+        statics: Vec<StaticRoute>,
+        keep_contracts: bool,
+        connect_timeout: Duration,
+    ) -> Self {
         let view = Arc::new(MeshView {
             directory: Arc::new(ArcSwap::from_pointee(Table::default())),
             policies: ArcSwap::from_pointee(HashMap::new()),
@@ -149,13 +175,17 @@ impl Discovery {
             contracts: ArcSwap::from_pointee(HashMap::new()),
             keep_contracts,
             changes: watch::channel(0).0,
+            snapshots: watch::channel(0).0,
         });
         let mut discovery = Self {
             view,
             workload,
             statics,
+            connect_timeout,
             endpoints: HashMap::new(),
             instances: HashMap::new(),
+            held: HashMap::new(),
+            revision: 0,
             known: HashSet::new(),
             watched_configs: HashSet::new(),
             fetched_contracts: HashSet::new(),
@@ -201,7 +231,16 @@ impl Discovery {
                 Ok(response) => {
                     let mut stream = response.into_inner();
                     loop {
-                        match stream.message().await {
+                        let message = tokio::select! {
+                            message = stream.message() => message,
+                            () = tokio::time::sleep(HOLD_CHECK), if !self.held.is_empty() => {
+                                if self.release_held() {
+                                    self.rebuild();
+                                }
+                                continue;
+                            }
+                        };
+                        match message {
                             Ok(Some(event)) => {
                                 backoff = RESUBSCRIBE_MIN;
                                 self.apply(&control, event);
@@ -230,20 +269,46 @@ impl Discovery {
 
     fn apply(&mut self, control: &ControlPlane, event: registry_pb::WatchResponse) {
         use registry_pb::WatchEventKind as Kind;
+        let last_revision = std::mem::replace(&mut self.revision, event.revision);
         match event.kind() {
             Kind::Snapshot => {
-                self.instances = event
+                let fresh = event
                     .instances
                     .into_iter()
                     .map(|i| (i.instance_id.clone(), i))
                     .collect();
-                if !self.view.synced.swap(true, Ordering::AcqRel) {
+                let previous = std::mem::replace(&mut self.instances, fresh);
+                let first = !self.view.synced.swap(true, Ordering::AcqRel);
+                // Revisions only grow within one registry's life: a
+                // resubscription that goes back in time is a registry that
+                // restarted and forgot its instances, not one that saw
+                // them go. Keep what it forgot until the old leases run
+                // out; the instances register again long before.
+                let forgot = !first && !event.resync && event.revision < last_revision;
+                for (id, instance) in previous {
+                    if self.instances.contains_key(&id) {
+                        continue;
+                    }
+                    if forgot && !self.held.contains_key(&id) {
+                        self.held.insert(id.clone(), held_until(&instance));
+                    }
+                    if self.held.contains_key(&id) {
+                        self.instances.insert(id, instance);
+                    }
+                }
+                if first {
                     tracing::info!(instances = self.instances.len(), "first registry snapshot");
                 } else {
-                    tracing::info!(instances = self.instances.len(), "registry resubscribed");
+                    tracing::info!(
+                        instances = self.instances.len(),
+                        held = self.held.len(),
+                        registry_restarted = forgot,
+                        "registry resubscribed"
+                    );
                 }
                 // Contracts may have changed while we were away.
                 self.fetched_contracts.clear();
+                self.view.snapshots.send_modify(|n| *n += 1);
             }
             Kind::Upsert => {
                 for i in event.instances {
@@ -263,6 +328,7 @@ impl Discovery {
             }
             Kind::Unspecified => return,
         }
+        self.release_held();
         let mesh_services: HashSet<String> =
             self.instances.values().map(|i| i.service.clone()).collect();
         for service in mesh_services {
@@ -279,6 +345,40 @@ impl Discovery {
             }
         }
         self.rebuild();
+    }
+
+    /// Drops held instances whose old lease has run out or that the
+    /// registry lists again (by address and identity, under a new ID);
+    /// returns whether any went.
+    fn release_held(&mut self) -> bool {
+        if self.held.is_empty() {
+            return false;
+        }
+        let now = SystemTime::now();
+        let current: HashSet<(&str, &str)> = self
+            .instances
+            .iter()
+            .filter(|(id, _)| !self.held.contains_key(*id))
+            .map(|(_, i)| (i.address.as_str(), i.identity.as_str()))
+            .collect();
+        let released: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(id, until)| {
+                **until <= now
+                    || self.instances.get(*id).is_none_or(|i| {
+                        current.contains(&(i.address.as_str(), i.identity.as_str()))
+                    })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &released {
+            self.held.remove(id);
+            if let Some(i) = self.instances.remove(id) {
+                tracing::info!(instance = %id, address = %i.address, "instance kept across a registry restart released");
+            }
+        }
+        !released.is_empty()
     }
 
     fn watch_config(&mut self, control: &ControlPlane, service: String) {
@@ -323,7 +423,7 @@ impl Discovery {
             }
             (None, false) => Transport::H2c,
         };
-        let e = Endpoint::new(addr, transport);
+        let e = Endpoint::with_connect_timeout(addr, transport, self.connect_timeout);
         self.endpoints.insert(key, e.clone());
         Some(e)
     }
@@ -421,6 +521,15 @@ impl Discovery {
         }
         self.view.changes.send_modify(|n| *n += 1);
     }
+}
+
+/// Until when an instance a restarted registry forgot is kept: its old
+/// lease's expiry, as the old registry told it.
+fn held_until(instance: &registry_pb::Instance) -> SystemTime {
+    instance
+        .lease_expires_at
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or_else(|| SystemTime::now() + HOLD_WITHOUT_LEASE)
 }
 
 /// Follows one mesh service's configuration.

@@ -16,8 +16,9 @@ use tokio::time::Instant;
 
 use crate::body::RequestBody;
 
-/// How long to wait for a TCP connection to an endpoint.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The share of a call's remaining time one connection attempt may use
+/// (as a divisor): the rest is left for another endpoint.
+const CONNECT_SHARE_OF_DEADLINE: u32 = 2;
 /// Consecutive failed calls that take an endpoint out of rotation.
 const FAILURES_TO_EJECT: u32 = 5;
 /// The first ejection; each further one in a row doubles, up to the cap.
@@ -67,6 +68,23 @@ pub enum ConnectError {
         /// What failed.
         source: hyper::Error,
     },
+    /// Connecting (TCP, TLS and HTTP/2 together) took longer than allowed:
+    /// the peer accepts but does not answer, or is too slow to be worth
+    /// the call's remaining time.
+    #[error("connecting to {addr} took over {}ms", after.as_millis())]
+    TimedOut {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The bound that ran out.
+        after: Duration,
+    },
+    /// Another call's connection attempt, which this call was waiting on,
+    /// failed: trying again at once would only wait for the same peer.
+    #[error("connecting to {addr} failed for a call queued before this one")]
+    FailedWhileQueued {
+        /// The endpoint.
+        addr: SocketAddr,
+    },
 }
 
 /// A typed upstream target and its state.
@@ -77,8 +95,13 @@ pub struct Endpoint {
     pub authority: http::uri::Authority,
     /// How to reach it.
     pub transport: Transport,
+    /// The longest one connection attempt may take.
+    connect_timeout: Duration,
     conn: ArcSwapOption<SendRequest<RequestBody>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Connection attempts that failed so far: a call that queued behind
+    /// an attempt sees it move and fails over instead of trying again.
+    failed_connects: AtomicU64,
     failures: AtomicU32,
     ejections: AtomicU32,
     /// Milliseconds since `epoch` until which the endpoint is out of rotation.
@@ -107,15 +130,29 @@ pub enum Outcome {
 }
 
 impl Endpoint {
-    /// A new endpoint, with no connection yet.
+    /// A new endpoint, with no connection yet and `--connect-timeout`'s
+    /// default.
+    #[cfg(test)]
     pub fn new(addr: SocketAddr, transport: Transport) -> Arc<Self> {
+        Self::with_connect_timeout(addr, transport, Duration::from_secs(1))
+    }
+
+    /// A new endpoint whose connection attempts take at most
+    /// `connect_timeout` (less when a call has less time left).
+    pub fn with_connect_timeout(
+        addr: SocketAddr,
+        transport: Transport,
+        connect_timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             addr,
             authority: http::uri::Authority::try_from(addr.to_string())
                 .expect("ip:port is an authority"),
             transport,
+            connect_timeout,
             conn: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
+            failed_connects: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -170,22 +207,64 @@ impl Endpoint {
     }
 
     /// A sender on the endpoint's pooled connection, connecting first if
-    /// there is none (one connection attempt at a time per endpoint).
-    pub async fn sender(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
-        if let Some(sender) = self.conn.load().as_deref()
-            && !sender.is_closed()
-        {
-            return Ok(sender.clone());
+    /// there is none (one connection attempt at a time per endpoint),
+    /// within the configured connect timeout, for a call that must end by
+    /// `deadline` (if it has one): waiting
+    /// for a connection takes at most the connect timeout and at most half
+    /// the time left, so that a peer that accepts and never answers leaves
+    /// the call time to be sent elsewhere. Every error means the request
+    /// never left.
+    pub async fn sender_by(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<SendRequest<RequestBody>, ConnectError> {
+        if let Some(sender) = self.pooled() {
+            return Ok(sender);
         }
-        let _connecting = self.connecting.lock().await;
-        if let Some(sender) = self.conn.load().as_deref()
-            && !sender.is_closed()
-        {
-            return Ok(sender.clone());
+        let started = Instant::now();
+        let bound = connect_bound(self.connect_timeout, deadline, started);
+        let addr = self.addr;
+        let timed_out = || ConnectError::TimedOut { addr, after: bound };
+        let failed_before = self.failed_connects.load(Ordering::Acquire);
+        // The bound covers queueing behind another call's attempt too: a
+        // call must not wait out a handshake it did not start either.
+        let Ok(_connecting) = tokio::time::timeout(bound, self.connecting.lock()).await else {
+            return Err(timed_out());
+        };
+        if let Some(sender) = self.pooled() {
+            return Ok(sender);
         }
-        let sender = self.connect().await?;
-        self.conn.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
+        if self.failed_connects.load(Ordering::Acquire) != failed_before {
+            return Err(ConnectError::FailedWhileQueued { addr });
+        }
+        let left = bound.saturating_sub(started.elapsed());
+        let connected = match tokio::time::timeout(left, self.connect()).await {
+            Ok(connected) => connected,
+            Err(_) => Err(timed_out()),
+        };
+        match connected {
+            Ok(sender) => {
+                self.conn.store(Some(Arc::new(sender.clone())));
+                Ok(sender)
+            }
+            Err(e) => {
+                // Counted while the lock is held, so that every call
+                // queued behind this attempt sees it. (An attempt dropped
+                // because its caller went away is not counted: the next
+                // call simply tries again.)
+                self.failed_connects.fetch_add(1, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    /// The pooled connection, if it is still open.
+    fn pooled(&self) -> Option<SendRequest<RequestBody>> {
+        self.conn
+            .load()
+            .as_deref()
+            .filter(|sender| !sender.is_closed())
+            .cloned()
     }
 
     /// Forgets the pooled connection (it failed).
@@ -207,11 +286,9 @@ impl Endpoint {
             b
         };
         let sender = match &self.transport {
+            // Bounded by the caller (`sender_by`), TCP to HTTP/2 as one.
             Transport::H2c => {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-                    .await
-                    .map_err(|_| io_err(std::io::ErrorKind::TimedOut.into()))?
-                    .map_err(io_err)?;
+                let tcp = TcpStream::connect(addr).await.map_err(io_err)?;
                 let _ = tcp.set_nodelay(true);
                 http2(&builder, addr, tcp).await
             }
@@ -223,6 +300,18 @@ impl Endpoint {
             }
         };
         sender.map_err(|source| ConnectError::Http2 { addr, source })
+    }
+}
+
+/// How long one connection attempt may take: the configured timeout, and
+/// at most a share of the time left before `deadline` (but never nothing:
+/// with no time left the call's own deadline ends it first).
+fn connect_bound(configured: Duration, deadline: Option<Instant>, now: Instant) -> Duration {
+    match deadline {
+        Some(deadline) => configured
+            .min(deadline.saturating_duration_since(now) / CONNECT_SHARE_OF_DEADLINE)
+            .max(Duration::from_millis(1)),
+        None => configured,
     }
 }
 
@@ -281,6 +370,28 @@ mod tests {
         assert!(e.available());
         e.record(Outcome::Success);
         assert!(!e.record(Outcome::Failure), "a success ends probation");
+    }
+
+    #[test]
+    fn a_connection_attempt_leaves_time_for_another_endpoint() {
+        let now = Instant::now();
+        let configured = Duration::from_secs(1);
+        assert_eq!(connect_bound(configured, None, now), configured);
+        assert_eq!(
+            connect_bound(configured, Some(now + Duration::from_secs(10)), now),
+            configured,
+            "a distant deadline leaves the configured bound"
+        );
+        assert_eq!(
+            connect_bound(configured, Some(now + Duration::from_millis(600)), now),
+            Duration::from_millis(300),
+            "half of what is left"
+        );
+        assert_eq!(
+            connect_bound(configured, Some(now), now + Duration::from_secs(1)),
+            Duration::from_millis(1),
+            "a past deadline still makes a (tiny) bound, not a panic"
+        );
     }
 
     #[tokio::test(start_paused = true)]

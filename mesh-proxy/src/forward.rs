@@ -48,7 +48,15 @@ pub async fn send(
     endpoint: &Endpoint,
     request: Request<RequestBody>,
 ) -> Result<Response<Incoming>, AttemptError> {
-    let mut sender = match endpoint.sender().await {
+    // The attempt's deadline (outbound sets `grpc-timeout` to the time
+    // left): a connection that does not come up in half of it leaves the
+    // call time to go elsewhere.
+    let deadline = request
+        .headers()
+        .get("grpc-timeout")
+        .and_then(crate::grpc::parse_timeout)
+        .map(|left| tokio::time::Instant::now() + left);
+    let mut sender = match endpoint.sender_by(deadline).await {
         Ok(sender) => sender,
         Err(e) => return Err(AttemptError::NotSent(Box::new(request), e.to_string())),
     };

@@ -12,9 +12,11 @@ use tonic::Code;
 pub const CALLER_HEADER: &str = "x-trellis-caller";
 
 /// The external caller an edge verified (`api-key:<name>` or
-/// `jwt:<subject>`). The edge sets it after authentication, removing
-/// whatever the caller sent; an inbound proxy passes it to its service
-/// only on calls from a trusted edge identity.
+/// `jwt:<subject>`). Every port that sends into the mesh (a sidecar's or
+/// an edge's outbound port, and the edge) removes whatever its caller sent
+/// under this name; only the edge sets it, from the principal it verified;
+/// an inbound proxy passes it to its service only on calls from a trusted
+/// edge identity.
 pub const PRINCIPAL_HEADER: &str = "x-trellis-principal";
 
 /// Set by an inbound proxy on an UNAVAILABLE it answered because the local
@@ -22,6 +24,12 @@ pub const PRINCIPAL_HEADER: &str = "x-trellis-principal";
 /// application code, so the caller's side may retry it on another endpoint
 /// whatever the method.
 pub const UNPROCESSED_HEADER: &str = "x-trellis-unprocessed";
+
+/// Headers that only a proxy may put on a response: an inbound proxy
+/// removes them from whatever the local service answers, so that a service
+/// cannot, say, make its caller's sidecar replay a call that is not safe
+/// to repeat by claiming it was never processed.
+pub const PROXY_RESPONSE_HEADERS: [&str; 3] = [UNPROCESSED_HEADER, CALLER_HEADER, PRINCIPAL_HEADER];
 
 /// A server's request not to retry (negative) or to wait before retrying.
 pub const PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";

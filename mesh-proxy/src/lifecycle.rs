@@ -3,7 +3,7 @@
 //! server reflection (whatever language it is written in), register it
 //! under a lease, keep the lease alive, mirror its health, and deregister
 //! it on shutdown. A registry that forgot the instance (restarted) gets it
-//! registered again.
+//! registered again, as soon as the watch reconnects to it.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -57,15 +57,29 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    /// Starts following the local service at `app`.
-    pub fn start(app: SocketAddr, control: ControlPlane, registration: Registration) -> Self {
+    /// Starts following the local service at `app`; `snapshots` moves
+    /// whenever the registry watch is (re)established (see
+    /// [`crate::discovery::MeshView::snapshots`]).
+    pub fn start(
+        app: SocketAddr,
+        control: ControlPlane,
+        registration: Registration,
+        snapshots: watch::Receiver<u64>,
+    ) -> Self {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (registered_tx, registered) = watch::channel(false);
         let channel = TonicEndpoint::from_shared(format!("http://{app}"))
             .expect("ip:port makes an endpoint")
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
-        let done = tokio::spawn(run(channel, control, registration, stop_rx, registered_tx));
+        let done = tokio::spawn(run(
+            channel,
+            control,
+            registration,
+            stop_rx,
+            registered_tx,
+            snapshots,
+        ));
         Self {
             stop: Some(stop_tx),
             done: Some(done),
@@ -92,6 +106,7 @@ async fn run(
     registration: Registration,
     mut stop: oneshot::Receiver<()>,
     registered: watch::Sender<bool>,
+    mut snapshots: watch::Receiver<u64>,
 ) {
     let (health_tx, mut health) = watch::channel(pb::ServingStatus::NotServing);
     let follow = tokio::spawn(follow_health(app.clone(), health_tx));
@@ -151,8 +166,22 @@ async fn run(
         // Hold the lease; mirror health; until stopped or forgotten.
         let mut renew = tokio::time::interval(ttl / 3);
         renew.tick().await;
+        // Snapshots before this registration say nothing about it.
+        snapshots.mark_unchanged();
         let forgotten = loop {
             tokio::select! {
+                // A new watch may be a restarted registry that lost the
+                // lease: renewing now finds out at once (NOT_FOUND) rather
+                // than up to a third of the lease later, while callers
+                // route from a view that lacks this instance.
+                Ok(()) = snapshots.changed() => {
+                    let r = registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
+                    match r {
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::NotFound => break true,
+                        Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "cannot renew the lease after the registry watch reconnected; will keep trying"),
+                    }
+                }
                 _ = renew.tick() => {
                     let r = registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
                     match r {

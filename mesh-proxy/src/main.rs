@@ -4,7 +4,8 @@
 //! exit 2), identity, the mesh view and its watches, the listeners
 //! (outbound, inbound, edge), the local service's registration; then
 //! SIGTERM: deregister, keep serving while peers notice, stop accepting,
-//! finish calls in flight, exit 0.
+//! finish calls in flight (the outbound port last, so that they can still
+//! call out), exit 0.
 
 mod access;
 mod admin;
@@ -92,6 +93,7 @@ async fn run(
         workload.clone(),
         args.static_routes.clone(),
         args.edge.is_some(),
+        args.connect_timeout,
     );
     // The view is shared: routes added below show through it.
     let view = discovery.view();
@@ -116,7 +118,11 @@ async fn run(
     };
 
     let draining = Arc::new(AtomicBool::new(false));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // Two stops, in order: first the ports calls come in on (inbound,
+    // edge), then, once their calls are done, the outbound port, which
+    // those calls may still need to reach other services.
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let (outbound_stop_tx, outbound_stop_rx) = watch::channel(None);
     let (drain_tx, drain_rx) = watch::channel(false);
 
     let outbound = outbound::Outbound::new(view.clone(), "outbound");
@@ -133,18 +139,19 @@ async fn run(
                 Box::pin(async move { outbound.handle(request).await })
             }
         },
-        stop_rx.clone(),
-        args.grace,
+        outbound_stop_rx,
     ));
     tracing::info!(addr = %args.outbound, "outbound listening (h2c)");
 
     let mut lifecycle = None;
     let inbound_task = match (args.app, inbound_listener) {
         (Some(app), Some(listener)) => {
-            let app_endpoint = Endpoint::new(app, Transport::H2c);
+            let app_endpoint =
+                Endpoint::with_connect_timeout(app, Transport::H2c, args.connect_timeout);
             let inbound = inbound::Inbound::new(
                 app_endpoint,
                 service.clone(),
+                workload.id(),
                 view.clone(),
                 args.trusted_edges.clone(),
             );
@@ -163,7 +170,6 @@ async fn run(
                     }
                 },
                 stop_rx.clone(),
-                args.grace,
             ));
             let advertise = args.advertise.or(inbound_addr).expect("inbound is bound");
             tracing::info!(addr = %args.inbound, app = %app, "inbound listening (mTLS)");
@@ -180,6 +186,7 @@ async fn run(
                         grpc_services: args.grpc_services.clone(),
                         lease_ttl: args.lease_ttl,
                     },
+                    view.snapshots.subscribe(),
                 ));
             }
             Some(task)
@@ -215,7 +222,6 @@ async fn run(
                             edge_handler(edge.clone(), io.get_ref().0.peer_addr())
                         },
                         stop_rx.clone(),
-                        args.grace,
                     ))
                 }
                 None => {
@@ -228,7 +234,6 @@ async fn run(
                             edge_handler(edge.clone(), io.peer_addr())
                         },
                         stop_rx.clone(),
-                        args.grace,
                     ))
                 }
             };
@@ -271,11 +276,16 @@ async fn run(
     // Peers learn of the removal by push; until they have, calls still
     // arrive and are served.
     tokio::time::sleep(args.drain_delay).await;
-    let _ = stop_tx.send(true);
-    let mut clean = outbound_task.await.unwrap_or(false);
+    // One grace period for the whole drain.
+    let until = tokio::time::Instant::now() + args.grace;
+    let _ = stop_tx.send(Some(until));
+    let mut clean = true;
     for task in [inbound_task, edge_task].into_iter().flatten() {
         clean &= task.await.unwrap_or(false);
     }
+    // The calls being finished above may have called out until now.
+    let _ = outbound_stop_tx.send(Some(until));
+    clean &= outbound_task.await.unwrap_or(false);
     if clean {
         tracing::info!("drained cleanly");
     } else {

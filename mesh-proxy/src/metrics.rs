@@ -1,9 +1,8 @@
 //! The proxy's Prometheus metrics, served on the admin port.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-
-use arc_swap::ArcSwap;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -57,11 +56,79 @@ pub struct Metrics {
     retries: Family<ServiceLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     connections: Family<DirectionLabels, Gauge>,
-    calls: ArcSwap<CallIndex>,
+    calls: CallIndex,
 }
 
-/// Direction, then gRPC service, then method.
-type CallIndex = HashMap<&'static str, HashMap<String, HashMap<String, Arc<Call>>>>;
+/// The label both the service and the method of a call get when the
+/// service is not one the proxy can route, or when [`MAX_SERIES`] is
+/// reached: one series however many paths callers make up.
+pub const UNKNOWN: &str = "unknown";
+
+/// Most (direction, service, method) series kept; calls beyond count
+/// under [`UNKNOWN`]. Each series renders as ~20 lines (a histogram), so
+/// this bounds `/metrics` at a few MB even with every label in use.
+const MAX_SERIES: usize = 1024;
+
+/// Slots of the index: twice the series it may hold, so that probes stay
+/// short; a few more for the `unknown` series, which the cap does not
+/// apply to.
+const SLOTS: usize = 2 * MAX_SERIES + 8;
+
+/// The per-method observers, by (direction, service, method): a fixed
+/// open-addressing table of write-once slots. Finding an observer reads
+/// without a lock; adding one claims one empty slot (O(1), nothing
+/// copied), so a flood of new paths costs no more than the cap allows.
+#[derive(Debug)]
+struct CallIndex {
+    hasher: std::collections::hash_map::RandomState,
+    slots: Box<[OnceLock<Arc<Call>>]>,
+    /// Series added, `unknown` ones aside.
+    series: AtomicUsize,
+}
+
+impl CallIndex {
+    fn new() -> Self {
+        Self {
+            hasher: Default::default(),
+            slots: (0..SLOTS).map(|_| OnceLock::new()).collect(),
+            series: AtomicUsize::new(0),
+        }
+    }
+
+    /// The observer of the series, or the index of the first empty slot
+    /// of its probe sequence (where it would go).
+    fn find(&self, direction: &str, service: &str, method: &str) -> Result<Arc<Call>, usize> {
+        let start = self.hasher.hash_one((direction, service, method)) as usize;
+        for i in 0..SLOTS {
+            let at = (start + i) % SLOTS;
+            match self.slots[at].get() {
+                Some(call) if call.is(direction, service, method) => return Ok(call.clone()),
+                Some(_) => continue,
+                None => return Err(at),
+            }
+        }
+        unreachable!("the cap keeps the index at most half full")
+    }
+
+    /// Adds `created` from slot `at` on (another thread may have added the
+    /// same series, or taken the slot, in the meantime).
+    fn insert(&self, mut at: usize, created: Arc<Call>) -> Arc<Call> {
+        loop {
+            match self.slots[at].set(created.clone()) {
+                Ok(()) => return created,
+                Err(_) => {
+                    let taken = self.slots[at]
+                        .get()
+                        .expect("a slot that refused a value has one");
+                    if taken.is(created.direction, &created.service, &created.method) {
+                        return taken.clone();
+                    }
+                }
+            }
+            at = (at + 1) % SLOTS;
+        }
+    }
+}
 
 fn latency_histogram() -> Histogram {
     // 100 µs to ~6.5 s.
@@ -108,7 +175,7 @@ impl Metrics {
             retries,
             ejections,
             connections,
-            calls: ArcSwap::default(),
+            calls: CallIndex::new(),
         }
     }
 
@@ -154,24 +221,54 @@ impl Metrics {
 
     /// An observer that counts one call when it ends. Observers are kept
     /// per direction, service and method, so a call allocates nothing here
-    /// once its method has been seen.
+    /// once its method has been seen. `routable` is asked only for a
+    /// series not seen yet: if the service is not one the proxy can route,
+    /// or [`MAX_SERIES`] are in use, the call counts under [`UNKNOWN`].
     pub fn call(
         &self,
         direction: &'static str,
         service: &str,
         method: &str,
+        routable: impl FnOnce() -> bool,
     ) -> Arc<dyn CallObserver> {
-        let found = self
-            .calls
-            .load()
-            .get(direction)
-            .and_then(|by_service| by_service.get(service))
-            .and_then(|by_method| by_method.get(method))
-            .cloned();
-        if let Some(found) = found {
-            return found;
+        let at = match self.calls.find(direction, service, method) {
+            Ok(found) => return found,
+            Err(at) => at,
+        };
+        if !routable() || !self.reserve_series() {
+            return self.unknown(direction);
         }
-        let created = Arc::new(Call {
+        let created = self.new_call(direction, service, method);
+        let kept = self.calls.insert(at, created.clone());
+        if !Arc::ptr_eq(&kept, &created) {
+            // Another call added the same series first.
+            self.calls.series.fetch_sub(1, Ordering::Relaxed);
+        }
+        kept
+    }
+
+    /// Takes one of the [`MAX_SERIES`]; false when none is left.
+    fn reserve_series(&self) -> bool {
+        self.calls
+            .series
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_SERIES).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// The observer for calls under [`UNKNOWN`] on `direction`.
+    fn unknown(&self, direction: &'static str) -> Arc<dyn CallObserver> {
+        match self.calls.find(direction, UNKNOWN, UNKNOWN) {
+            Ok(found) => found,
+            Err(at) => self
+                .calls
+                .insert(at, self.new_call(direction, UNKNOWN, UNKNOWN)),
+        }
+    }
+
+    fn new_call(&self, direction: &'static str, service: &str, method: &str) -> Arc<Call> {
+        Arc::new(Call {
             direction,
             service: service.to_owned(),
             method: method.to_owned(),
@@ -184,18 +281,7 @@ impl Metrics {
                     method: method.to_owned(),
                 })
                 .clone(),
-        });
-        self.calls.rcu(|current| {
-            let mut next = HashMap::clone(current);
-            next.entry(direction)
-                .or_default()
-                .entry(service.to_owned())
-                .or_default()
-                .entry(method.to_owned())
-                .or_insert_with(|| created.clone());
-            next
-        });
-        created
+        })
     }
 }
 
@@ -208,6 +294,12 @@ struct Call {
     method: String,
     by_status: [OnceLock<Counter>; 17],
     latency: Histogram,
+}
+
+impl Call {
+    fn is(&self, direction: &str, service: &str, method: &str) -> bool {
+        self.direction == direction && self.service == service && self.method == method
+    }
 }
 
 impl CallObserver for Call {
@@ -241,7 +333,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_finished_call_is_counted_with_its_status() {
-        let observer = get().call("outbound", "a.v1.S", "M");
+        let observer = get().call("outbound", "a.v1.S", "M", || true);
         let mut end = CallEnd::new(observer.clone(), Instant::now());
         end.finish(Code::Unavailable);
         drop(end);

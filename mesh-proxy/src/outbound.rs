@@ -64,8 +64,14 @@ impl Outbound {
             Err(answer) => return answer,
         };
         let (service, method) = (path.service.to_owned(), path.method.to_owned());
-        let mut observer = metrics::get().call(self.direction, &service, &method);
+        let lookup = self.view.directory.load().lookup(&service);
+        // Only services the mesh can route get their own metric labels: a
+        // caller choosing paths must not choose how many series we keep.
+        let routable = !matches!(lookup, Lookup::Unknown);
+        let mut observer = metrics::get().call(self.direction, &service, &method, || routable);
+        let mut principal = None;
         if let Some(info) = request.extensions().get::<AccessInfo>() {
+            principal = info.principal.clone();
             observer = Arc::new(AccessLog {
                 inner: observer,
                 info: info.clone(),
@@ -74,7 +80,7 @@ impl Outbound {
             });
         }
         let mut end = CallEnd::new(observer, started);
-        let upstream = match self.view.directory.load().lookup(&service) {
+        let upstream = match lookup {
             Lookup::Found(upstream) => upstream,
             Lookup::NoEndpoints => {
                 end.finish(Code::Unavailable);
@@ -107,6 +113,13 @@ impl Outbound {
         let mut headers = parts.headers;
         // Only the inbound side names the caller, from its certificate.
         headers.remove(grpc::CALLER_HEADER);
+        // Only an edge names an external caller, from credentials it
+        // verified (an extension no client can send): a local process
+        // claiming a principal on this port must not be believed.
+        headers.remove(grpc::PRINCIPAL_HEADER);
+        if let Some(principal) = principal {
+            headers.insert(grpc::PRINCIPAL_HEADER, principal);
+        }
         let path_and_query = parts
             .uri
             .path_and_query()

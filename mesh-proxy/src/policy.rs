@@ -53,6 +53,37 @@ pub struct Route {
     pub idempotent: bool,
 }
 
+/// Where a bare service name (`settlement`, in a rule or in
+/// `--trusted-edge`) applies: the proxy's own trust domain and namespace.
+/// `spiffe://trellis.local/ns/other/sa/settlement` is another workload
+/// than `settlement` of our namespace, and must not pass for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Locality {
+    trust_domain: String,
+    namespace: Option<String>,
+}
+
+impl Locality {
+    /// The trust domain and namespace of `own`, the proxy's identity.
+    pub fn of(own: &SpiffeId) -> Self {
+        Self {
+            trust_domain: own.trust_domain().to_owned(),
+            namespace: own.namespace().map(str::to_owned),
+        }
+    }
+
+    /// The service `caller` is, if it is in this trust domain and
+    /// namespace; none for a caller anywhere else.
+    pub fn local_service<'a>(&self, caller: &'a SpiffeId) -> Option<&'a str> {
+        if caller.trust_domain() != self.trust_domain
+            || caller.namespace() != self.namespace.as_deref()
+        {
+            return None;
+        }
+        caller.service()
+    }
+}
+
 /// Who may call; see `trellis.config.v1.AuthorizationRule`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
@@ -147,14 +178,23 @@ impl ServicePolicy {
 
     /// Whether `caller` may call the method: the first matching rule
     /// decides; with rules and no match, no; with no rules, any mesh
-    /// identity may. The error names the rule's outcome for the caller.
-    pub fn authorize(&self, caller: &SpiffeId, service: &str, method: &str) -> Result<(), String> {
+    /// identity may. A rule's bare service name matches only that service
+    /// in `local` (the proxy's trust domain and namespace); a full SPIFFE
+    /// ID matches itself wherever it is. The error names the rule's
+    /// outcome for the caller.
+    pub fn authorize(
+        &self,
+        caller: &SpiffeId,
+        local: &Locality,
+        service: &str,
+        method: &str,
+    ) -> Result<(), String> {
         if self.rules.is_empty() {
             return Ok(());
         }
-        let caller_matches = |c: &String| {
-            c == "*" || c == caller.as_str() || caller.service().is_some_and(|s| s == c)
-        };
+        let local_name = local.local_service(caller);
+        let caller_matches =
+            |c: &String| c == "*" || c == caller.as_str() || local_name.is_some_and(|s| s == c);
         for (i, rule) in self.rules.iter().enumerate() {
             let method_matches = rule
                 .methods
@@ -199,6 +239,10 @@ mod tests {
 
     fn id(service: &str) -> SpiffeId {
         SpiffeId::parse(&format!("spiffe://trellis.local/ns/default/sa/{service}")).unwrap()
+    }
+
+    fn here() -> Locality {
+        Locality::of(&id("echo"))
     }
 
     #[test]
@@ -260,18 +304,63 @@ mod tests {
             ..Default::default()
         };
         let policy = ServicePolicy::from_proto(&config);
-        assert!(policy.authorize(&id("billing"), "a.S", "Get").is_ok());
-        assert!(policy.authorize(&id("edge"), "a.S", "Delete").is_ok());
+        assert!(
+            policy
+                .authorize(&id("billing"), &here(), "a.S", "Get")
+                .is_ok()
+        );
+        assert!(
+            policy
+                .authorize(&id("edge"), &here(), "a.S", "Delete")
+                .is_ok()
+        );
         let denied = policy
-            .authorize(&id("billing"), "a.S", "Delete")
+            .authorize(&id("billing"), &here(), "a.S", "Delete")
             .unwrap_err();
         assert!(denied.contains("rule 1"), "{denied}");
-        let unmatched = policy.authorize(&id("web"), "a.S", "Get").unwrap_err();
+        let unmatched = policy
+            .authorize(&id("web"), &here(), "a.S", "Get")
+            .unwrap_err();
         assert!(unmatched.contains("no authorization rule"), "{unmatched}");
         assert!(
             ServicePolicy::default()
-                .authorize(&id("web"), "a.S", "Get")
+                .authorize(&id("web"), &here(), "a.S", "Get")
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_bare_name_matches_only_in_our_trust_domain_and_namespace() {
+        use pb::AuthorizationAction::Allow;
+        let config = pb::ServiceConfig {
+            authorization: vec![rule(
+                &["billing", "spiffe://trellis.local/ns/other/sa/audit"],
+                &["*"],
+                Allow,
+            )],
+            ..Default::default()
+        };
+        let policy = ServicePolicy::from_proto(&config);
+        let other = |s: &str| SpiffeId::for_service("trellis.local", "other", s).unwrap();
+        let foreign = SpiffeId::for_service("elsewhere.test", "default", "billing").unwrap();
+        assert!(
+            policy
+                .authorize(&id("billing"), &here(), "a.S", "M")
+                .is_ok()
+        );
+        assert!(
+            policy
+                .authorize(&other("billing"), &here(), "a.S", "M")
+                .is_err()
+        );
+        assert!(policy.authorize(&foreign, &here(), "a.S", "M").is_err());
+        // A full ID names one workload wherever it is.
+        assert!(
+            policy
+                .authorize(&other("audit"), &here(), "a.S", "M")
+                .is_ok()
+        );
+        assert_eq!(here().local_service(&other("billing")), None);
+        assert_eq!(here().local_service(&id("billing")), Some("billing"));
     }
 }

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::body::BoxError;
 use crate::metrics;
@@ -65,17 +66,21 @@ fn auto_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves connections from `incoming` until `stop` turns true, then stops
-/// accepting, asks every connection to finish (GOAWAY) and waits up to
-/// `grace` for calls in flight. `handler` makes the per-connection
-/// request handler. Returns whether the drain finished in time.
+/// Tells a listener to stop: `Some(until)` means stop accepting now and
+/// let calls in flight run until `until`.
+pub type Stop = watch::Receiver<Option<Instant>>;
+
+/// Serves connections from `incoming` until `stop` says when to finish,
+/// then stops accepting, asks every connection to finish (GOAWAY) and
+/// waits until that instant for calls in flight. `handler` makes the
+/// per-connection request handler. Returns whether the drain finished in
+/// time.
 pub async fn serve<I, IO, H, F, Fut, B>(
     name: &'static str,
     protocol: Protocol,
     mut incoming: I,
     handler: H,
-    mut stop: watch::Receiver<bool>,
-    grace: Duration,
+    mut stop: Stop,
 ) -> bool
 where
     I: Stream<Item = std::io::Result<IO>> + Unpin,
@@ -99,7 +104,7 @@ where
                 }
                 None => break,
             },
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(Option::is_some) => break,
         };
         let handle = handler(&io);
         let used = Arc::new(AtomicBool::new(false));
@@ -129,9 +134,11 @@ where
     }
     // Dropping the listener stops accepting.
     drop(incoming);
+    // A closed channel (the owner gone) means no grace at all.
+    let until = stop.borrow().unwrap_or_else(Instant::now);
     tokio::select! {
         () = graceful.shutdown() => true,
-        () = tokio::time::sleep(grace) => false,
+        () = tokio::time::sleep_until(until) => false,
     }
 }
 

@@ -332,8 +332,10 @@ impl Edge {
         }
     }
 
-    /// Authenticates and rate-limits; on success the request carries the
-    /// verified principal (and nothing the caller claimed).
+    /// Authenticates and rate-limits, then removes the credentials; on
+    /// success the returned info carries the verified principal, which the
+    /// outbound path sets as the only `x-trellis-principal` (a claimed one
+    /// is removed here and again there).
     fn admit<B>(
         &self,
         request: &mut Request<B>,
@@ -344,11 +346,16 @@ impl Edge {
         let headers = request.headers_mut();
         headers.remove(grpc::PRINCIPAL_HEADER);
         let mut info = AccessInfo {
-            caller: "anonymous".to_owned(),
             peer,
             protocol,
+            principal: None,
         };
-        match self.policy.admit(target, headers, peer.ip()) {
+        let admitted = self.policy.admit(target, headers, peer.ip());
+        // Checked, so no service behind the edge needs them, and every
+        // one that logs headers would otherwise collect credentials.
+        headers.remove("x-api-key");
+        headers.remove(header::AUTHORIZATION);
+        match admitted {
             Ok(None) => Ok(info),
             Ok(Some(principal)) => {
                 let name = principal.to_string();
@@ -360,8 +367,7 @@ impl Edge {
                             .to_owned(),
                     ));
                 };
-                headers.insert(grpc::PRINCIPAL_HEADER, value);
-                info.caller = name;
+                info.principal = Some(value);
                 Ok(info)
             }
             Err(rejection) => Err((info, rejection.code, rejection.message)),
