@@ -22,6 +22,8 @@ mod lifecycle;
 mod metrics;
 mod outbound;
 mod policy;
+#[cfg(test)]
+mod properties;
 mod retry;
 mod serve;
 
