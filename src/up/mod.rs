@@ -540,6 +540,9 @@ async fn start(
                     .to_string(),
                 "--read-only".to_owned(),
                 "edge,cli".to_owned(),
+                // Instances, leases and name ownership survive a restart.
+                "--state-dir".to_owned(),
+                cx.state.join("registry").display().to_string(),
             ],
             cx.identity("registry"),
         ]

@@ -113,6 +113,11 @@ fn start_registry(bin: &PathBuf, pki: &Pki) -> anyhow::Result<Registry> {
         .arg(addr.to_string())
         .arg("--config-dir")
         .arg(&config)
+        // The load generator registers tens of thousands of instances and
+        // opens a thousand watches under one identity each: far past the
+        // per-identity quotas a real workload is held to.
+        .args(["--max-instances-per-identity", "1000000"])
+        .args(["--max-watches-per-identity", "4096"])
         .arg("--cert")
         .arg(&identity.cert)
         .arg("--key")

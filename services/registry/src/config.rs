@@ -23,6 +23,7 @@ use toml::Spanned;
 use tonic::{Request, Response, Status};
 use trellis::pb::trellis::config::v1 as pb;
 
+use crate::quota::WatchPermit;
 use crate::registry::{Declaration, Registry};
 use crate::{proto_duration, validate};
 
@@ -750,13 +751,17 @@ impl ConfigStore {
     }
 
     /// Streams `service`'s effective configuration: now, then each change.
+    /// `permit` is the caller's place in its watch quota, held while the
+    /// stream is served.
     pub fn watch(
         &self,
         service: String,
+        permit: WatchPermit,
     ) -> ReceiverStream<Result<pb::WatchConfigResponse, Status>> {
         let mut rx = self.snapshot.subscribe();
         let (tx, out) = mpsc::channel(4);
         tokio::spawn(async move {
+            let _permit = permit;
             let mut last: Option<(pb::ServiceConfig, String)> = None;
             loop {
                 let snapshot = rx.borrow_and_update().clone();
@@ -893,10 +898,11 @@ impl pb::config_service_server::ConfigService for ConfigApi {
         &self,
         request: Request<pb::WatchConfigRequest>,
     ) -> Result<Response<Self::WatchConfigStream>, Status> {
-        trellis::tls::peer_identity(&request)?;
+        let caller = trellis::tls::peer_identity(&request)?.id.clone();
         let service = request.into_inner().service;
         check_service(&service)?;
-        Ok(Response::new(self.store.watch(service)))
+        let permit = self.store.registry.admit_watch(&caller)?;
+        Ok(Response::new(self.store.watch(service, permit)))
     }
 
     async fn get_config_status(

@@ -17,6 +17,8 @@ pub struct Contract {
     pool: DescriptorPool,
     /// Each file's bytes exactly as registered (comments included).
     files: HashMap<String, Bytes>,
+    /// The same files in the order they were registered, to store them.
+    registered: Vec<Bytes>,
 }
 
 /// Where a symbol is defined in a contract; see [`Contract::locate`].
@@ -61,6 +63,7 @@ impl Contract {
         }
         let mut protos = Vec::with_capacity(blobs.len());
         let mut files = HashMap::with_capacity(blobs.len());
+        let mut registered = Vec::with_capacity(blobs.len());
         for (i, blob) in blobs.iter().enumerate() {
             let field = format!("file_descriptors[{i}]");
             let proto = FileDescriptorProto::decode(blob.as_slice()).map_err(|e| {
@@ -70,12 +73,22 @@ impl Contract {
             if name.is_empty() {
                 return Err(ContractError::new(field, "file has no name"));
             }
-            if files
-                .insert(name.clone(), Bytes::from(blob.clone()))
-                .is_some()
+            // prost-reflect 0.16 panics on any other syntax (its error
+            // label indexes a file it has not stored yet).
+            if let Some(syntax) = proto.syntax.as_deref()
+                && syntax != "proto2"
+                && syntax != "proto3"
             {
+                return Err(ContractError::new(
+                    field,
+                    format!("{name}: syntax {syntax:?} is not supported (proto2 or proto3)"),
+                ));
+            }
+            let bytes = Bytes::from(blob.clone());
+            if files.insert(name.clone(), bytes.clone()).is_some() {
                 return Err(ContractError::new(field, format!("{name} is given twice")));
             }
+            registered.push(bytes);
             protos.push(proto);
         }
         let names: HashSet<&str> = protos.iter().map(|p| p.name()).collect();
@@ -103,7 +116,16 @@ impl Contract {
                 ));
             }
         }
-        Ok(Self { pool, files })
+        Ok(Self {
+            pool,
+            files,
+            registered,
+        })
+    }
+
+    /// The files as registered, in their order.
+    pub fn registered_files(&self) -> &[Bytes] {
+        &self.registered
     }
 
     /// The file defining `symbol` (a service, method, message, enum or

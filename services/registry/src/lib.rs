@@ -5,7 +5,9 @@
 
 pub mod config;
 pub mod contracts;
+pub mod quota;
 pub mod registry;
+pub mod store;
 pub mod validate;
 
 /// A `std` duration as a protobuf `Duration`. Every duration the registry

@@ -9,7 +9,9 @@ use trellis::cli::{IdentityArgs, exit_with};
 use trellis::pb::trellis::config::v1::config_service_server::ConfigServiceServer;
 use trellis::pb::trellis::registry::v1::registry_service_server::RegistryServiceServer;
 use trellis_registry::config::{ConfigApi, ConfigStore};
+use trellis_registry::quota::{Quotas, parse_bytes};
 use trellis_registry::registry::{MeshScope, Registry, RegistryApi};
+use trellis_registry::store::Store;
 
 const PROGRAM: &str = "trellis-registry";
 
@@ -37,6 +39,26 @@ struct Args {
         default_value = "edge"
     )]
     read_only: Vec<String>,
+    /// Directory keeping the registry's state (instances and their leases,
+    /// gRPC service name owners, contracts, the revision) across restarts,
+    /// in `registry.state`. Without it the state lives in memory only.
+    #[arg(long, env = "TRELLIS_REGISTRY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Most instances one identity may have registered at once.
+    #[arg(long, env = "TRELLIS_REGISTRY_MAX_INSTANCES_PER_IDENTITY", default_value_t = Quotas::DEFAULT.instances)]
+    max_instances_per_identity: usize,
+    /// Most gRPC service names one identity may hold by first claim (names
+    /// declared for it in config do not count).
+    #[arg(long, env = "TRELLIS_REGISTRY_MAX_GRPC_NAMES_PER_IDENTITY", default_value_t = Quotas::DEFAULT.grpc_names)]
+    max_grpc_names_per_identity: usize,
+    /// Largest contract (file descriptors, bytes; `4MiB`, `512KiB`) one
+    /// identity may register; at most 4MiB, the default.
+    #[arg(long, env = "TRELLIS_REGISTRY_MAX_DESCRIPTOR_BYTES_PER_IDENTITY", default_value = "4MiB", value_parser = parse_bytes)]
+    max_descriptor_bytes_per_identity: usize,
+    /// Most open watches (Registry Watch and Config WatchConfig together)
+    /// per identity. Each proxy holds one, plus one per mesh service.
+    #[arg(long, env = "TRELLIS_REGISTRY_MAX_WATCHES_PER_IDENTITY", default_value_t = Quotas::DEFAULT.watches)]
+    max_watches_per_identity: usize,
     /// How long in-flight calls may take to finish after SIGTERM (e.g. `5s`, `750ms`).
     #[arg(long, env = "TRELLIS_REGISTRY_GRACE", default_value = "5s", value_parser = trellis::cli::parse_duration)]
     grace: Duration,
@@ -49,13 +71,28 @@ async fn main() {
     trellis::telemetry::init("warn,trellis=info,trellis_registry=info");
     let args = Args::parse();
     let workload = args.identity.load_or_exit(PROGRAM);
+    // Rotated certificate and CA files are read again without a restart.
+    let _identity_watch = workload.watch(args.identity.paths());
     // The registry serves the mesh services of its own trust domain and
     // namespace; identities elsewhere (the same CA may sign them) name none.
     let scope = MeshScope::of(workload.id()).unwrap_or_else(|e| exit_with(PROGRAM, &e));
-    let registry = Registry::new(
-        scope,
-        args.read_only.iter().filter(|s| !s.is_empty()).cloned(),
-    );
+    let quotas = Quotas {
+        instances: args.max_instances_per_identity,
+        grpc_names: args.max_grpc_names_per_identity,
+        descriptor_bytes: args.max_descriptor_bytes_per_identity,
+        watches: args.max_watches_per_identity,
+    };
+    quotas.check().unwrap_or_else(|e| exit_with(PROGRAM, &e));
+    let read_only = args.read_only.iter().filter(|s| !s.is_empty()).cloned();
+    let registry = match &args.state_dir {
+        Some(dir) => Store::open(dir)
+            .and_then(|store| Registry::durable(scope, read_only, quotas, store))
+            .unwrap_or_else(|e| exit_with(PROGRAM, &format!("--state-dir {e}"))),
+        None => {
+            tracing::info!("no --state-dir: the registry's state lives in memory only");
+            Registry::new(scope, read_only, quotas)
+        }
+    };
     let config = ConfigStore::open(&args.config_dir, registry.clone())
         .unwrap_or_else(|e| exit_with(PROGRAM, &format!("--config-dir {e}")));
     let listener = trellis::server::bind(args.listen)
@@ -63,6 +100,7 @@ async fn main() {
         .unwrap_or_else(|e| exit_with(PROGRAM, &e));
 
     let expiry = registry.spawn_expiry();
+    let persist = registry.spawn_persist();
     let _config_watch = config.spawn_watcher();
     let (router, health) = trellis::server::standard_router();
     health
@@ -78,6 +116,7 @@ async fn main() {
         addr = %args.listen,
         identity = %workload.id(),
         config_dir = %args.config_dir.display(),
+        state_dir = %args.state_dir.as_deref().map_or("(in memory)".into(), |d| d.display().to_string()),
         "registry listening"
     );
     let served = trellis::server::run_until_signal("registry", args.grace, |drain| async {
@@ -91,6 +130,13 @@ async fn main() {
         trellis::server::serve_mtls(router, listener, &workload, drain).await
     })
     .await;
+    // The last changes, made while draining, are written before exiting.
+    if let Some(persist) = persist {
+        persist.abort();
+    }
+    if let Err(e) = registry.save_now() {
+        tracing::error!(error = %e, "the registry state was not written on exit");
+    }
     if let Err(e) = served {
         exit_with(PROGRAM, &format!("{e:#}"));
     }

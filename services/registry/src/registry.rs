@@ -5,13 +5,19 @@
 //! channel. A watcher subscribes and takes its snapshot under the same lock,
 //! so it misses nothing; one that falls more than the channel's capacity
 //! behind is sent a fresh snapshot (`resync`) instead of growing a queue.
+//!
+//! What one identity may hold is bounded by [`Quotas`]. With a state
+//! directory, every change marks the state dirty and a background task
+//! writes it out, coalesced (see [`Registry::spawn_persist`]); a restarted
+//! registry picks up its instances, leases, name ownership and contracts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis::SpiffeId;
@@ -20,6 +26,8 @@ use trellis::status::FieldViolations;
 use trellis::tls::peer_identity;
 
 use crate::contracts::Contract;
+use crate::quota::{self, Quotas, WatchPermit, Watches};
+use crate::store::{Store, StoreError, StoredContract, StoredInstance, StoredState};
 use crate::{proto_duration, validate};
 
 use pb::registry_service_server::RegistryService;
@@ -29,6 +37,13 @@ use pb::{RemovalReason, ServingStatus, WatchEventKind};
 pub const WATCH_BUFFER: usize = 1024;
 /// How often expired leases are swept.
 pub const EXPIRY_SWEEP: Duration = Duration::from_millis(100);
+/// How soon a change to instances, names or contracts is written to the
+/// state directory: later changes within this time share one write.
+pub const PERSIST_DELAY: Duration = Duration::from_millis(100);
+/// How soon renewed leases alone are written: a renewal only moves an
+/// expiry forward, and a stored expiry a second old still leaves the
+/// instance most of its lease (sidecars renew every third of it).
+pub const PERSIST_RENEWALS_DELAY: Duration = Duration::from_secs(1);
 
 /// One change, as published to watchers.
 #[derive(Debug)]
@@ -128,9 +143,8 @@ struct State {
     declared: HashMap<String, Declaration>,
     /// Every gRPC service name ever registered, with the mesh service that
     /// last registered it with the right to. Never forgotten while the
-    /// registry runs: a name whose owner has no instance right now is not
-    /// up for grabs (making this durable across restarts is for the
-    /// registry's state store).
+    /// registry runs, and kept across restarts with a state directory: a
+    /// name whose owner has no instance right now is not up for grabs.
     claims: HashMap<String, String>,
 }
 
@@ -192,6 +206,29 @@ pub struct Registry {
     contracts_version: watch::Sender<u64>,
     read_only: HashSet<String>,
     scope: MeshScope,
+    quotas: Quotas,
+    watches: Arc<Watches>,
+    persist: Option<Persist>,
+}
+
+/// Writing the state out: what is pending, and the store.
+#[derive(Debug)]
+struct Persist {
+    store: Store,
+    dirty: Mutex<Dirty>,
+    wake: Arc<Notify>,
+    /// One write at a time (the periodic task and the final one on drain).
+    writing: Mutex<()>,
+    /// Whether the last write failed (logged once, until one succeeds).
+    failing: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Something changed since the last write.
+    pending: bool,
+    /// Something other than a renewal changed.
+    urgent: bool,
 }
 
 fn random_id(prefix: &str) -> String {
@@ -199,19 +236,287 @@ fn random_id(prefix: &str) -> String {
 }
 
 impl Registry {
-    /// A new, empty registry for the mesh services of `scope`. Callers
-    /// whose service name or SPIFFE ID is in `read_only` may resolve and
-    /// watch but not register.
-    pub fn new(scope: MeshScope, read_only: impl IntoIterator<Item = String>) -> Arc<Self> {
+    /// A new, empty, in-memory registry for the mesh services of `scope`.
+    /// Callers whose service name or SPIFFE ID is in `read_only` may
+    /// resolve and watch but not register; each identity may hold what
+    /// `quotas` allow.
+    pub fn new(
+        scope: MeshScope,
+        read_only: impl IntoIterator<Item = String>,
+        quotas: Quotas,
+    ) -> Arc<Self> {
+        Arc::new(Self::build(scope, read_only, quotas, None))
+    }
+
+    /// A registry kept in `store`: it starts from the stored state
+    /// (instances whose leases have not run out, with their lease ids; name
+    /// ownership; contracts; the revision, moved one forward), and
+    /// [`Registry::spawn_persist`] writes every change back. A state file
+    /// that cannot be read is an error naming it, not an empty start.
+    pub fn durable(
+        scope: MeshScope,
+        read_only: impl IntoIterator<Item = String>,
+        quotas: Quotas,
+        store: Store,
+    ) -> Result<Arc<Self>, StoreError> {
+        let stored = store.load()?;
+        let path = store.path().display().to_string();
+        let registry = Self::build(
+            scope,
+            read_only,
+            quotas,
+            Some(Persist {
+                store,
+                dirty: Mutex::new(Dirty::default()),
+                wake: Arc::new(Notify::new()),
+                writing: Mutex::new(()),
+                failing: AtomicBool::new(false),
+            }),
+        );
+        if let Some(stored) = stored {
+            let (kept, dropped) =
+                registry
+                    .restore(stored)
+                    .map_err(|reason| StoreError::Corrupt {
+                        path: path.clone(),
+                        reason,
+                    })?;
+            let state = registry.lock();
+            tracing::info!(
+                path = %path,
+                instances = kept,
+                expired = dropped,
+                names = state.claims.len(),
+                contracts = state.contracts.len(),
+                revision = state.revision,
+                "registry state restored"
+            );
+        } else {
+            tracing::info!(path = %path, "no registry state yet; starting empty");
+        }
+        Ok(Arc::new(registry))
+    }
+
+    fn build(
+        scope: MeshScope,
+        read_only: impl IntoIterator<Item = String>,
+        quotas: Quotas,
+        persist: Option<Persist>,
+    ) -> Self {
         let (changes, _) = broadcast::channel(WATCH_BUFFER);
         let (contracts_version, _) = watch::channel(0);
-        Arc::new(Self {
+        Self {
             state: Mutex::new(State::default()),
             changes,
             contracts_version,
             read_only: read_only.into_iter().collect(),
             scope,
-        })
+            quotas,
+            watches: Watches::new(quotas.watches),
+            persist,
+        }
+    }
+
+    /// Loads `stored` into this (empty) registry; returns how many
+    /// instances came back and how many had expired meanwhile.
+    fn restore(&self, stored: StoredState) -> Result<(usize, usize), String> {
+        let mut state = self.lock();
+        let now = SystemTime::now();
+        let monotonic = Instant::now();
+        state.claims = stored.claims;
+        let (mut kept, mut dropped) = (0, 0);
+        for (i, s) in stored.instances.into_iter().enumerate() {
+            let what = |e: &str| format!("instance {i}: {e}");
+            let instance = s.instance.ok_or_else(|| what("no instance record"))?;
+            let owner = SpiffeId::parse(&s.owner).map_err(|e| what(&e.to_string()))?;
+            let ttl = Duration::from_millis(s.ttl_ms);
+            if !(validate::MIN_TTL..=validate::MAX_TTL).contains(&ttl) {
+                return Err(what(&format!("lease ttl of {ttl:?} is out of range")));
+            }
+            let expires_at = instance
+                .lease_expires_at
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .ok_or_else(|| what("no lease expiry"))?;
+            let left = match expires_at.duration_since(now) {
+                Ok(left) if !left.is_zero() => left,
+                _ => {
+                    dropped += 1;
+                    continue;
+                }
+            };
+            if instance.instance_id.is_empty() || s.lease_id.is_empty() {
+                return Err(what("no instance or lease id"));
+            }
+            state
+                .leases
+                .insert(s.lease_id.clone(), instance.instance_id.clone());
+            state.index(&instance);
+            state.instances.insert(
+                instance.instance_id.clone(),
+                Entry {
+                    instance,
+                    owner,
+                    lease_id: s.lease_id,
+                    ttl,
+                    // A lease never outlasts its ttl, whatever the clock did.
+                    expires: monotonic + left.min(ttl),
+                },
+            );
+            kept += 1;
+        }
+        for c in stored.contracts {
+            // A contract goes with its service's last instance.
+            if !state.per_service.contains_key(&c.service) {
+                continue;
+            }
+            let contract = Contract::parse(&c.files, &[])
+                .map_err(|e| format!("contract of {}: {}", c.service, e.reason))?;
+            state.contracts.insert(c.service, Arc::new(contract));
+        }
+        // Watchers see the revision move forward. (Changes made after the
+        // last write are lost with a crash; then the revision may be lower
+        // than one a proxy saw, which is how proxies know to keep the
+        // instances this registry forgot until their leases run out.)
+        state.revision = stored.revision + 1;
+        Ok((kept, dropped))
+    }
+
+    /// The state as stored; contracts are copied outside the lock.
+    fn stored(&self) -> StoredState {
+        let (mut stored, contracts) = {
+            let state = self.lock();
+            let stored = StoredState {
+                revision: state.revision,
+                instances: state
+                    .instances
+                    .values()
+                    .map(|e| StoredInstance {
+                        instance: Some(e.instance.clone()),
+                        owner: e.owner.to_string(),
+                        lease_id: e.lease_id.clone(),
+                        ttl_ms: e.ttl.as_millis() as u64,
+                    })
+                    .collect(),
+                claims: state.claims.clone(),
+                contracts: Vec::new(),
+            };
+            let contracts: Vec<(String, Arc<Contract>)> = state
+                .contracts
+                .iter()
+                .map(|(s, c)| (s.clone(), c.clone()))
+                .collect();
+            (stored, contracts)
+        };
+        stored.contracts = contracts
+            .into_iter()
+            .map(|(service, c)| StoredContract {
+                service,
+                files: c.registered_files().iter().map(|b| b.to_vec()).collect(),
+            })
+            .collect();
+        stored
+    }
+
+    /// Notes a change for the state directory, if there is one.
+    fn mark_dirty(&self, urgent: bool) {
+        if let Some(p) = &self.persist {
+            let mut dirty = p.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            dirty.pending = true;
+            dirty.urgent |= urgent;
+            p.wake.notify_one();
+        }
+    }
+
+    /// Writes the state now (blocking), if there is a state directory and
+    /// something changed since the last write. Called by the persist task,
+    /// and once more after the server has drained.
+    pub fn save_now(&self) -> Result<(), StoreError> {
+        let Some(p) = &self.persist else {
+            return Ok(());
+        };
+        let _writing = p.writing.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut dirty = p.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            if !dirty.pending {
+                return Ok(());
+            }
+            *dirty = Dirty::default();
+        }
+        let saved = p.store.save(&self.stored());
+        match &saved {
+            Ok(()) => {
+                if p.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(path = %p.store.path().display(), "registry state written again");
+                }
+            }
+            Err(e) => {
+                // Try again with the next change (or the next tick).
+                self.mark_dirty(true);
+                if !p.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "cannot write the registry state; serving from memory and retrying");
+                }
+            }
+        }
+        saved
+    }
+
+    /// With a state directory, writes the state out after each change, at
+    /// most every [`PERSIST_DELAY`] (renewals alone: every
+    /// [`PERSIST_RENEWALS_DELAY`]), off the async threads, until the
+    /// registry is dropped or the task aborted.
+    pub fn spawn_persist(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        self.persist.as_ref()?;
+        let weak = Arc::downgrade(self);
+        Some(tokio::spawn(async move {
+            loop {
+                // Wait for a change.
+                loop {
+                    let Some(registry) = weak.upgrade() else {
+                        return;
+                    };
+                    let p = registry.persist.as_ref().expect("checked above");
+                    let wake = p.wake.clone();
+                    if p.dirty.lock().unwrap_or_else(|e| e.into_inner()).pending {
+                        break;
+                    }
+                    drop(registry);
+                    wake.notified().await;
+                }
+                // Let more changes join it.
+                let since = tokio::time::Instant::now();
+                loop {
+                    let Some(registry) = weak.upgrade() else {
+                        return;
+                    };
+                    let p = registry.persist.as_ref().expect("checked above");
+                    let wake = p.wake.clone();
+                    let urgent = p.dirty.lock().unwrap_or_else(|e| e.into_inner()).urgent;
+                    drop(registry);
+                    let delay = if urgent {
+                        PERSIST_DELAY
+                    } else {
+                        PERSIST_RENEWALS_DELAY
+                    };
+                    tokio::select! {
+                        () = tokio::time::sleep_until(since + delay) => break,
+                        () = wake.notified() => {}
+                    }
+                }
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
+                let saved = tokio::task::spawn_blocking(move || registry.save_now()).await;
+                if saved.as_ref().is_ok_and(Result::is_err) {
+                    // Do not retry faster than the coalescing delay.
+                    tokio::time::sleep(PERSIST_DELAY).await;
+                }
+            }
+        }))
+    }
+
+    /// Admits one more watch (Registry or Config API) for `caller`.
+    pub fn admit_watch(&self, caller: &SpiffeId) -> Result<WatchPermit, Status> {
+        self.watches.admit(caller.as_str())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -236,6 +541,7 @@ impl Registry {
         });
         // No receivers is fine: nobody is watching.
         let _ = self.changes.send(change);
+        self.mark_dirty(true);
         state.revision
     }
 
@@ -339,6 +645,62 @@ impl Registry {
         Ok(())
     }
 
+    /// Refuses a registration that would take `caller` over its instance
+    /// or name quota. (Registration is as the caller's own service, so the
+    /// instances of `service` are the identity's.)
+    fn check_quotas(
+        &self,
+        state: &State,
+        caller: &SpiffeId,
+        service: &str,
+        grpc: &[String],
+    ) -> Result<(), Status> {
+        let instances = state.per_service.get(service).copied().unwrap_or(0);
+        if instances >= self.quotas.instances {
+            return Err(quota::exhausted(
+                caller.as_str(),
+                &format!("already has {instances} registered instances"),
+                self.quotas.instances,
+                quota::flag::INSTANCES,
+                "deregister instances it no longer runs (or let their leases expire)",
+            ));
+        }
+        // Names declared in config are the operator's choice, not claims.
+        let new: HashSet<&str> = grpc
+            .iter()
+            .map(String::as_str)
+            .filter(|g| {
+                !state.declared.contains_key(*g)
+                    && state.claims.get(*g).is_none_or(|s| s != service)
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let held = state
+            .claims
+            .iter()
+            .filter(|(g, s)| *s == service && !state.declared.contains_key(*g))
+            .count();
+        if held + new.len() > self.quotas.grpc_names {
+            let mut new: Vec<&str> = new.into_iter().collect();
+            new.sort_unstable();
+            return Err(quota::exhausted(
+                caller.as_str(),
+                &format!(
+                    "would hold {} gRPC service names by claim ({held} already, {} new, first {})",
+                    held + new.len(),
+                    new.len(),
+                    new[0]
+                ),
+                self.quotas.grpc_names,
+                quota::flag::GRPC_NAMES,
+                "serve fewer gRPC services (a claimed name stays the identity's), or have the names declared in config (grpc_services in <service>.toml; declared names do not count)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Registers an instance for `caller`.
     pub fn register(
         &self,
@@ -404,6 +766,16 @@ impl Registry {
         };
         violations.check()?;
         self.check_may_register(caller, &req.service)?;
+        let descriptor_bytes: usize = req.file_descriptors.iter().map(Vec::len).sum();
+        if descriptor_bytes > self.quotas.descriptor_bytes {
+            return Err(quota::exhausted(
+                caller.as_str(),
+                &format!("sent a contract (file_descriptors) of {descriptor_bytes} bytes"),
+                format_args!("{} bytes", self.quotas.descriptor_bytes),
+                quota::flag::DESCRIPTOR_BYTES,
+                "register only the files its gRPC services need and their imports",
+            ));
+        }
         let contract = if req.file_descriptors.is_empty() {
             None
         } else {
@@ -414,6 +786,7 @@ impl Registry {
 
         let mut state = self.lock();
         self.check_owned(&state, caller, &req.service, &req.grpc_services)?;
+        self.check_quotas(&state, caller, &req.service, &req.grpc_services)?;
         let instance_id = random_id(&req.service);
         let lease_id = random_id("lease");
         let now = SystemTime::now();
@@ -493,7 +866,10 @@ impl Registry {
         entry.expires = Instant::now() + entry.ttl;
         entry.instance.lease_expires_at =
             Some(prost_types::Timestamp::from(SystemTime::now() + entry.ttl));
-        Ok(Some(entry.ttl))
+        let ttl = entry.ttl;
+        drop(state);
+        self.mark_dirty(false);
+        Ok(Some(ttl))
     }
 
     fn owned_entry<'a>(
@@ -720,15 +1096,20 @@ impl Registry {
         }
     }
 
-    /// Streams a snapshot of `targets` and then every change to them.
+    /// Streams a snapshot of `targets` and then every change to them, for
+    /// `caller`, within its watch quota.
     pub fn watch(
         self: &Arc<Self>,
+        caller: &SpiffeId,
         targets: Vec<String>,
-    ) -> ReceiverStream<Result<pb::WatchResponse, Status>> {
+    ) -> Result<ReceiverStream<Result<pb::WatchResponse, Status>>, Status> {
+        let permit = self.admit_watch(caller)?;
         let (tx, out) = mpsc::channel(16);
         let (mut rx, first) = self.subscribe(&targets);
         let registry = Arc::downgrade(self);
         tokio::spawn(async move {
+            // Held while the stream is served.
+            let _permit = permit;
             let mut seen = first.revision;
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -775,7 +1156,7 @@ impl Registry {
                 }
             }
         });
-        ReceiverStream::new(out)
+        Ok(ReceiverStream::new(out))
     }
 }
 
@@ -941,7 +1322,7 @@ impl RegistryService for RegistryApi {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        caller(&request)?;
+        let caller = caller(&request)?;
         let targets = request.into_inner().targets;
         for (i, t) in targets.iter().enumerate() {
             if t.is_empty() {
@@ -951,7 +1332,7 @@ impl RegistryService for RegistryApi {
                 ));
             }
         }
-        Ok(Response::new(self.registry.watch(targets)))
+        Ok(Response::new(self.registry.watch(&caller, targets)?))
     }
 
     async fn list_services(

@@ -1,7 +1,9 @@
 //! Hardening of the control plane (issue 11), against the real registry
 //! process over mTLS on 127.0.0.1: the config fails closed, a gRPC service
 //! name and its contract belong to one identity, identity checks include
-//! the namespace, and operator input never panics the registry.
+//! the namespace, operator input never panics the registry, each identity
+//! holds a bounded share of the registry, and the registry's state
+//! survives a restart.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,9 @@ use trellis::identity::{IdentityPaths, SpiffeId};
 use trellis::pb::trellis::config::v1 as cfg;
 use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
-use trellis_test_support::{RunningRegistry, TestPki, spawn_registry};
+use trellis_test_support::{
+    ChildGuard, RunningRegistry, TestPki, free_port, spawn_registry, wait_for_tcp,
+};
 
 use cfg::config_service_client::ConfigServiceClient;
 use reg::registry_service_client::RegistryServiceClient;
@@ -548,4 +552,452 @@ async fn a_timeout_too_large_to_represent_is_a_problem_not_a_panic() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Starts the registry on `addr` with `extra` flags; waits until it listens.
+fn spawn_registry_with(
+    pki: &TestPki,
+    config_dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    extra: &[&std::ffi::OsStr],
+) -> RunningRegistry {
+    let identity = pki.issue("registry", "registry");
+    let mut cmd = std::process::Command::new(REGISTRY);
+    cmd.arg("--listen")
+        .arg(addr.to_string())
+        .arg("--config-dir")
+        .arg(config_dir)
+        .arg("--cert")
+        .arg(&identity.cert)
+        .arg("--key")
+        .arg(&identity.key)
+        .arg("--ca")
+        .arg(&identity.ca)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    let process = ChildGuard::spawn("registry", cmd).expect("registry starts");
+    assert!(
+        wait_for_tcp(addr, Duration::from_secs(20)),
+        "registry did not listen on {addr}: {}",
+        process.output()
+    );
+    RunningRegistry { addr, process }
+}
+
+fn local_addr() -> std::net::SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+/// Asserts a quota refusal: RESOURCE_EXHAUSTED naming the identity, the
+/// limit and the flag that raises it.
+fn assert_quota(status: &tonic::Status, service: &str, limit: &str, flag: &str) {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let message = status.message();
+    for needle in [
+        &format!("spiffe://trellis.local/ns/default/sa/{service}"),
+        limit,
+        flag,
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in {message:?}");
+    }
+}
+
+/// Item 5: one identity holds at most 64 instances (the default); others
+/// are unaffected, and deregistering makes room again.
+#[tokio::test]
+async fn an_identity_may_not_register_more_instances_than_its_quota() {
+    let mesh = Mesh::start_with(&[]);
+    let mut loadgen = mesh.registry_as("loadgen");
+    let mut first = None;
+    for i in 0..64 {
+        let r = loadgen
+            .register(instance("loadgen", 10_000 + i, &[]))
+            .await
+            .unwrap()
+            .into_inner();
+        first.get_or_insert(r.instance_id);
+    }
+    let refused = loadgen
+        .register(instance("loadgen", 11_000, &[]))
+        .await
+        .unwrap_err();
+    assert_quota(&refused, "loadgen", "64", "--max-instances-per-identity");
+    // Another identity still registers.
+    mesh.registry_as("usage")
+        .register(instance("usage", 9001, &[USAGE]))
+        .await
+        .unwrap();
+    // Room again once one is gone.
+    loadgen
+        .deregister(reg::DeregisterRequest {
+            instance_id: first.unwrap(),
+        })
+        .await
+        .unwrap();
+    loadgen
+        .register(instance("loadgen", 11_000, &[]))
+        .await
+        .unwrap();
+    mesh.log_without_panic();
+}
+
+/// Item 5: one identity holds at most 64 gRPC service names by claim
+/// (the default); names declared for it in config do not count.
+#[tokio::test]
+async fn an_identity_may_not_claim_more_grpc_names_than_its_quota() {
+    let mesh = Mesh::start_with(&[(
+        "loadgen.toml",
+        "grpc_services = [\"load.declared.v1.Service\"]\n",
+    )]);
+    let names: Vec<String> = (0..65).map(|i| format!("load.v1.Service{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut loadgen = mesh.registry_as("loadgen");
+    let refused = loadgen
+        .register(instance("loadgen", 9001, &refs))
+        .await
+        .unwrap_err();
+    assert_quota(&refused, "loadgen", "64", "--max-grpc-names-per-identity");
+    // Nothing was claimed by the refused registration.
+    let nobody = loadgen
+        .resolve(reg::ResolveRequest {
+            target: refs[0].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(nobody.code(), Code::NotFound);
+    // 64 are fine, plus the declared one; registering them again is too.
+    let mut within = refs[..64].to_vec();
+    within.push("load.declared.v1.Service");
+    loadgen
+        .register(instance("loadgen", 9001, &within))
+        .await
+        .unwrap();
+    loadgen
+        .register(instance("loadgen", 9002, &within))
+        .await
+        .unwrap();
+    // One more, even from a second instance, is not.
+    let refused = loadgen
+        .register(instance("loadgen", 9003, &[refs[64]]))
+        .await
+        .unwrap_err();
+    assert_quota(&refused, "loadgen", "64", "--max-grpc-names-per-identity");
+    assert!(refused.message().contains(refs[64]), "{refused:?}");
+    // Another identity is unaffected.
+    mesh.registry_as("usage")
+        .register(instance("usage", 9004, &[USAGE]))
+        .await
+        .unwrap();
+}
+
+/// Item 5: the contract one identity registers is bounded by
+/// --max-descriptor-bytes-per-identity.
+#[tokio::test]
+async fn an_identity_may_not_register_a_contract_over_its_byte_quota() {
+    let pki = TestPki::new("trellis.local");
+    let config_dir = tempfile::tempdir().unwrap();
+    let registry = spawn_registry_with(
+        &pki,
+        config_dir.path(),
+        local_addr(),
+        &[
+            "--max-descriptor-bytes-per-identity".as_ref(),
+            "16KiB".as_ref(),
+        ],
+    );
+    let mesh = Mesh {
+        pki,
+        registry,
+        config_dir,
+    };
+    let files = encode(&trellis_files());
+    let total: usize = files.iter().map(Vec::len).sum();
+    assert!(total > 16 * 1024, "the test contract is only {total} bytes");
+    let mut usage = mesh.registry_as("usage");
+    let mut request = instance("usage", 9001, &[USAGE]);
+    request.file_descriptors = files;
+    let refused = usage.register(request).await.unwrap_err();
+    assert_quota(
+        &refused,
+        "usage",
+        "16384 bytes",
+        "--max-descriptor-bytes-per-identity",
+    );
+    assert!(
+        refused.message().contains(&total.to_string()),
+        "{refused:?}"
+    );
+    // A contract within the limit is accepted.
+    let mut small = instance("evil", 9002, &["evil.v1.EvilService"]);
+    small.file_descriptors = encode(&[evil_file()]);
+    mesh.registry_as("evil").register(small).await.unwrap();
+
+    // A limit above what one registration can carry is refused at start.
+    let pki = TestPki::new("trellis.local");
+    let identity = pki.issue("registry", "registry");
+    let mut cmd = std::process::Command::new(REGISTRY);
+    cmd.args(["--listen", &local_addr().to_string(), "--config-dir"])
+        .arg(mesh.config_dir.path())
+        .args(["--max-descriptor-bytes-per-identity", "8MiB", "--cert"])
+        .arg(&identity.cert)
+        .arg("--key")
+        .arg(&identity.key)
+        .arg("--ca")
+        .arg(&identity.ca);
+    let mut process = ChildGuard::spawn("registry", cmd).unwrap();
+    let exit = process.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!exit.success());
+    assert!(
+        process
+            .output()
+            .contains("--max-descriptor-bytes-per-identity"),
+        "{}",
+        process.output()
+    );
+}
+
+/// Item 5: one identity holds at most 256 open watches (the default),
+/// Registry Watch and Config WatchConfig together; a closed watch frees
+/// its place; other identities are unaffected.
+#[tokio::test]
+async fn an_identity_may_not_open_more_watches_than_its_quota() {
+    let mesh = Mesh::start_with(&[]);
+    let edge = mesh.pki.issue("edge", "edge");
+    // Four connections, 64 streams each.
+    let channels: Vec<Channel> = (0..4).map(|_| mesh.channel_for(&edge)).collect();
+    let mut streams = Vec::new();
+    for i in 0..256 {
+        let mut client = RegistryServiceClient::new(channels[i % 4].clone());
+        let mut stream = client
+            .watch(reg::WatchRequest { targets: vec![] })
+            .await
+            .unwrap_or_else(|e| panic!("watch {i}: {e:?}"))
+            .into_inner();
+        // The snapshot arrives: the watch is served.
+        stream.message().await.unwrap().unwrap();
+        streams.push(stream);
+    }
+    let mut registry = RegistryServiceClient::new(channels[0].clone());
+    let refused = registry
+        .watch(reg::WatchRequest { targets: vec![] })
+        .await
+        .unwrap_err();
+    assert_quota(&refused, "edge", "256", "--max-watches-per-identity");
+    let mut config = ConfigServiceClient::new(channels[1].clone());
+    let refused = config
+        .watch_config(cfg::WatchConfigRequest {
+            service: "usage".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_quota(&refused, "edge", "256", "--max-watches-per-identity");
+    // Another identity still watches.
+    mesh.registry_as("usage")
+        .watch(reg::WatchRequest { targets: vec![] })
+        .await
+        .unwrap();
+    // Closing one frees its place (once the registry sees it closed).
+    drop(streams.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match registry.watch(reg::WatchRequest { targets: vec![] }).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(Instant::now() < deadline, "a closed watch kept its place");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    mesh.log_without_panic();
+}
+
+fn with_ttl(mut request: reg::RegisterRequest, seconds: i64) -> reg::RegisterRequest {
+    request.lease_ttl = Some(prost_types::Duration { seconds, nanos: 0 });
+    request
+}
+
+/// Item 6: instances with their leases, name ownership, contracts and the
+/// revision survive a SIGKILL of the registry with --state-dir; leases
+/// that ran out meanwhile do not come back; a drain writes what changed
+/// last.
+#[tokio::test]
+async fn registry_state_survives_a_sigkill_restart() {
+    let pki = TestPki::new("trellis.local");
+    let config_dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().join("registry");
+    let addr = local_addr();
+    let flags: [&std::ffi::OsStr; 4] = [
+        "--state-dir".as_ref(),
+        state_dir.as_os_str(),
+        "--grace".as_ref(),
+        "1s".as_ref(),
+    ];
+    let mut mesh = Mesh {
+        registry: spawn_registry_with(&pki, config_dir.path(), addr, &flags),
+        pki,
+        config_dir,
+    };
+
+    let mut usage = mesh.registry_as("usage");
+    let mut request = with_ttl(instance("usage", 9001, &[USAGE]), 600);
+    request.file_descriptors = encode(&trellis_files());
+    let registered = usage.register(request).await.unwrap().into_inner();
+    let settlement = mesh
+        .registry_as("settlement")
+        .register(with_ttl(instance("settlement", 9002, &[SETTLEMENT]), 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let before = settlement.revision.max(registered.revision);
+    // Give the coalesced write its time, then crash.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    mesh.registry.process.kill();
+    // Settlement's 2 s lease runs out while the registry is down.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    mesh.registry = spawn_registry_with(&mesh.pki, mesh.config_dir.path(), addr, &flags);
+
+    // Resolve returns the instance at once, at a later revision.
+    let mut edge = mesh.registry_as("edge");
+    let resolved = edge
+        .resolve(reg::ResolveRequest {
+            target: USAGE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.instances.len(), 1, "{resolved:?}");
+    assert_eq!(resolved.instances[0].instance_id, registered.instance_id);
+    assert_eq!(resolved.instances[0].address, "127.0.0.1:9001");
+    assert!(
+        resolved.revision > before,
+        "revision {} after the restart, {before} before",
+        resolved.revision
+    );
+    // A watcher's snapshot has it too.
+    let snapshot = edge
+        .watch(reg::WatchRequest {
+            targets: vec!["usage".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snapshot.instances.len(), 1);
+    // The expired lease did not come back.
+    let gone = edge
+        .resolve(reg::ResolveRequest {
+            target: "settlement".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+
+    // The lease is still renewable, by its owner only.
+    let mut usage = mesh.registry_as("usage");
+    let renewed = usage
+        .renew_lease(reg::RenewLeaseRequest {
+            lease_id: registered.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.ttl.unwrap().seconds, 600);
+    let mut replies = usage
+        .keep_alive(tokio_stream::iter([reg::KeepAliveRequest {
+            lease_id: registered.lease_id.clone(),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        replies.message().await.unwrap().unwrap().lease_id,
+        registered.lease_id
+    );
+    let stolen = mesh
+        .registry_as("echo")
+        .renew_lease(reg::RenewLeaseRequest {
+            lease_id: registered.lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stolen.code(), Code::PermissionDenied, "{stolen:?}");
+
+    // Ownership holds: usage's name and settlement's (whose instance is
+    // gone) still refuse another identity.
+    for name in [USAGE, SETTLEMENT] {
+        let denied = mesh
+            .registry_as("echo")
+            .register(instance("echo", 9003, &[name]))
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied, "{name}: {denied:?}");
+    }
+    // The contract is served as before.
+    let contract = edge
+        .get_service_descriptors(reg::GetServiceDescriptorsRequest {
+            grpc_service: USAGE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(contract.service, "usage");
+
+    // A change made just before a graceful stop is written by the drain.
+    let last = mesh
+        .registry_as("settlement")
+        .register(with_ttl(instance("settlement", 9004, &[SETTLEMENT]), 600))
+        .await
+        .unwrap()
+        .into_inner();
+    mesh.registry.process.terminate();
+    let exit = mesh.registry.process.wait_exit(Duration::from_secs(10));
+    assert!(exit.is_some_and(|e| e.success()), "{exit:?}");
+    mesh.registry = spawn_registry_with(&mesh.pki, mesh.config_dir.path(), addr, &flags);
+    let resolved = mesh
+        .registry_as("edge")
+        .resolve(reg::ResolveRequest {
+            target: "settlement".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.instances[0].instance_id, last.instance_id);
+    assert!(resolved.revision > last.revision);
+    mesh.log_without_panic();
+}
+
+/// Item 6: a state file the registry cannot read stops it at start, with
+/// a message naming the file, rather than starting empty (which would let
+/// any identity claim the names it forgot).
+#[tokio::test]
+async fn a_corrupt_state_file_stops_the_registry_naming_it() {
+    let pki = TestPki::new("trellis.local");
+    let config_dir = tempfile::tempdir().unwrap();
+    let state_dir = tempfile::tempdir().unwrap();
+    let file = state_dir.path().join("registry.state");
+    std::fs::write(&file, b"TRELLIS-REGISTRY-STATE 1\n\xff\xff\xff\xff").unwrap();
+    let identity = pki.issue("registry", "registry");
+    let mut cmd = std::process::Command::new(REGISTRY);
+    cmd.args(["--listen", &local_addr().to_string(), "--config-dir"])
+        .arg(config_dir.path())
+        .arg("--state-dir")
+        .arg(state_dir.path())
+        .arg("--cert")
+        .arg(&identity.cert)
+        .arg("--key")
+        .arg(&identity.key)
+        .arg("--ca")
+        .arg(&identity.ca);
+    let mut process = ChildGuard::spawn("registry", cmd).unwrap();
+    let exit = process.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!exit.success());
+    let out = process.output();
+    assert!(out.contains(&file.display().to_string()), "{out}");
+    assert!(out.contains("move it aside"), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio_stream::StreamExt;
 use trellis::SpiffeId;
 use trellis::pb::trellis::registry::v1 as pb;
+use trellis_registry::quota::Quotas;
 use trellis_registry::registry::{MeshScope, Registry, WATCH_BUFFER};
 
 fn request(i: usize) -> pb::RegisterRequest {
@@ -25,16 +26,16 @@ async fn a_watcher_that_stops_reading_is_resynced_and_others_keep_up() {
         trust_domain: "trellis.local".into(),
         namespace: "default".into(),
     };
-    let registry = Registry::new(scope, []);
+    let registry = Registry::new(scope, [], Quotas::UNLIMITED);
     let usage = SpiffeId::for_service("trellis.local", "default", "usage").unwrap();
     let changes = 3 * WATCH_BUFFER;
 
-    let mut slow = registry.watch(Vec::new());
+    let mut slow = registry.watch(&usage, Vec::new()).unwrap();
     // Readers that do read converge on the full set of instances, whether
     // by applying every change or, if they fell behind, from a resync.
     let readers: Vec<_> = (0..200)
         .map(|_| {
-            let mut stream = registry.watch(vec!["usage".into()]);
+            let mut stream = registry.watch(&usage, vec!["usage".into()]).unwrap();
             tokio::spawn(async move {
                 let mut view = std::collections::HashSet::new();
                 while let Some(event) = stream.next().await {
