@@ -6,6 +6,11 @@
 //! serves the request. The client checks the server's chain and that its
 //! SPIFFE ID is the one it expected to reach: DNS names play no part.
 //!
+//! Configurations built from a [`Workload`] present its current certificate
+//! and verify against its current CA bundle, so a rotation read by
+//! [`Workload::watch`] applies to every connection made after it, without a
+//! restart. Sessions are never resumed: every connection verifies its peer.
+//!
 //! One crypto provider (ring) is used everywhere.
 
 use std::fmt;
@@ -16,11 +21,14 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     RootCertStore, ServerConfig, SignatureScheme,
@@ -29,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::identity::{IdentityError, SpiffeId, Workload, spiffe_id_of};
+use crate::identity::{Credentials, IdentityError, SpiffeId, Workload, spiffe_id_of};
 
 /// How long a peer may take to complete the TLS handshake before the
 /// connection is dropped (slow or stalled peers must not pin resources).
@@ -41,22 +49,59 @@ pub fn provider() -> &'static Arc<CryptoProvider> {
     PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
-/// Checks that `key` is the private key of the leaf of `chain`.
-pub(crate) fn check_key_matches(
+/// `key` and `chain` as a certificate to present, once `key` is checked
+/// to be the private key of the leaf of `chain`.
+pub(crate) fn certified_key(
     chain: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
-) -> Result<(), String> {
+) -> Result<Arc<CertifiedKey>, String> {
     let signing_key = provider()
         .key_provider
         .load_private_key(key.clone_key())
         .map_err(|e| format!("unsupported or malformed key: {e}"))?;
-    let certified = rustls::sign::CertifiedKey::new(chain.to_vec(), signing_key);
+    let certified = CertifiedKey::new(chain.to_vec(), signing_key);
     certified.keys_match().map_err(|e| match e {
         rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
             "the private key belongs to another certificate".to_owned()
         }
         other => other.to_string(),
-    })
+    })?;
+    Ok(Arc::new(certified))
+}
+
+/// webpki's client certificate checks against `roots` (chain, validity,
+/// client-auth usage).
+pub(crate) fn webpki_client_verifier(
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider().clone())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
+}
+
+/// Presents a workload's current certificate: whichever its files held
+/// when last (re)loaded, so that new connections get a rotated one.
+#[derive(Debug)]
+struct CurrentCertificate(Arc<ArcSwap<Credentials>>);
+
+impl ResolvesServerCert for CurrentCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load().certified.clone())
+    }
+}
+
+impl ResolvesClientCert for CurrentCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// Why a peer's certificate was refused, beyond what webpki itself checks.
@@ -125,9 +170,10 @@ impl ExpectedPeer {
     }
 }
 
-/// Verifies a server: chain to the mesh CA, validity, then SPIFFE ID.
+/// Verifies a server: chain to the mesh CA (the current bundle), validity,
+/// then SPIFFE ID.
 struct MeshServerVerifier {
-    roots: Arc<RootCertStore>,
+    credentials: Arc<ArcSwap<Credentials>>,
     expected: ExpectedPeer,
     provider: Arc<CryptoProvider>,
 }
@@ -152,7 +198,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            self.credentials.load().roots(),
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
@@ -197,17 +243,21 @@ impl ServerCertVerifier for MeshServerVerifier {
     }
 }
 
-/// Verifies a client: webpki's chain and client-auth checks, then a SPIFFE
-/// ID in our trust domain.
+/// Verifies a client: webpki's chain and client-auth checks against the
+/// current CA bundle, then a SPIFFE ID in our trust domain.
 #[derive(Debug)]
 struct MeshClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    credentials: Arc<ArcSwap<Credentials>>,
+    /// Signature checks only (they do not depend on the bundle).
+    signatures: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
 }
 
 impl ClientCertVerifier for MeshClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // The bundle can change under a running server; hints are
+        // optional, and mesh clients present their one certificate anyway.
+        &[]
     }
 
     fn verify_client_cert(
@@ -216,8 +266,8 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let inner = self.credentials.load().client_verifier.clone();
+        inner.verify_client_cert(end_entity, intermediates, now)?;
         let actual = identity_of(end_entity)?;
         ExpectedPeer::TrustDomain(self.trust_domain.clone())
             .check(actual)
@@ -231,7 +281,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -240,43 +290,52 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
 impl Workload {
-    /// A server configuration that requires a client certificate from the
-    /// mesh CA with a SPIFFE ID in this workload's trust domain, and speaks
-    /// HTTP/2 (ALPN `h2`).
+    /// A server configuration that presents this workload's current
+    /// certificate, requires a client certificate from the current mesh CA
+    /// bundle with a SPIFFE ID in this workload's trust domain, and speaks
+    /// HTTP/2 (ALPN `h2`). Reloaded credentials (see [`Workload::watch`])
+    /// apply to the connections accepted after the reload.
+    ///
+    /// Sessions are never resumed: a resumed session would skip checking
+    /// the client's certificate, which may have expired or lost its CA
+    /// since the first handshake.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, IdentityError> {
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(self.roots().clone(), provider().clone())
-                .build()
-                .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
+        let current = self.current().clone();
         let verifier = Arc::new(MeshClientVerifier {
-            inner,
+            signatures: current.load().client_verifier.clone(),
+            credentials: current.clone(),
             trust_domain: self.id().trust_domain().to_owned(),
         });
         let mut config = ServerConfig::builder_with_provider(provider().clone())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain().to_vec(), self.key().clone_key())?;
+            .with_cert_resolver(Arc::new(CurrentCertificate(current)));
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
 
-    /// A client configuration that presents this workload's certificate
-    /// and accepts only a server whose identity matches `expected`.
+    /// A client configuration that presents this workload's current
+    /// certificate and accepts only a server whose identity matches
+    /// `expected`, chaining to the current CA bundle. Like the server side,
+    /// it never resumes a session: every connection checks the peer anew.
     pub fn client_config(
         &self,
         expected: ExpectedPeer,
     ) -> Result<Arc<ClientConfig>, IdentityError> {
+        let current = self.current().clone();
         let verifier = Arc::new(MeshServerVerifier {
-            roots: self.roots().clone(),
+            credentials: current.clone(),
             expected,
             provider: provider().clone(),
         });
@@ -284,7 +343,8 @@ impl Workload {
             .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.chain().to_vec(), self.key().clone_key())?;
+            .with_client_cert_resolver(Arc::new(CurrentCertificate(current)));
+        config.resumption = rustls::client::Resumption::disabled();
         config.alpn_protocols = vec![b"h2".to_vec()];
         // Peers are found by address and checked by SPIFFE ID; SNI carries nothing.
         config.enable_sni = false;

@@ -1,7 +1,8 @@
 //! The admin port (plain HTTP/1.1): `/metrics` (Prometheus text),
-//! `/live` (the process runs) and `/ready` (identity loaded, first
-//! registry snapshot and the local service's configuration in, local
-//! service registered, not draining).
+//! `/live` (the process runs) and `/ready` (identity loaded and its
+//! certificate within its validity period, first registry snapshot and the
+//! local service's configuration in, local service registered, not
+//! draining).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,14 +18,34 @@ use crate::metrics;
 /// What readiness depends on; each check names what is missing.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Connections the admin port holds at once: scrapers and probes need a
+/// handful; the cap keeps a flood on this port from taking the file
+/// descriptors the data ports need.
+const MAX_CONNECTIONS: usize = 256;
+
 /// Serves the admin port on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, ready: ReadyCheck) {
+    let limit = trellis::server::ConnectionLimit::new("admin", MAX_CONNECTIONS);
+    let mut backoff = trellis::server::AcceptBackoff::new();
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                // EMFILE and the like: retrying at once would spin.
+                let wait = backoff.failed();
+                tracing::warn!(listener = "admin", %error, wait_ms = wait.as_millis() as u64, "accept failed; waiting before the next try");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        backoff.succeeded();
+        let Some(permit) = limit.try_admit() else {
+            metrics::get().connection_refused("admin");
             continue;
         };
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service =
                 hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                     let ready = ready.clone();

@@ -82,6 +82,14 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = trellis::cli::parse_duration)]
     pub connect_timeout: Duration,
 
+    /// How long a connection to a peer takes new calls (e.g. `5m`). After
+    /// it, new calls open a fresh connection, whose handshake checks the
+    /// peer's certificate again (expired, or issued by a CA since dropped
+    /// from the bundle), while calls in flight on the old one finish
+    /// there. At least 1s.
+    #[arg(long, env = "TRELLIS_PROXY_MAX_CONNECTION_AGE", default_value = "5m", value_parser = trellis::cli::parse_duration)]
+    pub max_connection_age: Duration,
+
     /// Then how long calls in flight may take to finish (e.g. `10s`).
     #[arg(long, env = "TRELLIS_PROXY_GRACE", default_value = "10s", value_parser = trellis::cli::parse_duration)]
     pub grace: Duration,
@@ -140,6 +148,18 @@ pub struct Args {
     /// Largest JSON request body the edge reads, in bytes.
     #[arg(long, env = "TRELLIS_PROXY_EDGE_MAX_JSON_BODY", default_value_t = 4 * 1024 * 1024)]
     pub edge_max_json_body: usize,
+
+    /// Largest gRPC message the edge reads from the mesh to answer a JSON
+    /// call, in bytes; a larger one (whatever its length prefix claims)
+    /// is answered 500 INTERNAL without being read.
+    #[arg(long, env = "TRELLIS_PROXY_EDGE_MAX_JSON_RESPONSE", default_value_t = 4 * 1024 * 1024)]
+    pub edge_max_json_response: usize,
+
+    /// Most connections open at once on each of the outbound, inbound and
+    /// edge ports; one more is closed as soon as it is accepted (counted
+    /// in `trellis_proxy_connections_refused_total`).
+    #[arg(long, env = "TRELLIS_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
 
     /// Origins allowed to call through the edge from a browser (gRPC-Web
     /// and JSON; comma-separated, e.g. `https://app.example.com`).
@@ -252,6 +272,12 @@ impl Args {
                 self.connect_timeout
             ));
         }
+        if self.max_connection_age < Duration::from_secs(1) {
+            problems.push(format!(
+                "--max-connection-age {:?} is under 1s",
+                self.max_connection_age
+            ));
+        }
         if self.edge_tls_cert.is_some() != self.edge_tls_key.is_some() {
             problems.push("--edge-tls-cert and --edge-tls-key go together".to_owned());
         }
@@ -279,6 +305,12 @@ impl Args {
         }
         if self.edge_max_json_body == 0 {
             problems.push("--edge-max-json-body must be above 0".to_owned());
+        }
+        if self.edge_max_json_response == 0 {
+            problems.push("--edge-max-json-response must be above 0".to_owned());
+        }
+        if self.max_connections == 0 {
+            problems.push("--max-connections must be above 0".to_owned());
         }
         for s in &self.grpc_services {
             if s.is_empty() || s.contains('/') || !s.contains('.') {

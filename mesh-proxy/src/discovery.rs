@@ -22,7 +22,7 @@ use trellis::pb::trellis::registry::v1 as registry_pb;
 use trellis::tls::ExpectedPeer;
 
 use crate::directory::{Directory, Table, Upstream};
-use crate::endpoint::{Endpoint, Transport};
+use crate::endpoint::{Endpoint, Pooling, Transport};
 use crate::policy::ServicePolicy;
 use crate::retry::Budgets;
 
@@ -113,8 +113,8 @@ pub struct Discovery {
     view: Arc<MeshView>,
     workload: Arc<Workload>,
     statics: Vec<StaticRoute>,
-    /// How long a connection to an endpoint may take.
-    connect_timeout: Duration,
+    /// How connections to endpoints are made and kept.
+    pooling: Pooling,
     /// Endpoints by (address, identity), kept across updates so that
     /// connections and ejection state survive them.
     endpoints: HashMap<(SocketAddr, String), Arc<Endpoint>>,
@@ -157,13 +157,13 @@ impl ControlPlane {
 
 impl Discovery {
     /// A view holding only the static routes; whole contracts are kept
-    /// only if `keep_contracts`; connections to endpoints take at most
-    /// `connect_timeout`.
+    /// only if `keep_contracts`; connections to endpoints are made and
+    /// kept as `pooling` says.
     pub fn new(
         workload: Arc<Workload>,
         statics: Vec<StaticRoute>,
         keep_contracts: bool,
-        connect_timeout: Duration,
+        pooling: Pooling,
     ) -> Self {
         let view = Arc::new(MeshView {
             directory: Arc::new(ArcSwap::from_pointee(Table::default())),
@@ -181,7 +181,7 @@ impl Discovery {
             view,
             workload,
             statics,
-            connect_timeout,
+            pooling,
             endpoints: HashMap::new(),
             instances: HashMap::new(),
             held: HashMap::new(),
@@ -423,7 +423,7 @@ impl Discovery {
             }
             (None, false) => Transport::H2c,
         };
-        let e = Endpoint::with_connect_timeout(addr, transport, self.connect_timeout);
+        let e = Endpoint::with_pooling(addr, transport, self.pooling);
         self.endpoints.insert(key, e.clone());
         Some(e)
     }

@@ -1,5 +1,7 @@
 //! One upstream endpoint: where it is, whom it must be, its pooled
-//! HTTP/2 connection, and whether it is in rotation.
+//! HTTP/2 connection (replaced when it reaches its maximum age, so that
+//! the peer's certificate is checked again), and whether it is in
+//! rotation.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -87,6 +89,25 @@ pub enum ConnectError {
     },
 }
 
+/// How an endpoint's connections are made and kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pooling {
+    /// The longest one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// How long a connection takes new calls (`None`: for as long as it
+    /// stays open). After it, new calls go over a fresh connection, whose
+    /// handshake checks the peer's certificate again (it may have expired,
+    /// or its CA been dropped from the bundle), while calls in flight on
+    /// the old one finish there; the old one closes when they are done.
+    pub max_age: Option<Duration>,
+}
+
+/// A pooled connection and when it was made.
+struct Pooled {
+    sender: SendRequest<RequestBody>,
+    opened: Instant,
+}
+
 /// A typed upstream target and its state.
 pub struct Endpoint {
     /// Its address.
@@ -95,9 +116,9 @@ pub struct Endpoint {
     pub authority: http::uri::Authority,
     /// How to reach it.
     pub transport: Transport,
-    /// The longest one connection attempt may take.
-    connect_timeout: Duration,
-    conn: ArcSwapOption<SendRequest<RequestBody>>,
+    /// How connections are made and kept.
+    pooling: Pooling,
+    conn: ArcSwapOption<Pooled>,
     connecting: tokio::sync::Mutex<()>,
     /// Connection attempts that failed so far: a call that queued behind
     /// an attempt sees it move and fails over instead of trying again.
@@ -130,26 +151,30 @@ pub enum Outcome {
 }
 
 impl Endpoint {
-    /// A new endpoint, with no connection yet and `--connect-timeout`'s
-    /// default.
+    /// A new endpoint, with no connection yet, `--connect-timeout`'s
+    /// default and no maximum connection age.
     #[cfg(test)]
     pub fn new(addr: SocketAddr, transport: Transport) -> Arc<Self> {
-        Self::with_connect_timeout(addr, transport, Duration::from_secs(1))
+        Self::with_pooling(
+            addr,
+            transport,
+            Pooling {
+                connect_timeout: Duration::from_secs(1),
+                max_age: None,
+            },
+        )
     }
 
     /// A new endpoint whose connection attempts take at most
-    /// `connect_timeout` (less when a call has less time left).
-    pub fn with_connect_timeout(
-        addr: SocketAddr,
-        transport: Transport,
-        connect_timeout: Duration,
-    ) -> Arc<Self> {
+    /// `pooling.connect_timeout` (less when a call has less time left) and
+    /// whose connections take new calls for `pooling.max_age`.
+    pub fn with_pooling(addr: SocketAddr, transport: Transport, pooling: Pooling) -> Arc<Self> {
         Arc::new(Self {
             addr,
             authority: http::uri::Authority::try_from(addr.to_string())
                 .expect("ip:port is an authority"),
             transport,
-            connect_timeout,
+            pooling,
             conn: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
             failed_connects: AtomicU64::new(0),
@@ -222,7 +247,7 @@ impl Endpoint {
             return Ok(sender);
         }
         let started = Instant::now();
-        let bound = connect_bound(self.connect_timeout, deadline, started);
+        let bound = connect_bound(self.pooling.connect_timeout, deadline, started);
         let addr = self.addr;
         let timed_out = || ConnectError::TimedOut { addr, after: bound };
         let failed_before = self.failed_connects.load(Ordering::Acquire);
@@ -244,7 +269,12 @@ impl Endpoint {
         };
         match connected {
             Ok(sender) => {
-                self.conn.store(Some(Arc::new(sender.clone())));
+                // Replacing an aged connection drops the pool's handle on
+                // it: hyper closes it once the calls still on it are done.
+                self.conn.store(Some(Arc::new(Pooled {
+                    sender: sender.clone(),
+                    opened: Instant::now(),
+                })));
                 Ok(sender)
             }
             Err(e) => {
@@ -258,13 +288,19 @@ impl Endpoint {
         }
     }
 
-    /// The pooled connection, if it is still open.
+    /// The pooled connection, if it is still open and young enough for
+    /// new calls.
     fn pooled(&self) -> Option<SendRequest<RequestBody>> {
         self.conn
             .load()
             .as_deref()
-            .filter(|sender| !sender.is_closed())
-            .cloned()
+            .filter(|pooled| !pooled.sender.is_closed())
+            .filter(|pooled| {
+                self.pooling
+                    .max_age
+                    .is_none_or(|max| pooled.opened.elapsed() < max)
+            })
+            .map(|pooled| pooled.sender.clone())
     }
 
     /// Forgets the pooled connection (it failed).

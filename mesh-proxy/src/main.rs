@@ -33,11 +33,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::Parser;
 use tokio::sync::watch;
 use trellis::cli::exit_with;
-use trellis::identity::SpiffeId;
+use trellis::identity::{SpiffeId, Workload};
 
 use crate::config::Args;
 use crate::discovery::{ControlPlane, Discovery};
-use crate::endpoint::{Endpoint, Transport};
+use crate::endpoint::{Endpoint, Pooling, Transport};
 
 #[tokio::main]
 async fn main() {
@@ -47,7 +47,12 @@ async fn main() {
     if !problems.is_empty() {
         exit_with("mesh-proxy", &problems.join("\n  "));
     }
-    let workload = Arc::new(args.identity.load_or_exit("mesh-proxy"));
+    // An expired (or not yet valid) certificate is no reason to exit: the
+    // proxy says so on /ready and picks up the renewed files.
+    let workload = match Workload::load_allowing_expiry(&args.identity.paths()) {
+        Ok(workload) => Arc::new(workload),
+        Err(e) => exit_with("mesh-proxy", &e),
+    };
     let Some(service) = workload.id().service().map(str::to_owned) else {
         exit_with(
             "mesh-proxy",
@@ -59,11 +64,14 @@ async fn main() {
     }
 }
 
-async fn run(
-    args: Args,
-    workload: Arc<trellis::identity::Workload>,
-    service: String,
-) -> anyhow::Result<()> {
+async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Result<()> {
+    if let Some(problem) = workload.validity_problem() {
+        tracing::warn!(%problem, "not ready until the certificate is renewed");
+    }
+    // Rotation needs no restart: new certificates, keys and CA bundles
+    // apply to the connections made after they are read.
+    let _identity_watch = workload.watch(args.identity.paths());
+
     // Bind everything first: a taken port is a start-up error, not a
     // surprise later.
     let outbound_listener = trellis::server::bind(args.outbound).await?;
@@ -95,7 +103,10 @@ async fn run(
         workload.clone(),
         args.static_routes.clone(),
         args.edge.is_some(),
-        args.connect_timeout,
+        Pooling {
+            connect_timeout: args.connect_timeout,
+            max_age: Some(args.max_connection_age),
+        },
     );
     // The view is shared: routes added below show through it.
     let view = discovery.view();
@@ -141,6 +152,7 @@ async fn run(
                 Box::pin(async move { outbound.handle(request).await })
             }
         },
+        args.max_connections,
         outbound_stop_rx,
     ));
     tracing::info!(addr = %args.outbound, "outbound listening (h2c)");
@@ -148,8 +160,16 @@ async fn run(
     let mut lifecycle = None;
     let inbound_task = match (args.app, inbound_listener) {
         (Some(app), Some(listener)) => {
-            let app_endpoint =
-                Endpoint::with_connect_timeout(app, Transport::H2c, args.connect_timeout);
+            // The local service is reached in plaintext: no certificate to
+            // check again, so its connection has no maximum age.
+            let app_endpoint = Endpoint::with_pooling(
+                app,
+                Transport::H2c,
+                Pooling {
+                    connect_timeout: args.connect_timeout,
+                    max_age: None,
+                },
+            );
             let inbound = inbound::Inbound::new(
                 app_endpoint,
                 service.clone(),
@@ -171,6 +191,7 @@ async fn run(
                         Box::pin(async move { inbound.handle(&peer, request).await })
                     }
                 },
+                args.max_connections,
                 stop_rx.clone(),
             ));
             let advertise = args.advertise.or(inbound_addr).expect("inbound is bound");
@@ -205,6 +226,7 @@ async fn run(
                 edge::EdgeConfig {
                     policy: edge_policy,
                     max_json_body: args.edge_max_json_body,
+                    max_json_response: args.edge_max_json_response,
                     cors_origins: args
                         .edge_cors_origins
                         .iter()
@@ -223,6 +245,7 @@ async fn run(
                         move |io: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
                             edge_handler(edge.clone(), io.get_ref().0.peer_addr())
                         },
+                        args.max_connections,
                         stop_rx.clone(),
                     ))
                 }
@@ -235,6 +258,7 @@ async fn run(
                         move |io: &tokio::net::TcpStream| {
                             edge_handler(edge.clone(), io.peer_addr())
                         },
+                        args.max_connections,
                         stop_rx.clone(),
                     ))
                 }
@@ -248,9 +272,14 @@ async fn run(
         let view = view.clone();
         let draining = draining.clone();
         let registered = lifecycle.as_ref().map(|l| l.registered.clone());
+        let workload = workload.clone();
         Arc::new(move || {
             if draining.load(Ordering::Relaxed) {
                 return Err("draining".into());
+            }
+            // Peers refuse an expired certificate: no call would get through.
+            if let Some(problem) = workload.validity_problem() {
+                return Err(problem);
             }
             if !view.synced.load(Ordering::Acquire) {
                 return Err("no registry snapshot yet".into());

@@ -56,6 +56,7 @@ pub struct Metrics {
     retries: Family<ServiceLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     connections: Family<DirectionLabels, Gauge>,
+    refused: Family<DirectionLabels, Counter>,
     calls: CallIndex,
 }
 
@@ -143,6 +144,7 @@ impl Metrics {
         let retries = Family::<ServiceLabels, Counter>::default();
         let ejections = Family::<ServiceLabels, Counter>::default();
         let connections = Family::<DirectionLabels, Gauge>::default();
+        let refused = Family::<DirectionLabels, Counter>::default();
         registry.register(
             "requests",
             "Calls handled, by direction, gRPC service, method and final gRPC status",
@@ -168,6 +170,11 @@ impl Metrics {
             "Open HTTP/2 connections: inbound (from peers), outbound (from the local service), upstream (to peers and the local service)",
             connections.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as they were accepted because their port had --max-connections open",
+            refused.clone(),
+        );
         Self {
             registry,
             requests,
@@ -175,6 +182,7 @@ impl Metrics {
             retries,
             ejections,
             connections,
+            refused,
             calls: CallIndex::new(),
         }
     }
@@ -208,6 +216,13 @@ impl Metrics {
     /// A connection on `direction` opened.
     pub fn connection_opened(&self, direction: &'static str) {
         self.connections
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    /// A connection on `direction` was closed at once: the port was full.
+    pub fn connection_refused(&self, direction: &'static str) {
+        self.refused
             .get_or_create(&DirectionLabels { direction })
             .inc();
     }

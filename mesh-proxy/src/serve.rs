@@ -1,6 +1,8 @@
 //! Serving HTTP/2 connections: each connection its own task (one slow or
-//! broken peer never holds up another), bounded headers and streams, and
-//! a graceful stop that sends GOAWAY and lets calls in flight finish.
+//! broken peer never holds up another), bounded headers and streams, at
+//! most so many connections per port (one more is closed at once), accept
+//! errors waited out with a growing backoff, and a graceful stop that
+//! sends GOAWAY and lets calls in flight finish.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,8 +16,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use trellis::server::{AcceptBackoff, ConnectionLimit};
 
 use crate::body::BoxError;
 use crate::metrics;
@@ -73,13 +77,16 @@ pub type Stop = watch::Receiver<Option<Instant>>;
 /// Serves connections from `incoming` until `stop` says when to finish,
 /// then stops accepting, asks every connection to finish (GOAWAY) and
 /// waits until that instant for calls in flight. `handler` makes the
-/// per-connection request handler. Returns whether the drain finished in
-/// time.
+/// per-connection request handler. At most `max_connections` are open at
+/// once; one more is closed as soon as it arrives (counted in
+/// `connections_refused`), so those open keep working. Returns whether
+/// the drain finished in time.
 pub async fn serve<I, IO, H, F, Fut, B>(
     name: &'static str,
     protocol: Protocol,
     mut incoming: I,
     handler: H,
+    max_connections: usize,
     mut stop: Stop,
 ) -> bool
 where
@@ -94,17 +101,35 @@ where
     let h2 = builder();
     let auto = Arc::new(auto_builder());
     let graceful = GracefulShutdown::new();
+    let limit = ConnectionLimit::new(name, max_connections);
+    let mut backoff = AcceptBackoff::new();
     loop {
-        let io = tokio::select! {
-            next = incoming.next() => match next {
-                Some(Ok(io)) => io,
-                Some(Err(error)) => {
-                    tracing::debug!(listener = name, %error, "accept failed");
-                    continue;
-                }
-                None => break,
-            },
+        let next = tokio::select! {
+            next = incoming.next() => next,
             _ = stop.wait_for(Option::is_some) => break,
+        };
+        let io = match next {
+            Some(Ok(io)) => {
+                backoff.succeeded();
+                io
+            }
+            Some(Err(error)) => {
+                // Out of file descriptors (EMFILE) or memory: trying again
+                // at once would spin while nothing frees up.
+                let wait = backoff.failed();
+                tracing::warn!(listener = name, %error, wait_ms = wait.as_millis() as u64, "accept failed; waiting before the next try");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    _ = stop.wait_for(Option::is_some) => break,
+                }
+            }
+            None => break,
+        };
+        let Some(permit) = limit.try_admit() else {
+            // Dropping it closes it before any byte is read or sent.
+            metrics::get().connection_refused(name);
+            drop(io);
+            continue;
         };
         let handle = handler(&io);
         let used = Arc::new(AtomicBool::new(false));
@@ -119,7 +144,7 @@ where
         match protocol {
             Protocol::Http2 => {
                 let connection = graceful.watch(h2.serve_connection(TokioIo::new(io), service));
-                tokio::spawn(run_connection(name, connection, used));
+                tokio::spawn(run_connection(name, connection, used, permit));
             }
             Protocol::Auto => {
                 let watcher = graceful.watcher();
@@ -127,7 +152,7 @@ where
                 tokio::spawn(async move {
                     let connection =
                         watcher.watch(auto.serve_connection(TokioIo::new(io), service));
-                    run_connection(name, connection, used).await;
+                    run_connection(name, connection, used, permit).await;
                 });
             }
         }
@@ -143,9 +168,14 @@ where
 }
 
 /// Drives one connection to its end, closing it early if it sends no
-/// request in time.
-async fn run_connection<C, E>(name: &'static str, connection: C, used: Arc<AtomicBool>)
-where
+/// request in time; its place under the port's cap (`permit`) is given
+/// back when it ends.
+async fn run_connection<C, E>(
+    name: &'static str,
+    connection: C,
+    used: Arc<AtomicBool>,
+    permit: OwnedSemaphorePermit,
+) where
     C: Future<Output = Result<(), E>>,
     E: Into<BoxError>,
 {
@@ -168,4 +198,46 @@ where
         tracing::debug!(listener = name, error = %crate::forward::describe(&*error), "connection ended with an error");
     }
     metrics::get().connection_closed(name);
+    drop(permit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    // Accepting that keeps failing (EMFILE) is retried after 10 ms, then
+    // 20, 40, … up to 1 s: not in a loop that spins a core.
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_are_waited_out_with_a_growing_backoff() {
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counted = tries.clone();
+        let incoming = futures::stream::repeat_with(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Err::<tokio::io::DuplexStream, _>(std::io::Error::from_raw_os_error(24))
+        });
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let server = tokio::spawn(serve(
+            "test",
+            Protocol::Http2,
+            incoming,
+            |_: &tokio::io::DuplexStream| {
+                |_: Request<Incoming>| async {
+                    Response::new(http_body_util::Empty::<bytes::Bytes>::new())
+                }
+            },
+            8,
+            stop_rx,
+        ));
+        // Tries at 0, 10, 30, 70, 150, 310, 630 and 1270 ms.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(tries.load(Ordering::Relaxed), 8);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(tries.load(Ordering::Relaxed), 11, "at most one a second");
+        // A stop is heard while waiting.
+        stop_tx
+            .send(Some(Instant::now() + Duration::from_secs(1)))
+            .unwrap();
+        assert!(server.await.unwrap(), "no connection, so a clean drain");
+    }
 }

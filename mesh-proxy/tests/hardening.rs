@@ -502,3 +502,298 @@ async fn a_caller_in_another_namespace_is_not_its_namesake() {
         r.headers
     );
 }
+
+/// Writes an edge policy file into a new directory, with `hs.secret`
+/// (HS256) beside it; returns the directory and the policy's path.
+fn edge_policy(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hs.secret"), HS256_SECRET).unwrap();
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+const HS256_SECRET: &[u8] = b"a shared secret long enough for HS256";
+
+/// A bearer token for `sub`, signed with [`HS256_SECRET`].
+fn bearer(sub: &str) -> String {
+    let claims = serde_json::json!({
+        "sub": sub,
+        "iss": "test",
+        "aud": "trellis-edge",
+        "exp": jsonwebtoken::get_current_timestamp() + 300,
+    });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(HS256_SECRET),
+    )
+    .unwrap();
+    format!("Bearer {token}")
+}
+
+/// The most callers the edge tracks per rate-limited route in the test
+/// below (the bound under test).
+const TRACKED_CALLERS: &str = "2";
+
+// Item 5: the rate limiter keeps one bucket per caller; a flood of new
+// callers (here JWT subjects, as anyone holding a signing key or many
+// IPs can make) must not grow it without bound. Once it tracks as many
+// active callers as it may, new ones share one bucket.
+#[tokio::test]
+async fn rate_limiter_state_is_bounded() {
+    let (_files, policy) = edge_policy(&format!(
+        "max_tracked_callers = {TRACKED_CALLERS}\n\
+         [jwt]\nissuer = \"test\"\naudience = \"trellis-edge\"\nhs256_secret_file = \"hs.secret\"\n\n\
+         [[route]]\nmatch = \"*\"\nauth = \"required\"\nrate_per_second = 0.1\nburst = 1\n"
+    ));
+    let mesh = Mesh::start(&[]);
+    let _a = mesh.instance("a1");
+    let (addr, edge) = mesh.edge(&["--edge-policy", &policy]);
+    // Routed (the edge's outbound port shares its view, and no limit).
+    wait_echo(&mut h2c(edge.outbound)).await;
+    let mut client = h2c(addr);
+    let call = |sub: &str| with(&[("authorization", &bearer(sub))], sub);
+    // Two callers get their own buckets, and spend them.
+    for sub in ["alice", "bob"] {
+        client.echo(call(sub)).await.unwrap();
+    }
+    let limited = client.echo(call("alice")).await.unwrap_err();
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    // The table is full of active callers: carol and dave share one
+    // bucket (a burst of 1) rather than adding two more.
+    client.echo(call("carol")).await.unwrap();
+    let shared = client.echo(call("dave")).await.unwrap_err();
+    assert_eq!(shared.code(), Code::ResourceExhausted, "{shared:?}");
+    assert!(
+        shared.message().contains("shared by new callers"),
+        "{shared:?}"
+    );
+    assert!(shared.message().contains("retry in"), "{shared:?}");
+}
+
+// Item 5: failed authentications are limited per client IP. After ten
+// failures (the default) the edge stops checking that IP's credentials,
+// even right ones, and says when to come back.
+#[tokio::test]
+async fn failed_authentications_are_rate_limited_per_ip() {
+    const KEY: &str = "the-right-key";
+    let key_hash: String = ring::digest::digest(&ring::digest::SHA256, KEY.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (_files, policy) = edge_policy(&format!(
+        "[[api_key]]\nname = \"ci-bot\"\nsha256 = \"{key_hash}\"\n\n\
+         [[route]]\nmatch = \"*\"\nauth = \"public\"\n"
+    ));
+    let mesh = Mesh::start(&[]);
+    let _a = mesh.instance("a1");
+    let (addr, _edge) = mesh.edge(&["--edge-policy", &policy]);
+    let mut client = h2c(addr);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(s) = client.echo(with(&[("x-api-key", KEY)], "warm-up")).await {
+        assert!(Instant::now() < deadline, "never routed: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..10 {
+        let guess = format!("guess-{i}");
+        let s = client
+            .echo(with(&[("x-api-key", &guess)], "guess"))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    }
+    let s = client
+        .echo(with(&[("x-api-key", KEY)], "right key, too late"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message().contains("too many failed authentications")
+            && s.message().contains("retry in "),
+        "{s:?}"
+    );
+    // Calls without credentials (a public route) are not held back.
+    client.echo(with(&[], "anonymous")).await.unwrap();
+}
+
+/// An h2c "service" that answers every call with a gRPC message whose
+/// length prefix claims 4 GiB - 1, sends 16 MiB of it, then stalls.
+async fn boastful_app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|_request: http::Request<hyper::body::Incoming>| {
+                        let mut head = vec![0u8, 0xff, 0xff, 0xff, 0xff];
+                        head.resize(1024 * 1024, 0);
+                        let chunk = bytes::Bytes::from(vec![0u8; 1024 * 1024]);
+                        use futures::StreamExt as _;
+                        let frames = futures::stream::iter(
+                            std::iter::once(bytes::Bytes::from(head))
+                                .chain(std::iter::repeat_n(chunk, 15))
+                                .map(|b| {
+                                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(b))
+                                }),
+                        )
+                        .chain(futures::stream::pending());
+                        let response = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(http_body_util::StreamBody::new(frames))
+                            .unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+/// POSTs `body` as JSON to `addr` `path` over HTTP/1.1; the status and
+/// body, or `None` if no whole answer came within `within`.
+async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    within: Duration,
+) -> Option<(u16, String)> {
+    let call = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::post(path)
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_owned(),
+            )))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(within, call).await.ok()
+}
+
+/// The edge's bound on JSON answers in the test below, in bytes.
+const JSON_RESPONSE_LIMIT: &str = "1048576";
+
+// Item 5: the JSON transcoder reads a backend's answer up to the edge's
+// limit, whatever length the backend's gRPC frame claims; it answers an
+// error at once instead of buffering toward 4 GiB.
+#[tokio::test]
+async fn a_backend_claiming_a_huge_message_cannot_make_the_edge_buffer_it() {
+    let mesh = Mesh::start(&[]);
+    // A real echo registers the contract; the edge's calls go to the
+    // boastful app instead.
+    let _a = mesh.instance("a1");
+    let app = boastful_app().await;
+    let (addr, _edge) = mesh.edge(&[
+        "--edge-max-json-response",
+        JSON_RESPONSE_LIMIT,
+        "--static-route",
+        &format!("trellis.echo.v1.EchoService=http://{app}"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (status, body) = loop {
+        let answer = post_json(
+            addr,
+            "/trellis.echo.v1.EchoService/Echo",
+            r#"{"message": "hi"}"#,
+            Duration::from_secs(10),
+        )
+        .await;
+        match answer {
+            // The service or its contract is not known yet.
+            Some((404 | 501, _)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(answer) => break answer,
+            None => panic!("no answer within 10 s: the edge is buffering the backend's claim"),
+        }
+    };
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("INTERNAL") && body.contains("larger than the edge's JSON limit of 1048576"),
+        "{body}"
+    );
+}
+
+/// Whether the server at `addr` closes a new connection at once (rather
+/// than serving it: an HTTP/2 server speaks first, with SETTINGS).
+async fn closed_at_once(addr: SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) | Err(_) => false,
+    }
+}
+
+/// The cap on connections per port in the test below.
+const MAX_CONNECTIONS: usize = 8;
+
+// Item 5: every port holds at most --max-connections; one more is closed
+// at once, counted, and those open keep working.
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_and_open_ones_keep_working() {
+    let pki = TestPki::new("trellis.local");
+    let echo = spawn_echo(&echo_bin(), "capped", &[]);
+    let proxy = spawn_proxy(
+        &proxy_bin(),
+        "capped",
+        ProxyOptions::new(&pki.issue("caller", "caller"), None, None).args(&[
+            "--static-route",
+            &format!("trellis.echo.v1.EchoService=http://{}", echo.addr),
+            "--max-connections",
+            &MAX_CONNECTIONS.to_string(),
+        ]),
+    );
+    // Each client its own connection, each used.
+    let mut clients: Vec<_> = (0..MAX_CONNECTIONS).map(|_| h2c(proxy.outbound)).collect();
+    for client in &mut clients {
+        client.echo(with(&[], "in")).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert!(
+            closed_at_once(proxy.outbound).await,
+            "a connection past the cap of {MAX_CONNECTIONS} was served"
+        );
+    }
+    for client in &mut clients {
+        client.echo(with(&[], "still in")).await.unwrap();
+    }
+    let (_, metrics) = proxy.admin_get("/metrics");
+    assert!(
+        metrics.contains(r#"trellis_proxy_connections_refused_total{direction="outbound"} 3"#),
+        "{metrics}"
+    );
+    // A connection that closes makes room for another.
+    clients.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut late = h2c(proxy.outbound);
+    while let Err(s) = late.echo(with(&[], "late")).await {
+        assert!(Instant::now() < deadline, "no room made: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        late = h2c(proxy.outbound);
+    }
+}

@@ -104,4 +104,16 @@ impl TestPki {
             now - Duration::days(1),
         )
     }
+
+    /// Issues a certificate for `service` that becomes valid only
+    /// tomorrow (a clock set wrong, or a certificate issued early).
+    pub fn issue_not_yet_valid(&self, service: &str, file_name: &str) -> IdentityPaths {
+        let now = OffsetDateTime::now_utc();
+        self.issue_with_validity(
+            service,
+            file_name,
+            now + Duration::days(1),
+            now + Duration::days(2),
+        )
+    }
 }

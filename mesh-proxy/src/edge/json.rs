@@ -199,11 +199,14 @@ where
     })
 }
 
-/// Turns the gRPC answer to a transcoded call back into JSON.
+/// Turns the gRPC answer to a transcoded call back into JSON, reading no
+/// message larger than `limit` bytes: a message's length prefix is the
+/// backend's word, and must not decide how much the edge buffers.
 pub async fn answer(
     response: Response<ResponseBody>,
     output: MessageDescriptor,
     server_streaming: bool,
+    limit: usize,
 ) -> Response<JsonBody> {
     let (parts, body) = response.into_parts();
     if let Some(code) = grpc::status_of(&parts.headers)
@@ -218,6 +221,7 @@ pub async fn answer(
         messages: VecDeque::new(),
         status: None,
         done: false,
+        limit,
     };
     if server_streaming {
         let mut response = Response::new(
@@ -268,6 +272,8 @@ struct Reader {
     messages: VecDeque<serde_json::Value>,
     status: Option<(Code, String)>,
     done: bool,
+    /// Largest message read, in bytes.
+    limit: usize,
 }
 
 impl Reader {
@@ -322,6 +328,12 @@ impl Reader {
                 self.buffer[3],
                 self.buffer[4],
             ]) as usize;
+            if len > self.limit {
+                return Err(format!(
+                    "the service's answer is larger than the edge's JSON limit of {} bytes (a message of {len} bytes)",
+                    self.limit
+                ));
+            }
             if self.buffer.len() < 5 + len {
                 break;
             }

@@ -18,6 +18,7 @@
 
 pub mod health;
 pub mod json;
+pub mod limit;
 pub mod listener;
 pub mod policy;
 pub mod reflection;
@@ -59,8 +60,11 @@ type HealthServer =
 pub struct EdgeConfig {
     /// Who may call, and how often.
     pub policy: EdgePolicy,
-    /// Largest JSON body read.
+    /// Largest JSON request body read, in bytes.
     pub max_json_body: usize,
+    /// Largest gRPC message read from the mesh to answer a JSON call, in
+    /// bytes.
+    pub max_json_response: usize,
     /// Browser origins allowed; empty means any.
     pub cors_origins: Vec<HeaderValue>,
 }
@@ -74,6 +78,7 @@ pub struct Edge {
     reflection: Reflection,
     health: HealthServer,
     max_json_body: usize,
+    max_json_response: usize,
     cors: CorsLayer,
 }
 
@@ -210,6 +215,7 @@ impl Edge {
             contracts,
             health,
             max_json_body: config.max_json_body,
+            max_json_response: config.max_json_response,
             cors,
         })
     }
@@ -418,7 +424,13 @@ impl Edge {
         let mut grpc_request = transcoded.request;
         grpc_request.extensions_mut().insert(info);
         let response = self.outbound.handle(grpc_request).await;
-        json::answer(response, transcoded.output, transcoded.server_streaming).await
+        json::answer(
+            response,
+            transcoded.output,
+            transcoded.server_streaming,
+            self.max_json_response,
+        )
+        .await
     }
 }
 

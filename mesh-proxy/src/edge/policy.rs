@@ -7,6 +7,14 @@
 //! reflection = "public"
 //! health = "public"
 //!
+//! # Failed authentications (a bad key or token) allowed per client IP:
+//! # this many at once, earned back at this rate (default 10 a minute).
+//! # Past them, that IP's credentials are refused with RESOURCE_EXHAUSTED,
+//! # unchecked, until it has earned one back.
+//! failed_auth_per_minute = 10
+//! # Callers tracked per rate-limited route (default 100000); see below.
+//! max_tracked_callers = 100000
+//!
 //! # API keys: callers send `x-api-key: <key>`. Only the SHA-256 of a key
 //! # is stored (hex, as `printf %s "$KEY" | sha256sum` prints it).
 //! [[api_key]]
@@ -30,6 +38,14 @@
 //! burst = 10               # optional: bucket size (default: rate rounded up)
 //! ```
 //!
+//! Rate limits and failed-authentication limits keep one small entry per
+//! caller (verified name, else client IP), at most `max_tracked_callers`
+//! per route (and as many client IPs for failed authentications). A full
+//! table first forgets callers whose bucket has refilled (nothing is lost:
+//! a new bucket is full too); while it stays full of active callers, new
+//! callers share one bucket of the route's rate, and a warning is logged
+//! once.
+//!
 //! Relative key file paths are read from the policy file's directory.
 //! Credentials a caller sends are always checked, even on a public route:
 //! a bad key or token is refused rather than silently ignored. No message
@@ -37,16 +53,23 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use tonic::Code;
+
+use super::limit::KeyedBuckets;
+
+/// Failed authentications per client IP per minute, by default.
+const DEFAULT_FAILED_AUTH_PER_MINUTE: u32 = 10;
+/// Callers tracked per rate-limited route (and client IPs with failed
+/// authentications), by default: at about a hundred bytes each, ten
+/// megabytes at most per table.
+const DEFAULT_MAX_TRACKED_CALLERS: usize = 100_000;
 
 /// What the edge is asked to do.
 #[derive(Clone, Copy, Debug)]
@@ -122,6 +145,8 @@ struct File {
     reflection: Auth,
     #[serde(default)]
     health: Auth,
+    failed_auth_per_minute: Option<u32>,
+    max_tracked_callers: Option<usize>,
     #[serde(default)]
     api_key: Vec<ApiKeyEntry>,
     jwt: Option<JwtEntry>,
@@ -178,7 +203,7 @@ struct Route {
 struct Limit {
     rate: f64,
     burst: u32,
-    buckets: DefaultKeyedRateLimiter<String>,
+    buckets: KeyedBuckets<String>,
 }
 
 /// The edge's authentication and rate-limiting rules.
@@ -189,8 +214,8 @@ pub struct EdgePolicy {
     keys: HashMap<[u8; 32], String>,
     jwt: Option<Jwt>,
     routes: HashMap<String, Route>,
-    /// Calls seen, to trim idle buckets now and then.
-    calls: AtomicU64,
+    /// Failed authentications per client IP.
+    failures: KeyedBuckets<IpAddr>,
 }
 
 impl std::fmt::Debug for EdgePolicy {
@@ -199,8 +224,14 @@ impl std::fmt::Debug for EdgePolicy {
     }
 }
 
-/// How often (in calls) idle rate-limit buckets are dropped.
-const TRIM_EVERY: u64 = 4096;
+fn failure_buckets(per_minute: u32, max_keys: usize) -> KeyedBuckets<IpAddr> {
+    KeyedBuckets::new(
+        f64::from(per_minute) / 60.0,
+        per_minute,
+        max_keys,
+        "failed authentications per client IP".to_owned(),
+    )
+}
 
 impl EdgePolicy {
     /// No file: everything public, no limits (local development).
@@ -218,7 +249,7 @@ impl EdgePolicy {
                     limit: None,
                 },
             )]),
-            calls: AtomicU64::new(0),
+            failures: failure_buckets(DEFAULT_FAILED_AUTH_PER_MINUTE, DEFAULT_MAX_TRACKED_CALLERS),
         }
     }
 
@@ -310,6 +341,18 @@ impl EdgePolicy {
                 })
             }
         };
+        let max_callers = file
+            .max_tracked_callers
+            .unwrap_or(DEFAULT_MAX_TRACKED_CALLERS);
+        if max_callers == 0 {
+            bail!("max_tracked_callers must be at least 1");
+        }
+        let failed_auth = file
+            .failed_auth_per_minute
+            .unwrap_or(DEFAULT_FAILED_AUTH_PER_MINUTE);
+        if failed_auth == 0 {
+            bail!("failed_auth_per_minute must be at least 1");
+        }
         let mut routes = HashMap::new();
         for r in file.route {
             check_pattern(&r.pattern)?;
@@ -324,19 +367,28 @@ impl EdgePolicy {
                         );
                     }
                     let burst = burst.unwrap_or_else(|| rate.ceil().max(1.0) as u32);
-                    let Some(burst_nz) = NonZeroU32::new(burst) else {
+                    if burst == 0 {
                         bail!("route {:?}: burst must be at least 1", r.pattern);
-                    };
-                    let period = std::time::Duration::from_secs_f64(1.0 / rate);
-                    let quota = Quota::with_period(period)
-                        .with_context(|| {
-                            format!("route {:?}: rate_per_second {rate} is too high", r.pattern)
-                        })?
-                        .allow_burst(burst_nz);
+                    }
+                    // Under a nanosecond per token cannot be timed.
+                    if rate > 1e9 {
+                        bail!("route {:?}: rate_per_second {rate} is too high", r.pattern);
+                    }
+                    if rate < 1.0 / 86_400.0 {
+                        bail!(
+                            "route {:?}: rate_per_second {rate} is below one a day",
+                            r.pattern
+                        );
+                    }
                     Some(Limit {
                         rate,
                         burst,
-                        buckets: RateLimiter::keyed(quota),
+                        buckets: KeyedBuckets::new(
+                            rate,
+                            burst,
+                            max_callers,
+                            format!("route {}", r.pattern),
+                        ),
                     })
                 }
             };
@@ -355,7 +407,7 @@ impl EdgePolicy {
             keys,
             jwt,
             routes,
-            calls: AtomicU64::new(0),
+            failures: failure_buckets(failed_auth, max_callers),
         })
     }
 
@@ -404,7 +456,38 @@ impl EdgePolicy {
         headers: &HeaderMap,
         peer: IpAddr,
     ) -> Result<Option<Principal>, Rejection> {
-        let principal = self.verify(headers)?;
+        self.admit_at(target, headers, peer, Instant::now())
+    }
+
+    fn admit_at(
+        &self,
+        target: Target<'_>,
+        headers: &HeaderMap,
+        peer: IpAddr,
+        now: Instant,
+    ) -> Result<Option<Principal>, Rejection> {
+        // An IP that has failed too often is not checked again (checking
+        // a token costs a signature verification, and every failure a log
+        // line) until it has earned a try back. Only callers that send
+        // credentials are held back: public routes stay open.
+        let sends_credentials =
+            headers.contains_key("x-api-key") || headers.contains_key(http::header::AUTHORIZATION);
+        if sends_credentials && let Err(empty) = self.failures.peek(&peer, now) {
+            return Err(Rejection {
+                code: Code::ResourceExhausted,
+                message: format!(
+                    "too many failed authentications from {peer}; retry in {}s",
+                    whole_seconds(empty.retry_after)
+                ),
+            });
+        }
+        let principal = match self.verify(headers) {
+            Ok(principal) => principal,
+            Err(rejection) => {
+                let _ = self.failures.check(&peer, now);
+                return Err(rejection);
+            }
+        };
         let (auth, route, what) = match target {
             Target::Call { service, method } => match self.route(service, method) {
                 Some(r) => (r.auth, Some(r), "this method"),
@@ -428,18 +511,21 @@ impl EdgePolicy {
                 Some(p) => p.to_string(),
                 None => format!("ip:{peer}"),
             };
-            if limit.buckets.check_key(&key).is_err() {
+            if let Err(empty) = limit.buckets.check(&key, now) {
+                let whose = if empty.shared {
+                    "shared by new callers while the edge tracks as many callers as it may"
+                } else {
+                    "per caller"
+                };
                 return Err(Rejection {
                     code: Code::ResourceExhausted,
                     message: format!(
-                        "rate limit for {pattern} exceeded: {}/s with bursts of {} per caller; retry later",
-                        limit.rate, limit.burst
+                        "rate limit for {pattern} exceeded: {}/s with bursts of {} {whose}; retry in {}s",
+                        limit.rate,
+                        limit.burst,
+                        whole_seconds(empty.retry_after)
                     ),
                 });
-            }
-            if self.calls.fetch_add(1, Ordering::Relaxed) % TRIM_EVERY == TRIM_EVERY - 1 {
-                limit.buckets.retain_recent();
-                limit.buckets.shrink_to_fit();
             }
         }
         Ok(principal)
@@ -557,6 +643,11 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         }
         other => format!("{other:?}"),
     }
+}
+
+/// `d` in whole seconds, rounded up (a retry sooner would be refused).
+fn whole_seconds(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 fn parse_hex32(text: &str) -> Option<[u8; 32]> {
@@ -779,6 +870,56 @@ mod tests {
             "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJzdWIiOiJhIn0"
         );
         assert!(check(&none).is_err());
+    }
+
+    #[test]
+    fn failed_authentications_are_limited_per_ip() {
+        let p = policy(&format!(
+            "failed_auth_per_minute = 2\n\
+             [[api_key]]\nname = \"ci\"\nsha256 = \"{}\"\n\
+             [[route]]\nmatch = \"*\"\nauth = \"public\"\n",
+            sha("the-key")
+        ))
+        .unwrap();
+        let t0 = Instant::now();
+        let other = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+        let bad = headers(&[("x-api-key", "guess")]);
+        let good = headers(&[("x-api-key", "the-key")]);
+        let none = HeaderMap::new();
+        let at = |h: &HeaderMap, ip, t| p.admit_at(call("a.v1.S", "M"), h, ip, t);
+        for _ in 0..2 {
+            assert_eq!(at(&bad, LOCAL, t0).unwrap_err().code, Code::Unauthenticated);
+        }
+        // Now even the right key is not checked, and the message says
+        // when to come back; other IPs and anonymous calls are unaffected.
+        let e = at(&good, LOCAL, t0).unwrap_err();
+        assert_eq!(e.code, Code::ResourceExhausted);
+        assert!(e.message.contains("retry in 30s"), "{}", e.message);
+        assert!(at(&none, LOCAL, t0).is_ok());
+        assert!(at(&good, other, t0).unwrap().is_some());
+        // One try is earned back every 30 s.
+        let t1 = t0 + std::time::Duration::from_secs(30);
+        assert!(at(&good, LOCAL, t1).unwrap().is_some());
+        assert!(policy("failed_auth_per_minute = 0\n").is_err());
+        assert!(policy("max_tracked_callers = 0\n").is_err());
+    }
+
+    #[test]
+    fn rate_limits_share_a_bucket_once_full_of_active_callers() {
+        let p = policy(
+            "max_tracked_callers = 1\n\
+             [[route]]\nmatch = \"*\"\nauth = \"public\"\nrate_per_second = 1.0\nburst = 1\n",
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let ip = |n| IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, n));
+        let none = HeaderMap::new();
+        let at = |n, t| p.admit_at(call("a.v1.S", "M"), &none, ip(n), t);
+        assert!(at(1, t0).is_ok());
+        assert!(at(2, t0).is_ok());
+        let e = at(3, t0).unwrap_err();
+        assert!(e.message.contains("shared by new callers"), "{}", e.message);
+        assert!(e.message.contains("retry in 1s"), "{}", e.message);
     }
 
     #[test]

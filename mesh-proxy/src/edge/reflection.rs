@@ -88,6 +88,18 @@ impl Contracts {
                 .map(|b| prost_types::FileDescriptorProto::decode(b.as_ref()))
                 .collect();
             let fresh: Vec<_> = match decoded {
+                // prost-reflect 0.16 panics on any other syntax.
+                Ok(files)
+                    if files.iter().any(|f| {
+                        !matches!(f.syntax.as_deref(), None | Some("proto2" | "proto3"))
+                    }) =>
+                {
+                    unusable.insert(
+                        grpc_service.clone(),
+                        format!("the contract of {grpc_service} is neither proto2 nor proto3"),
+                    );
+                    continue;
+                }
                 Ok(files) => files
                     .into_iter()
                     .filter(|f| pool.get_file_by_name(f.name()).is_none())
