@@ -43,6 +43,10 @@ use crate::identity::{Credentials, IdentityError, SpiffeId, Workload, spiffe_id_
 /// connection is dropped (slow or stalled peers must not pin resources).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most TLS handshakes one listener runs at once; more connections are
+/// closed as soon as they are accepted.
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+
 /// The process-wide crypto provider: ring, the only one linked.
 pub fn provider() -> &'static Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
@@ -485,24 +489,43 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let accepted = Arc::new(accepted);
+    // Handshakes in progress hold a task and a buffer each: bounded, so a
+    // flood of connections that never finish TLS cannot grow them.
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
+        let mut backoff = crate::server::AcceptBackoff::new();
+        let mut refused: u64 = 0;
         loop {
             let (tcp, remote_addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
+                    Ok(pair) => {
+                        backoff.succeeded();
+                        pair
+                    }
                     Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors or memory: wait for some
+                        // to be freed instead of spinning.
+                        let wait = backoff.failed();
+                        tracing::warn!(%error, wait_ms = wait.as_millis() as u64, "accept failed");
+                        tokio::time::sleep(wait).await;
                         continue;
                     }
                 },
                 () = tx.closed() => return,
+            };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(peer.addr = %remote_addr, kind, refused, limit = MAX_PENDING_HANDSHAKES, "too many TLS handshakes in progress; connection closed");
+                }
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let accepted = accepted.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
