@@ -58,6 +58,9 @@ pub struct MeshView {
     /// gRPC service to the methods its contract marks NO_SIDE_EFFECTS or
     /// IDEMPOTENT.
     pub safe_methods: ArcSwap<HashMap<String, Arc<HashSet<String>>>>,
+    /// gRPC service to every method its registered contract defines (for
+    /// services whose contract has been fetched).
+    pub methods: ArcSwap<HashMap<String, Arc<HashSet<String>>>>,
     /// Retry budgets.
     pub budgets: Budgets,
     /// The first registry snapshot has arrived (or there is no registry).
@@ -91,6 +94,15 @@ impl MeshView {
             .get(mesh_service)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Whether `method` may be one of `service`'s: it is in its contract,
+    /// or no contract of it is known (then any method may be).
+    pub fn known_method(&self, service: &str, method: &str) -> bool {
+        self.methods
+            .load()
+            .get(service)
+            .is_none_or(|m| m.contains(method))
     }
 
     /// Whether the contract marks `service/method` safe to repeat.
@@ -169,6 +181,7 @@ impl Discovery {
             directory: Arc::new(ArcSwap::from_pointee(Table::default())),
             policies: ArcSwap::from_pointee(HashMap::new()),
             safe_methods: ArcSwap::from_pointee(HashMap::new()),
+            methods: ArcSwap::from_pointee(HashMap::new()),
             budgets: Budgets::default(),
             synced: AtomicBool::new(false),
             registered: ArcSwap::from_pointee(BTreeMap::new()),
@@ -581,12 +594,17 @@ async fn fetch_contract(control: ControlPlane, view: Arc<MeshView>, grpc_service
             return;
         }
     };
-    let safe = safe_methods(&files, &grpc_service);
-    tracing::debug!(service = %grpc_service, safe = safe.len(), "contract loaded");
-    let safe = Arc::new(safe);
+    let (all, safe) = contract_methods(&files, &grpc_service);
+    tracing::debug!(service = %grpc_service, methods = all.len(), safe = safe.len(), "contract loaded");
+    let (all, safe) = (Arc::new(all), Arc::new(safe));
     view.safe_methods.rcu(|current| {
         let mut next = HashMap::clone(current);
         next.insert(grpc_service.clone(), safe.clone());
+        next
+    });
+    view.methods.rcu(|current| {
+        let mut next = HashMap::clone(current);
+        next.insert(grpc_service.clone(), all.clone());
         next
     });
     if !view.keep_contracts {
@@ -601,10 +619,14 @@ async fn fetch_contract(control: ControlPlane, view: Arc<MeshView>, grpc_service
     view.changes.send_modify(|n| *n += 1);
 }
 
-/// The methods of `grpc_service` in `files` whose idempotency level says
-/// a repeat is harmless.
-pub fn safe_methods(files: &[Vec<u8>], grpc_service: &str) -> HashSet<String> {
+/// Every method of `grpc_service` in `files`, and those whose idempotency
+/// level says a repeat is harmless.
+pub fn contract_methods(
+    files: &[Vec<u8>],
+    grpc_service: &str,
+) -> (HashSet<String>, HashSet<String>) {
     use prost_types::method_options::IdempotencyLevel;
+    let mut all = HashSet::new();
     let mut safe = HashSet::new();
     for bytes in files {
         let Ok(file) = prost_types::FileDescriptorProto::decode(bytes.as_slice()) else {
@@ -619,6 +641,7 @@ pub fn safe_methods(files: &[Vec<u8>], grpc_service: &str) -> HashSet<String> {
                 continue;
             }
             for method in &service.method {
+                all.insert(method.name().to_owned());
                 let level = method
                     .options
                     .as_ref()
@@ -633,7 +656,7 @@ pub fn safe_methods(files: &[Vec<u8>], grpc_service: &str) -> HashSet<String> {
             }
         }
     }
-    safe
+    (all, safe)
 }
 
 #[cfg(test)]
@@ -644,7 +667,8 @@ mod tests {
     fn contract_marks_read_and_idempotent_methods_safe() {
         let set = prost_types::FileDescriptorSet::decode(trellis::pb::FILE_DESCRIPTOR_SET).unwrap();
         let files: Vec<Vec<u8>> = set.file.iter().map(|f| f.encode_to_vec()).collect();
-        let safe = safe_methods(&files, "trellis.registry.v1.RegistryService");
+        let (all, safe) = contract_methods(&files, "trellis.registry.v1.RegistryService");
+        assert!(all.contains("Register") && all.is_superset(&safe));
         for m in ["RenewLease", "Deregister", "Resolve", "Watch"] {
             assert!(safe.contains(m), "{m}");
         }

@@ -125,7 +125,7 @@ impl Inbound {
         };
         let mut end = CallEnd::new(
             metrics::get().call("inbound", path.service, path.method, || {
-                self.serves(path.service)
+                self.serves(path.service) && self.view.known_method(path.service, path.method)
             }),
             started,
         );

@@ -1333,7 +1333,8 @@ fn any_registered_contract_is_merged_or_reported() {
                     let _ = m.input().fields().count();
                 }
             }
-            let safe = crate::discovery::safe_methods(&blobs, "trellis.echo.v1.EchoService");
+            let (_, safe) =
+                crate::discovery::contract_methods(&blobs, "trellis.echo.v1.EchoService");
             let methods: Vec<String> = blobs
                 .iter()
                 .filter_map(|b| FileDescriptorProto::decode(b.as_slice()).ok())

@@ -325,6 +325,11 @@ async fn an_app_cannot_make_its_caller_replay_a_call() {
 /// Sends `n` gRPC POSTs with random-looking paths on one HTTP/2
 /// connection to `addr`.
 async fn random_paths(addr: SocketAddr, n: usize) {
+    paths(addr, n, |i| format!("/x{i}.S/M{i}")).await;
+}
+
+/// Sends `n` gRPC POSTs to `path(i)` on one HTTP/2 connection to `addr`.
+async fn paths(addr: SocketAddr, n: usize, path: impl Fn(usize) -> String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -334,7 +339,7 @@ async fn random_paths(addr: SocketAddr, n: usize) {
     .unwrap();
     tokio::spawn(conn);
     for i in 0..n {
-        let request = http::Request::post(format!("http://{addr}/x{i}.S/M{i}"))
+        let request = http::Request::post(format!("http://{addr}{}", path(i)))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
@@ -381,6 +386,21 @@ async fn random_paths_do_not_grow_metrics() {
         after.contains(r#"direction="edge",service="trellis.echo.v1.EchoService",method="Echo""#),
         "{after}"
     );
+
+    // Methods a routable service's contract does not define count as
+    // unknown too: a caller cannot grow the series through a real service.
+    paths(addr, 300, |i| {
+        format!("/trellis.echo.v1.EchoService/Nope{i}")
+    })
+    .await;
+    let (_, methods) = edge.admin_get("/metrics");
+    assert!(
+        methods.len() < after.len() + 4 * 1024,
+        "/metrics grew from {} to {} bytes",
+        after.len(),
+        methods.len()
+    );
+    assert!(!methods.contains("Nope"), "{methods}");
 }
 
 // Item 1: until a sidecar has its configuration, it does not know who may
