@@ -11,18 +11,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::up::{Up, signal};
 use common::{channel, wait_serving};
 use tokio::time::MissedTickBehavior;
 use trellis::pb::trellis::echo::v1 as echo;
-use trellis_test_support::{binary_dir, repo_root, workspace_binary};
+use trellis_test_support::repo_root;
 
 use echo::echo_service_client::EchoServiceClient;
 
@@ -37,180 +35,29 @@ const LOAD: Duration = Duration::from_secs(24);
 /// the mesh's answer, not impatience.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `trellis up` on a mesh file of this test's, in a directory of its own.
-struct Up {
-    child: Child,
-    dir: tempfile::TempDir,
-    output: Arc<Mutex<Vec<String>>>,
-    lines: mpsc::Receiver<String>,
-    edge: SocketAddr,
-    registry: SocketAddr,
-}
-
-impl Up {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("trellis.toml");
-        std::fs::write(
-            &file,
-            format!(
-                "[mesh]\nports = \"auto\"\nconfig_dir = {:?}\n\n\
-                 [registry]\nlisten = \"auto\"\n\n\
-                 [edge]\nlisten = \"auto\"\n\n\
-                 [[service]]\nname = \"echo\"\ninstances = 2\n\
-                 command = [\"{{bin}}/trellis-echo\", \"--listen\", \"{{listen}}\", \"--name\", \"{{instance}}\"]\n",
-                repo_root().join("config").display().to_string()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(workspace_binary("trellis"))
-            .arg("up")
-            .arg("--file")
-            .arg(&file)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--bin-dir")
-            .arg(binary_dir())
-            .env_remove("RUST_LOG")
-            .env_remove("DATABASE_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("trellis up starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (tx, lines) = mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let (output, tx) = (output.clone(), tx.clone());
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    output.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let mut up = Self {
-            child,
-            dir,
-            output,
-            lines,
-            edge: "0.0.0.0:0".parse().unwrap(),
-            registry: "0.0.0.0:0".parse().unwrap(),
-        };
-        let edge = up.wait_line("edge: ", Duration::from_secs(120));
-        up.edge = edge.trim_start_matches("edge: ").trim().parse().unwrap();
-        let registry = up.wait_line("registry: ", Duration::from_secs(5));
-        up.registry = registry
-            .trim_start_matches("registry: ")
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        up
-    }
-
-    fn wait_line(&self, prefix: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "no line starting {prefix:?} within {limit:?}:\n{}",
-                    self.output()
-                ),
-            }
-        }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("state").join("run")
-    }
-
-    /// The pid of process `name` (`registry`, `echo-2`, `echo-2-proxy`).
-    fn pid(&self, name: &str) -> Option<u32> {
-        std::fs::read_to_string(self.run_dir().join(format!("{name}.pid")))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        std::fs::read_dir(self.run_dir())
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
-                    .filter(|e| e.path().file_stem().is_some_and(|s| s != "trellis-up"))
-                    .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// SIGKILLs process `name`, waits until trellis up has started it
-    /// again, and returns how long that took.
-    async fn kill_and_wait_restart(&self, name: &str, limit: Duration) -> Duration {
-        let old = self.pid(name).unwrap_or_else(|| panic!("{name} runs"));
-        let killed = Instant::now();
-        signal(old, "KILL");
-        loop {
-            if let Some(new) = self.pid(name)
-                && new != old
-                && alive(new)
-            {
-                return killed.elapsed();
-            }
-            assert!(
-                killed.elapsed() < limit,
-                "{name} was not restarted within {limit:?}:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            signal(self.child.id(), "INT");
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if self.child.try_wait().ok().flatten().is_none() {
-                let _ = self.child.kill();
-                for pid in self.pids() {
-                    signal(pid, "KILL");
-                }
-            }
-        }
-    }
-}
-
-fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status();
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-    })
+/// `trellis up` on a mesh file of this test's: the registry, two echo
+/// instances with their sidecars, the edge.
+fn start_mesh(dir: &std::path::Path) -> Up {
+    let file = dir.join("trellis.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[mesh]\nports = \"auto\"\nconfig_dir = {:?}\n\n\
+             [registry]\nlisten = \"auto\"\n\n\
+             [edge]\nlisten = \"auto\"\n\n\
+             [[service]]\nname = \"echo\"\ninstances = 2\n\
+             command = [\"{{bin}}/trellis-echo\", \"--listen\", \"{{listen}}\", \"--name\", \"{{instance}}\"]\n",
+            repo_root().join("config").display().to_string()
+        ),
+    )
+    .unwrap();
+    Up::start(
+        &file,
+        &dir.join("state"),
+        &[],
+        &[],
+        Duration::from_secs(120),
+    )
 }
 
 async fn wait_port(addr: SocketAddr, limit: Duration) -> Duration {
@@ -257,7 +104,13 @@ struct Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_calls_survive_registry_restarts_and_a_dead_instance() {
-    let up = tokio::task::spawn_blocking(Up::start).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let up = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || start_mesh(&dir)
+    })
+    .await
+    .unwrap();
     let edge = up.edge;
     wait_serving(edge, ECHO, Duration::from_secs(30)).await;
     // Both instances are in the edge's view before the faults begin.

@@ -6,229 +6,49 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::up::{Up, alive, signal};
 use common::*;
 use trellis::pb::telco::usage::v1 as usage;
 use trellis::pb::telco::user::v1 as user;
-use trellis_test_support::{binary_dir, repo_root, server_url, workspace_binary};
+use trellis_test_support::{repo_root, server_url};
 
 use usage::usage_service_client::UsageServiceClient;
 use user::user_service_client::UserServiceClient;
 
-/// `trellis up` running in a state directory of its own.
-struct Up {
-    child: Child,
-    state: PathBuf,
-    output: Arc<Mutex<Vec<String>>>,
-    lines: mpsc::Receiver<String>,
-    prefix: String,
-    /// Whether dropping this run drops its databases (not between two
-    /// runs on the same data).
-    drop_databases: bool,
-    edge: SocketAddr,
-    registry: SocketAddr,
+/// `trellis up` on the repository's trellis.toml, with the databases on
+/// the test server (dropped by [`Databases`]).
+fn start(state: &Path) -> Up {
+    Up::start(
+        &repo_root().join("trellis.toml"),
+        state,
+        &["--skip-build", "rust"],
+        &[("DATABASE_URL", server_url().unwrap())],
+        Duration::from_secs(240),
+    )
 }
 
-impl Up {
-    /// Starts `trellis up` with the repository's mesh file and waits for
-    /// its `edge:` line.
-    fn start(state: &Path) -> Self {
-        let mut child = Command::new(workspace_binary("trellis"))
-            .args(["up", "--any-ports", "--skip-build", "rust"])
-            .arg("--file")
-            .arg(repo_root().join("trellis.toml"))
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--bin-dir")
-            .arg(binary_dir())
-            .env("DATABASE_URL", server_url().unwrap())
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("trellis up starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (tx, lines) = mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    output.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let mut up = Self {
-            child,
-            state: state.to_owned(),
-            output,
-            lines,
-            prefix: String::new(),
-            drop_databases: true,
-            edge: "0.0.0.0:0".parse().unwrap(),
-            registry: "0.0.0.0:0".parse().unwrap(),
-        };
-        let edge = up.wait_line("edge: ", Duration::from_secs(240));
-        up.edge = edge.trim_start_matches("edge: ").trim().parse().unwrap();
-        // The databases belong to the state directory: trellis_<its id>_*.
+/// The databases of the mesh whose state directory is `state`
+/// (`trellis_<its id>_<service>`), dropped with this.
+struct Databases(String);
+
+impl Databases {
+    fn of(state: &Path) -> Self {
         let id = std::fs::read_to_string(state.join("mesh-id")).unwrap();
-        up.prefix = format!("trellis_{}", id.trim());
-        let registry = up.wait_line("registry: ", Duration::from_secs(5));
-        up.registry = registry
-            .trim_start_matches("registry: ")
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        up
-    }
-
-    /// The next line starting with `prefix`, or a panic showing the output.
-    fn wait_line(&self, prefix: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "no line starting {prefix:?} within {limit:?}:\n{}",
-                    self.output()
-                ),
-            }
-        }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.state.join("run")
-    }
-
-    /// The pid of process `name` (`usage-1`) now.
-    fn pid(&self, name: &str) -> Option<u32> {
-        std::fs::read_to_string(self.run_dir().join(format!("{name}.pid")))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    /// Every process trellis up runs now, by name.
-    fn pids(&self) -> Vec<(String, u32)> {
-        std::fs::read_dir(self.run_dir())
-            .unwrap()
-            .flatten()
-            .filter_map(|e| {
-                let path = e.path();
-                let name = path.file_stem()?.to_str()?.to_owned();
-                (path.extension()? == "pid" && name != "trellis-up")
-                    .then(|| Some((name, self.pid(path.file_stem()?.to_str()?)?)))?
-            })
-            .collect()
-    }
-
-    /// An instance's admin address, from the run file.
-    fn admin(&self, instance: &str) -> SocketAddr {
-        let run: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(self.run_dir().join("up.json")).unwrap())
-                .unwrap();
-        run["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["instance"] == instance)
-            .unwrap_or_else(|| panic!("{instance} in up.json: {run}"))["admin"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    /// `trellis status` against this mesh: exit code and output.
-    fn status(&self) -> (i32, String) {
-        let out = Command::new(workspace_binary("trellis"))
-            .args(["status", "--registry", &self.registry.to_string()])
-            .arg("--certs")
-            .arg(self.state.join("certs"))
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-
-    /// Ctrl-C, then waits for trellis up to exit.
-    fn interrupt(&mut self, limit: Duration) -> std::process::ExitStatus {
-        signal(self.child.id(), "INT");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "trellis up did not stop within {limit:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        Self(format!("trellis_{}", id.trim()))
     }
 }
 
-impl Drop for Up {
+impl Drop for Databases {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            // A failed test: stop the mesh, and kill what is left.
-            signal(self.child.id(), "INT");
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-            for (_, pid) in self.pids() {
-                signal(pid, "KILL");
-            }
-        }
-        if self.drop_databases {
-            drop_databases(&self.prefix);
-        }
+        drop_databases(&self.0);
     }
-}
-
-fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status();
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie has exited; only its parent has not reaped it yet.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-    })
 }
 
 fn drop_databases(prefix: &str) {
@@ -261,10 +81,11 @@ async fn trellis_up_runs_supervises_and_stops_the_mesh() {
     let state = tempfile::tempdir().unwrap();
     let mut up = tokio::task::spawn_blocking({
         let state = state.path().to_owned();
-        move || Up::start(&state)
+        move || start(&state)
     })
     .await
     .unwrap();
+    let _databases = Databases::of(state.path());
     let edge = up.edge;
     for service in [
         "telco.user.v1.UserService",
@@ -428,11 +249,10 @@ async fn trellis_up_runs_supervises_and_stops_the_mesh() {
 
     // A second run in the same state directory starts cleanly, with the
     // data of the first.
-    up.drop_databases = false;
     drop(up);
     let mut again = tokio::task::spawn_blocking({
         let state = state.path().to_owned();
-        move || Up::start(&state)
+        move || start(&state)
     })
     .await
     .unwrap();
