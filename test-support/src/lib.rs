@@ -3,6 +3,7 @@
 //! the test ends.
 
 pub mod billing;
+pub mod descriptors;
 pub mod mesh;
 pub mod pki;
 pub mod postgres;
