@@ -21,6 +21,7 @@ pub struct Mutation {
     pub number: i32,
 }
 
+/// Any [`Mutation`].
 pub fn mutation() -> impl Strategy<Value = Mutation> {
     (
         0u8..26,
@@ -54,6 +55,7 @@ pub fn mutation() -> impl Strategy<Value = Mutation> {
         })
 }
 
+/// The item `at` (modulo the length), if there is any.
 pub fn pick<T>(items: &mut [T], at: usize) -> Option<&mut T> {
     let len = items.len();
     if len == 0 {
