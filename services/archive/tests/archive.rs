@@ -435,7 +435,14 @@ async fn sigkill_in_the_middle_of_traffic_loses_and_doubles_nothing() {
             }));
         }
         if round < 3 {
-            tokio::time::sleep(Duration::from_millis(150 + 100 * round)).await;
+            // Kill once this round has acknowledged some events, however
+            // fast the machine: 100, 200, then 300 more (1,200 in all).
+            let total = || acked.iter().map(|a| a.load(Ordering::SeqCst)).sum::<u64>();
+            let target = total() + 100 * (round as u64 + 1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while total() < target && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             server.process.kill();
             kills += 1;
             for task in tasks {
