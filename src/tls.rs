@@ -43,9 +43,29 @@ use crate::identity::{Credentials, IdentityError, SpiffeId, Workload, spiffe_id_
 /// connection is dropped (slow or stalled peers must not pin resources).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Most TLS handshakes one listener runs at once; more connections are
-/// closed as soon as they are accepted.
+/// Most TLS handshakes one listener runs at once, by default; more
+/// connections are closed as soon as they are accepted.
 pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+
+/// The bound on handshakes in progress per listener:
+/// `TRELLIS_TLS_MAX_PENDING_HANDSHAKES` (1 to 65,536), else
+/// [`MAX_PENDING_HANDSHAKES`]. A value out of range is ignored with a
+/// warning.
+pub fn max_pending_handshakes() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let Ok(text) = std::env::var("TRELLIS_TLS_MAX_PENDING_HANDSHAKES") else {
+            return MAX_PENDING_HANDSHAKES;
+        };
+        match text.parse::<usize>() {
+            Ok(n) if (1..=65_536).contains(&n) => n,
+            _ => {
+                tracing::warn!(value = %text, default = MAX_PENDING_HANDSHAKES, "TRELLIS_TLS_MAX_PENDING_HANDSHAKES is not 1 to 65536; using the default");
+                MAX_PENDING_HANDSHAKES
+            }
+        }
+    })
+}
 
 /// The process-wide crypto provider: ring, the only one linked.
 pub fn provider() -> &'static Arc<CryptoProvider> {
@@ -491,7 +511,8 @@ where
     let accepted = Arc::new(accepted);
     // Handshakes in progress hold a task and a buffer each: bounded, so a
     // flood of connections that never finish TLS cannot grow them.
-    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let limit = max_pending_handshakes();
+    let pending = Arc::new(tokio::sync::Semaphore::new(limit));
     tokio::spawn(async move {
         let mut backoff = crate::server::AcceptBackoff::new();
         let mut refused: u64 = 0;
@@ -516,7 +537,7 @@ where
             let Ok(permit) = pending.clone().try_acquire_owned() else {
                 refused += 1;
                 if refused.is_power_of_two() {
-                    tracing::warn!(peer.addr = %remote_addr, kind, refused, limit = MAX_PENDING_HANDSHAKES, "too many TLS handshakes in progress; connection closed");
+                    tracing::warn!(peer.addr = %remote_addr, kind, refused, limit, "too many TLS handshakes in progress; connection closed");
                 }
                 continue;
             };
