@@ -7,7 +7,7 @@
 //! registry hands out. Each property runs a bounded number of cases (a
 //! second or two each) and writes no failure files into the repository.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -23,10 +23,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
-use prost_types::{FileDescriptorProto, FileDescriptorSet};
+use prost_types::FileDescriptorProto;
 use tonic::Code;
 use trellis::pb::trellis::echo::v1 as echo;
-use trellis_test_support::descriptors::{mutate, mutation};
+use trellis_test_support::descriptors::{contract_files, mutate, mutation};
 
 use crate::body::ResponseBody;
 use crate::edge::json;
@@ -1076,37 +1076,6 @@ fn a_huge_declared_length_is_refused_without_waiting_for_it() {
 }
 
 // ----------------------------------------------------- contracts from the registry
-
-/// The mesh's own contracts, as a registry hands them out.
-fn trellis_files() -> Vec<FileDescriptorProto> {
-    FileDescriptorSet::decode(trellis::pb::FILE_DESCRIPTOR_SET)
-        .unwrap()
-        .file
-}
-
-/// The contracts mutated: echo's and usage's files and what they import
-/// (the whole set makes each case slow for little gain).
-fn contract_files() -> Vec<FileDescriptorProto> {
-    let all = trellis_files();
-    let mut wanted: BTreeSet<String> = ["trellis/echo/v1/echo.proto", "telco/usage/v1/usage.proto"]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    loop {
-        let more: BTreeSet<String> = all
-            .iter()
-            .filter(|f| wanted.contains(f.name()))
-            .flat_map(|f| f.dependency.iter().cloned())
-            .collect();
-        if more.is_subset(&wanted) {
-            break;
-        }
-        wanted.extend(more);
-    }
-    all.into_iter()
-        .filter(|f| wanted.contains(f.name()))
-        .collect()
-}
 
 fn contracts_input() -> impl Strategy<Value = Vec<Vec<u8>>> {
     prop_oneof![

@@ -3,6 +3,39 @@
 //! registry's checks, the edge's reflection and JSON).
 
 use proptest::prelude::*;
+
+/// The mesh's own contracts, each file as a workload registers it and a
+/// registry hands it out.
+pub fn trellis_files() -> Vec<FileDescriptorProto> {
+    prost_types::FileDescriptorSet::decode(trellis::pb::FILE_DESCRIPTOR_SET)
+        .expect("the embedded descriptor set decodes")
+        .file
+}
+
+/// The contracts to mutate: echo's and usage's files and what they import
+/// (the whole set makes each case slow for little gain).
+pub fn contract_files() -> Vec<FileDescriptorProto> {
+    let all = trellis_files();
+    let mut wanted: std::collections::BTreeSet<String> =
+        ["trellis/echo/v1/echo.proto", "telco/usage/v1/usage.proto"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+    loop {
+        let more: std::collections::BTreeSet<String> = all
+            .iter()
+            .filter(|f| wanted.contains(f.name()))
+            .flat_map(|f| f.dependency.iter().cloned())
+            .collect();
+        if more.is_subset(&wanted) {
+            break;
+        }
+        wanted.extend(more);
+    }
+    all.into_iter()
+        .filter(|f| wanted.contains(f.name()))
+        .collect()
+}
 use prost::Message;
 use prost_types::FileDescriptorProto;
 

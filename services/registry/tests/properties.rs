@@ -8,10 +8,10 @@ use std::collections::{BTreeSet, HashSet};
 
 use proptest::prelude::*;
 use prost::Message;
-use prost_types::{FileDescriptorProto, FileDescriptorSet};
+use prost_types::FileDescriptorProto;
 use trellis_registry::contracts::Contract;
 use trellis_registry::validate::MAX_DESCRIPTOR_BYTES;
-use trellis_test_support::descriptors::{mutate, mutation};
+use trellis_test_support::descriptors::{contract_files, mutate, mutation, trellis_files};
 
 fn config() -> ProptestConfig {
     ProptestConfig {
@@ -19,37 +19,6 @@ fn config() -> ProptestConfig {
         failure_persistence: None,
         ..ProptestConfig::default()
     }
-}
-
-/// The mesh's own contracts, each file as a workload registers it.
-fn trellis_files() -> Vec<FileDescriptorProto> {
-    FileDescriptorSet::decode(trellis::pb::FILE_DESCRIPTOR_SET)
-        .unwrap()
-        .file
-}
-
-/// The contracts mutated: echo's and usage's files and what they import
-/// (the whole set makes each case slow for little gain).
-fn contract_files() -> Vec<FileDescriptorProto> {
-    let all = trellis_files();
-    let mut wanted: BTreeSet<String> = ["trellis/echo/v1/echo.proto", "telco/usage/v1/usage.proto"]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    loop {
-        let more: BTreeSet<String> = all
-            .iter()
-            .filter(|f| wanted.contains(f.name()))
-            .flat_map(|f| f.dependency.iter().cloned())
-            .collect();
-        if more.is_subset(&wanted) {
-            break;
-        }
-        wanted.extend(more);
-    }
-    all.into_iter()
-        .filter(|f| wanted.contains(f.name()))
-        .collect()
 }
 
 /// Every name a descriptor set defines or mentions: what a caller might
