@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use nix::sys::signal::Signal;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use self::logs::LogSink;
@@ -963,24 +962,14 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     .flatten()
 }
 
-/// A watch that turns true on SIGINT or SIGTERM.
+/// A watch that turns true on SIGINT or SIGTERM. (Once tokio handles a
+/// signal its default action never returns, so a second Ctrl-C is left
+/// to `kill_on_second_signal`.)
 fn stop_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
+        crate::server::shutdown_signal().await;
         let _ = tx.send(true);
-        // Keep the handlers installed: a second signal is for
-        // `kill_on_second_signal`, not the default action.
-        std::future::pending::<()>().await;
     });
     rx
 }
@@ -991,16 +980,7 @@ async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
 
 /// While stopping, a second Ctrl-C kills every process at once.
 async fn kill_on_second_signal(run: PathBuf, logs: LogSink) {
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
+    crate::server::shutdown_signal().await;
     logs.launcher("killing every process now".to_owned());
     for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
         let path = entry.path();
