@@ -67,9 +67,10 @@ impl Outbound {
         let lookup = self.view.directory.load().lookup(&service);
         // Only services the mesh can route get their own metric labels: a
         // caller choosing paths must not choose how many series we keep.
-        let routable =
-            !matches!(lookup, Lookup::Unknown) && self.view.known_method(&service, &method);
-        let mut observer = metrics::get().call(self.direction, &service, &method, || routable);
+        // Asked only for a series not seen yet: no contract lookup per call.
+        let mut observer = metrics::get().call(self.direction, &service, &method, || {
+            !matches!(lookup, Lookup::Unknown) && self.view.known_method(&service, &method)
+        });
         let mut principal = None;
         if let Some(info) = request.extensions().get::<AccessInfo>() {
             principal = info.principal.clone();
