@@ -1,7 +1,8 @@
-//! Mesh benchmark: the same unary `Echo` calls (128-byte payload) sent to a
-//! service directly, through one plaintext mesh-proxy hop and through the
-//! whole mesh path (client sidecar → mTLS → server sidecar), side by side in
-//! one run.
+//! Mesh benchmark: the same unary `Echo` calls (128-byte payload) and
+//! server-streaming `Count` calls sent to a service directly, through one
+//! plaintext hop (mesh-proxy, and nginx and HAProxy for reference) and
+//! through the whole mesh path (client sidecar → mTLS → server sidecar),
+//! side by side in one run.
 //!
 //! Every round runs each target in turn, so drift on the machine (frequency,
 //! noisy neighbours) falls on all of them alike; medians over the rounds are
@@ -9,9 +10,11 @@
 //! a short unmeasured warm-up, a closed loop (N callers, each sending its
 //! next call when the last one returns, over a few HTTP/2 connections) for
 //! throughput and latency at saturation, then an open loop at a fixed rate
-//! for latency at a moderate load. The CPU time (utime + stime) and resident
-//! memory of the processes named with `--proc` are read from /proc around
-//! every run.
+//! for latency at a moderate load, then streaming calls back to back for
+//! messages per second: the cost of a proxy per message of a long-lived
+//! stream, apart from its cost per call. The CPU time (utime + stime) and
+//! resident memory of the processes named with `--proc` are read from /proc
+//! around every run.
 //!
 //! Run with `bench/mesh.sh`: it builds in release mode, starts and pins the
 //! processes, and passes their addresses and pids. It records nothing by
@@ -29,9 +32,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
+use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
-use trellis::pb::trellis::echo::v1::EchoRequest;
 use trellis::pb::trellis::echo::v1::echo_service_client::EchoServiceClient;
+use trellis::pb::trellis::echo::v1::{CountRequest, EchoRequest};
 
 type Client = EchoServiceClient<Channel>;
 
@@ -77,6 +81,19 @@ struct Args {
     /// How long each fixed-rate run lasts (e.g. `2s`).
     #[arg(long, default_value = "2s", value_parser = trellis::cli::parse_duration)]
     rate_duration: Duration,
+    /// Messages per streaming `Count` call.
+    #[arg(long, default_value_t = 1000)]
+    stream_count: u32,
+    /// Payload bytes per streamed message.
+    #[arg(long, default_value_t = 16)]
+    stream_payload: u32,
+    /// How long each streaming run lasts (e.g. `2s`); 0 skips it.
+    #[arg(long, default_value = "2s", value_parser = trellis::cli::parse_duration)]
+    stream_duration: Duration,
+    /// Concurrent streaming calls, each starting the next when the last one
+    /// has ended.
+    #[arg(long, default_value_t = 4)]
+    stream_concurrency: usize,
     /// Deadline of each call, enforced by the load generator (no
     /// grpc-timeout header is sent, so the proxies see plain calls).
     #[arg(long, default_value = "5s", value_parser = trellis::cli::parse_duration)]
@@ -221,6 +238,14 @@ impl Outcome {
     }
 }
 
+/// A failed call's status as an error key: code and the start of the
+/// message.
+fn status_error(status: &Status) -> String {
+    let mut message = status.message().to_owned();
+    message.truncate(160);
+    format!("{:?}: {message}", status.code())
+}
+
 /// One call, checked: the payload must come back whole.
 async fn call(
     client: &mut Client,
@@ -230,11 +255,7 @@ async fn call(
     let start = Instant::now();
     let result = match tokio::time::timeout(timeout, client.echo(request.clone())).await {
         Err(_) => Err(format!("load generator deadline ({timeout:?}) passed")),
-        Ok(Err(status)) => {
-            let mut message = status.message().to_owned();
-            message.truncate(160);
-            Err(format!("{:?}: {message}", status.code()))
-        }
+        Ok(Err(status)) => Err(status_error(&status)),
         Ok(Ok(response)) if response.get_ref().payload.len() != request.payload.len() => {
             Err(format!(
                 "payload of {} bytes came back",
@@ -244,6 +265,51 @@ async fn call(
         Ok(Ok(_)) => Ok(()),
     };
     (result, start.elapsed())
+}
+
+/// One streaming call, read to its end and checked: every message must
+/// arrive, in order, with its payload whole. `timeout` bounds the whole
+/// call.
+async fn count_call(
+    client: &mut Client,
+    request: CountRequest,
+    timeout: Duration,
+) -> (Result<(), String>, Duration) {
+    let start = Instant::now();
+    let receive = async {
+        let mut stream = client
+            .count(request)
+            .await
+            .map_err(|s| status_error(&s))?
+            .into_inner();
+        let mut received = 0;
+        while let Some(message) = stream.message().await.map_err(|s| status_error(&s))? {
+            if message.index != received {
+                return Err(format!(
+                    "message {} came as number {received}",
+                    message.index
+                ));
+            }
+            if message.payload.len() != request.payload_size as usize {
+                return Err(format!(
+                    "a message with {} payload bytes came",
+                    message.payload.len()
+                ));
+            }
+            received += 1;
+        }
+        if received != request.count {
+            return Err(format!(
+                "the stream ended after {received} of {} messages",
+                request.count
+            ));
+        }
+        Ok(())
+    };
+    let result = tokio::time::timeout(timeout, receive)
+        .await
+        .unwrap_or_else(|_| Err(format!("load generator deadline ({timeout:?}) passed")));
+    (result.map_err(|e| format!("Count: {e}")), start.elapsed())
 }
 
 /// `callers` tasks call back to back until `run_time` has passed (or
@@ -271,6 +337,38 @@ async fn closed_loop(
                         break;
                     }
                     let (result, took) = call(&mut client, &request, timeout).await;
+                    outcome.record(result, took);
+                }
+                outcome
+            })
+        })
+        .collect();
+    let mut total = Outcome::new();
+    for task in tasks {
+        total.merge(task.await?);
+    }
+    Ok((total, start.elapsed()))
+}
+
+/// `callers` tasks make streaming calls back to back until `run_time` has
+/// passed; each call reads its whole stream. Returns the outcome by call
+/// (latency from the request to the end of the stream) and the wall time.
+async fn stream_loop(
+    clients: &[Client],
+    request: CountRequest,
+    callers: usize,
+    run_time: Duration,
+    timeout: Duration,
+) -> anyhow::Result<(Outcome, Duration)> {
+    let start = Instant::now();
+    let end = start + run_time;
+    let tasks: Vec<_> = (0..callers)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            tokio::spawn(async move {
+                let mut outcome = Outcome::new();
+                while Instant::now() < end {
+                    let (result, took) = count_call(&mut client, request, timeout).await;
                     outcome.record(result, took);
                 }
                 outcome
@@ -330,12 +428,14 @@ async fn fixed_rate(
 
 /// One measured run.
 struct Run {
+    /// Successful calls per second, or streamed messages per second.
     rate: f64,
+    /// Latency of a call (for a streaming call, to its last message).
     p50_us: f64,
     p99_us: f64,
     calls: u64,
     errors: u64,
-    /// CPU µs per successful call, by --proc index.
+    /// CPU µs per successful call or streamed message, by --proc index.
     cpu_us: Vec<f64>,
     /// VmRSS after the run, by --proc index.
     rss_mib: Vec<f64>,
@@ -365,12 +465,21 @@ impl Meter<'_> {
         })
     }
 
-    fn run(&self, before: Snapshot, outcome: &Outcome, elapsed: Duration) -> anyhow::Result<Run> {
+    /// The run since `before`; its rate and CPU time are per call, or per
+    /// message for streaming calls of `messages_per_call` messages.
+    fn run(
+        &self,
+        before: Snapshot,
+        outcome: &Outcome,
+        messages_per_call: u64,
+        elapsed: Duration,
+    ) -> anyhow::Result<Run> {
         let after = self.snapshot()?;
         let us_per_tick = 1e6 / self.clk_tck as f64;
-        let per_call = |b: u64, a: u64| (a - b) as f64 * us_per_tick / outcome.ok.max(1) as f64;
+        let units = outcome.ok * messages_per_call;
+        let per_unit = |b: u64, a: u64| (a - b) as f64 * us_per_tick / units.max(1) as f64;
         Ok(Run {
-            rate: outcome.ok as f64 / elapsed.as_secs_f64(),
+            rate: units as f64 / elapsed.as_secs_f64(),
             p50_us: outcome.quantile_us(0.5),
             p99_us: outcome.quantile_us(0.99),
             calls: outcome.ok,
@@ -379,7 +488,7 @@ impl Meter<'_> {
                 .ticks
                 .iter()
                 .zip(&after.ticks)
-                .map(|(b, a)| per_call(*b, *a))
+                .map(|(b, a)| per_unit(*b, *a))
                 .collect(),
             rss_mib: self
                 .procs
@@ -397,6 +506,7 @@ impl Meter<'_> {
 struct Results {
     closed: Vec<Run>,
     fixed: Vec<Run>,
+    stream: Vec<Run>,
     errors: BTreeMap<String, u64>,
 }
 
@@ -448,14 +558,16 @@ async fn first_answer(target: &Target, client: &mut Client) -> anyhow::Result<()
     }
 }
 
-fn cpu_cell(target: &Target, procs: &[Proc], runs: &[Run]) -> String {
+/// The median CPU µs per call (or message) of the proxies on `target`'s
+/// path, to `decimals` places.
+fn cpu_cell(target: &Target, procs: &[Proc], runs: &[Run], decimals: usize) -> String {
     let cells: Vec<String> = target
         .via
         .iter()
         .filter_map(|name| {
             let i = procs.iter().position(|p| &p.name == name)?;
             let v: Vec<f64> = runs.iter().map(|r| r.cpu_us[i]).collect();
-            Some(format!("{name} {:.1}", median(&v)))
+            Some(format!("{name} {:.decimals$}", median(&v)))
         })
         .collect();
     if cells.is_empty() {
@@ -493,9 +605,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.connections == 0 || args.rounds == 0 {
         bail!("--concurrency, --connections and --rounds must be at least 1");
     }
+    let stream = !args.stream_duration.is_zero();
+    if stream && (args.stream_concurrency == 0 || args.stream_count == 0) {
+        bail!("--stream-concurrency and --stream-count must be at least 1");
+    }
     let request = EchoRequest {
         message: String::new(),
         payload: vec![0xA5; args.payload],
+    };
+    // No interval: echo then sends the messages back to back.
+    let count_request = CountRequest {
+        count: args.stream_count,
+        payload_size: args.stream_payload,
+        interval: None,
     };
     let meter = Meter {
         procs: &args.procs,
@@ -513,10 +635,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.rate_duration,
         args.payload
     );
+    if stream {
+        println!(
+            "  streaming: Count calls of {} × {}-byte messages, {} at a time, for {:?}",
+            args.stream_count, args.stream_payload, args.stream_concurrency, args.stream_duration
+        );
+    }
     let mut clients = Vec::new();
     for target in &args.targets {
         let mut c = connect(target, args.connections).await?;
         first_answer(target, &mut c[0]).await?;
+        if stream {
+            // A proxy may pass unary calls and still break streams.
+            let (result, _) = count_call(&mut c[0], count_request, args.timeout).await;
+            if let Err(e) = result {
+                bail!("{}: a streaming call failed: {e}", target.name);
+            }
+        }
         clients.push(c);
     }
 
@@ -526,15 +661,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|_| Results {
             closed: Vec::new(),
             fixed: Vec::new(),
+            stream: Vec::new(),
             errors: BTreeMap::new(),
         })
         .collect();
-    let proc_cells = |run: &Run| -> String {
+    let proc_cells = |run: &Run, decimals: usize| -> String {
         args.procs
             .iter()
             .zip(&run.cpu_us)
             .filter(|(_, us)| **us > 0.05)
-            .map(|(p, us)| format!("{} {us:.1}", p.name))
+            .map(|(p, us)| format!("{} {us:.decimals$}", p.name))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -566,7 +702,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 args.timeout,
             )
             .await?;
-            let run = meter.run(before, &outcome, elapsed)?;
+            let run = meter.run(before, &outcome, 1, elapsed)?;
             println!(
                 "{:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}  \
                  CPU µs/call: {}  (load generator {:.0}% of a core)",
@@ -574,7 +710,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 run.p50_us,
                 run.p99_us,
                 run.errors,
-                proc_cells(&run),
+                proc_cells(&run, 1),
                 run.loadgen_cores * 100.0
             );
             for (e, n) in outcome.errors {
@@ -591,19 +727,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let before = meter.snapshot()?;
                 let (outcome, elapsed) =
                     fixed_rate(c, &request, args.rate, args.rate_duration, args.timeout).await?;
-                let run = meter.run(before, &outcome, elapsed)?;
+                let run = meter.run(before, &outcome, 1, elapsed)?;
                 println!(
                     "{:>7.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}  CPU µs/call: {}",
                     run.rate,
                     run.p50_us,
                     run.p99_us,
                     run.errors,
-                    proc_cells(&run)
+                    proc_cells(&run, 1)
                 );
                 for (e, n) in outcome.errors {
                     *results[t].errors.entry(e).or_default() += n;
                 }
                 results[t].fixed.push(run);
+            }
+
+            if stream {
+                print!(
+                    "  round {round}/{} {:<10} stream ",
+                    args.rounds, target.name
+                );
+                std::io::stdout().flush()?;
+                let before = meter.snapshot()?;
+                let (outcome, elapsed) = stream_loop(
+                    c,
+                    count_request,
+                    args.stream_concurrency,
+                    args.stream_duration,
+                    args.timeout,
+                )
+                .await?;
+                let run = meter.run(before, &outcome, u64::from(args.stream_count), elapsed)?;
+                println!(
+                    "{:>7.0} msgs/s   call p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}  \
+                     CPU µs/message: {}  (load generator {:.0}% of a core)",
+                    run.rate,
+                    run.p50_us,
+                    run.p99_us,
+                    run.errors,
+                    proc_cells(&run, 2),
+                    run.loadgen_cores * 100.0
+                );
+                for (e, n) in outcome.errors {
+                    *results[t].errors.entry(e).or_default() += n;
+                }
+                results[t].stream.push(run);
             }
         }
     }
@@ -662,18 +830,61 @@ fn summary(args: &Args, results: &[Results]) -> anyhow::Result<()> {
             col(&r.fixed, |x| x.p99_us),
             median(&delta),
             median(&delta_pct),
-            cpu_cell(target, &args.procs, &r.closed),
+            cpu_cell(target, &args.procs, &r.closed, 1),
             rss_cell(target, &args.procs, &r.closed),
             calls + errors,
         );
+    }
+
+    if !base.stream.is_empty() {
+        println!();
+        println!(
+            "streaming: Count calls of {} × {}-byte messages, {} at a time back to back \
+             for {:?}; call latency is to the last message",
+            args.stream_count, args.stream_payload, args.stream_concurrency, args.stream_duration
+        );
+        println!();
+        println!(
+            "| path | messages/s | × {base_name} | call p50 µs | call p99 µs | \
+             proxy CPU µs/message | errors |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for (t, target) in args.targets.iter().enumerate() {
+            let r = &results[t];
+            let col =
+                |runs: &[Run], f: fn(&Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+            let ratio: Vec<f64> = r
+                .stream
+                .iter()
+                .zip(&base.stream)
+                .map(|(a, b)| a.rate / b.rate)
+                .collect();
+            let calls: u64 = r.stream.iter().map(|x| x.calls).sum();
+            let errors: u64 = r.stream.iter().map(|x| x.errors).sum();
+            println!(
+                "| {} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {errors} of {} calls |",
+                target.name,
+                col(&r.stream, |x| x.rate),
+                median(&ratio),
+                col(&r.stream, |x| x.p50_us),
+                col(&r.stream, |x| x.p99_us),
+                cpu_cell(target, &args.procs, &r.stream, 2),
+                calls + errors,
+            );
+        }
     }
 
     if !args.procs.is_empty() {
         println!();
         println!(
             "per process (median over rounds): CPU µs per call at saturation / at {}/s, \
-             VmRSS MiB after the saturating / fixed-rate run",
-            args.rate
+             VmRSS MiB after the saturating / fixed-rate run{}",
+            args.rate,
+            if base.stream.is_empty() {
+                ""
+            } else {
+                "; CPU µs per streamed message"
+            }
         );
         println!();
         print!("| process |");
@@ -690,12 +901,16 @@ fn summary(args: &Args, results: &[Results]) -> anyhow::Result<()> {
                 let rss =
                     |runs: &[Run]| median(&runs.iter().map(|x| x.rss_mib[i]).collect::<Vec<_>>());
                 print!(
-                    " {:.1} / {:.1} µs, {:.1} / {:.1} MiB |",
+                    " {:.1} / {:.1} µs, {:.1} / {:.1} MiB",
                     cpu(&r.closed),
                     cpu(&r.fixed),
                     rss(&r.closed),
                     rss(&r.fixed)
                 );
+                if !r.stream.is_empty() {
+                    print!("; {:.2} µs/message", cpu(&r.stream));
+                }
+                print!(" |");
             }
             println!(" {:.1} |", memory_mib(p.pid, "VmHWM:")?);
         }
@@ -708,6 +923,14 @@ fn summary(args: &Args, results: &[Results]) -> anyhow::Result<()> {
         print!(" {} {:.0}%", target.name, median(&v) * 100.0);
     }
     println!();
+    if !base.stream.is_empty() {
+        print!("load generator, share of its core while streaming:");
+        for (t, target) in args.targets.iter().enumerate() {
+            let v: Vec<f64> = results[t].stream.iter().map(|x| x.loadgen_cores).collect();
+            print!(" {} {:.0}%", target.name, median(&v) * 100.0);
+        }
+        println!();
+    }
     println!("raw closed-loop calls/s by round:");
     for (t, target) in args.targets.iter().enumerate() {
         let v: Vec<String> = results[t]
@@ -725,6 +948,17 @@ fn summary(args: &Args, results: &[Results]) -> anyhow::Result<()> {
             .map(|x| format!("{:.0}", x.p50_us))
             .collect();
         println!("  {}: {}", target.name, v.join(", "));
+    }
+    if !base.stream.is_empty() {
+        println!("raw streaming messages/s by round:");
+        for (t, target) in args.targets.iter().enumerate() {
+            let v: Vec<String> = results[t]
+                .stream
+                .iter()
+                .map(|x| format!("{:.0}", x.rate))
+                .collect();
+            println!("  {}: {}", target.name, v.join(", "));
+        }
     }
     let mut failed = false;
     for (t, target) in args.targets.iter().enumerate() {
