@@ -280,14 +280,6 @@ impl CallEnd {
         }
     }
 
-    /// Moves the duty to report into a new value, leaving this one inert.
-    pub fn take(&mut self) -> Self {
-        Self {
-            observer: self.observer.take(),
-            started: self.started,
-        }
-    }
-
     /// Reports the end now.
     pub fn finish(&mut self, code: Code) {
         if let Some(observer) = self.observer.take() {

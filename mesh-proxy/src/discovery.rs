@@ -22,9 +22,10 @@ use trellis::pb::trellis::registry::v1 as registry_pb;
 use trellis::tls::ExpectedPeer;
 
 use crate::directory::{Directory, Table, Upstream};
-use crate::endpoint::{Endpoint, Pooling, Transport};
+use crate::endpoint::{Endpoint, Transport};
 use crate::policy::ServicePolicy;
 use crate::retry::Budgets;
+use crate::settings;
 
 use config_pb::config_service_client::ConfigServiceClient;
 use registry_pb::registry_service_client::RegistryServiceClient;
@@ -85,15 +86,36 @@ pub struct MeshView {
     pub snapshots: watch::Sender<u64>,
 }
 
+impl Default for MeshView {
+    /// An empty view: no routes, no configuration, not synced.
+    fn default() -> Self {
+        Self {
+            directory: Arc::new(ArcSwap::from_pointee(Table::default())),
+            policies: ArcSwap::from_pointee(HashMap::new()),
+            safe_methods: ArcSwap::from_pointee(HashMap::new()),
+            methods: ArcSwap::from_pointee(HashMap::new()),
+            budgets: Budgets::default(),
+            synced: AtomicBool::new(false),
+            registered: ArcSwap::from_pointee(BTreeMap::new()),
+            contracts: ArcSwap::from_pointee(HashMap::new()),
+            keep_contracts: false,
+            changes: watch::channel(0).0,
+            snapshots: watch::channel(0).0,
+        }
+    }
+}
+
 impl MeshView {
     /// The compiled configuration of `mesh_service` (built-in defaults
     /// until the Config API has answered).
     pub fn policy(&self, mesh_service: &str) -> Arc<ServicePolicy> {
+        static BUILT_IN: std::sync::LazyLock<Arc<ServicePolicy>> =
+            std::sync::LazyLock::new(Arc::default);
         self.policies
             .load()
             .get(mesh_service)
-            .cloned()
-            .unwrap_or_default()
+            .unwrap_or(&BUILT_IN)
+            .clone()
     }
 
     /// Whether `method` may be one of `service`'s: it is in its contract,
@@ -126,7 +148,7 @@ pub struct Discovery {
     workload: Arc<Workload>,
     statics: Vec<StaticRoute>,
     /// How connections to endpoints are made and kept.
-    pooling: Pooling,
+    settings: settings::Settings,
     /// Endpoints by (address, identity), kept across updates so that
     /// connections and ejection state survive them.
     endpoints: HashMap<(SocketAddr, String), Arc<Endpoint>>,
@@ -170,31 +192,23 @@ impl ControlPlane {
 impl Discovery {
     /// A view holding only the static routes; whole contracts are kept
     /// only if `keep_contracts`; connections to endpoints are made and
-    /// kept as `pooling` says.
+    /// kept as `settings` say.
     pub fn new(
         workload: Arc<Workload>,
         statics: Vec<StaticRoute>,
         keep_contracts: bool,
-        pooling: Pooling,
+        settings: settings::Settings,
     ) -> Self {
         let view = Arc::new(MeshView {
-            directory: Arc::new(ArcSwap::from_pointee(Table::default())),
-            policies: ArcSwap::from_pointee(HashMap::new()),
-            safe_methods: ArcSwap::from_pointee(HashMap::new()),
-            methods: ArcSwap::from_pointee(HashMap::new()),
-            budgets: Budgets::default(),
-            synced: AtomicBool::new(false),
-            registered: ArcSwap::from_pointee(BTreeMap::new()),
-            contracts: ArcSwap::from_pointee(HashMap::new()),
             keep_contracts,
-            changes: watch::channel(0).0,
-            snapshots: watch::channel(0).0,
+            budgets: Budgets::new(settings.retry),
+            ..MeshView::default()
         });
         let mut discovery = Self {
             view,
             workload,
             statics,
-            pooling,
+            settings,
             endpoints: HashMap::new(),
             instances: HashMap::new(),
             held: HashMap::new(),
@@ -436,7 +450,7 @@ impl Discovery {
             }
             (None, false) => Transport::H2c,
         };
-        let e = Endpoint::with_pooling(addr, transport, self.pooling);
+        let e = Endpoint::with_settings(addr, transport, self.settings.upstream);
         self.endpoints.insert(key, e.clone());
         Some(e)
     }

@@ -17,15 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
-
-/// The share of a call's remaining time one connection attempt may use
-/// (as a divisor): the rest is left for another endpoint.
-const CONNECT_SHARE_OF_DEADLINE: u32 = 2;
-/// Consecutive failed calls that take an endpoint out of rotation.
-const FAILURES_TO_EJECT: u32 = 5;
-/// The first ejection; each further one in a row doubles, up to the cap.
-const EJECT_BASE: Duration = Duration::from_secs(1);
-const EJECT_MAX: Duration = Duration::from_secs(30);
+use crate::settings;
 
 /// How to reach an endpoint.
 #[derive(Clone)]
@@ -89,19 +81,6 @@ pub enum ConnectError {
     },
 }
 
-/// How an endpoint's connections are made and kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pooling {
-    /// The longest one connection attempt may take.
-    pub connect_timeout: Duration,
-    /// How long a connection takes new calls (`None`: for as long as it
-    /// stays open). After it, new calls go over a fresh connection, whose
-    /// handshake checks the peer's certificate again (it may have expired,
-    /// or its CA been dropped from the bundle), while calls in flight on
-    /// the old one finish there; the old one closes when they are done.
-    pub max_age: Option<Duration>,
-}
-
 /// A pooled connection and when it was made.
 struct Pooled {
     sender: SendRequest<RequestBody>,
@@ -116,8 +95,8 @@ pub struct Endpoint {
     pub authority: http::uri::Authority,
     /// How to reach it.
     pub transport: Transport,
-    /// How connections are made and kept.
-    pooling: Pooling,
+    /// How connections are made and kept, and when it leaves rotation.
+    settings: settings::Upstream,
     conn: ArcSwapOption<Pooled>,
     connecting: tokio::sync::Mutex<()>,
     /// Connection attempts that failed so far: a call that queued behind
@@ -151,30 +130,27 @@ pub enum Outcome {
 }
 
 impl Endpoint {
-    /// A new endpoint, with no connection yet, `--connect-timeout`'s
-    /// default and no maximum connection age.
+    /// A new endpoint, with no connection yet and the default settings.
     #[cfg(test)]
     pub fn new(addr: SocketAddr, transport: Transport) -> Arc<Self> {
-        Self::with_pooling(
-            addr,
-            transport,
-            Pooling {
-                connect_timeout: Duration::from_secs(1),
-                max_age: None,
-            },
-        )
+        Self::with_settings(addr, transport, settings::Upstream::default())
     }
 
     /// A new endpoint whose connection attempts take at most
-    /// `pooling.connect_timeout` (less when a call has less time left) and
-    /// whose connections take new calls for `pooling.max_age`.
-    pub fn with_pooling(addr: SocketAddr, transport: Transport, pooling: Pooling) -> Arc<Self> {
+    /// `settings.connect_timeout` (less when a call has less time left),
+    /// whose connections take new calls for `settings.max_age`, and which
+    /// leaves rotation as `settings.ejection` says.
+    pub fn with_settings(
+        addr: SocketAddr,
+        transport: Transport,
+        settings: settings::Upstream,
+    ) -> Arc<Self> {
         Arc::new(Self {
             addr,
             authority: http::uri::Authority::try_from(addr.to_string())
                 .expect("ip:port is an authority"),
             transport,
-            pooling,
+            settings,
             conn: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
             failed_connects: AtomicU64::new(0),
@@ -212,13 +188,14 @@ impl Endpoint {
             Outcome::Failure | Outcome::Unreachable => {
                 let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 let on_probation = self.ejections.load(Ordering::Relaxed) > 0;
-                if outcome == Outcome::Unreachable || failures >= FAILURES_TO_EJECT || on_probation
+                let ejection = self.settings.ejection;
+                if outcome == Outcome::Unreachable || failures >= ejection.failures || on_probation
                 {
                     if !self.available() {
                         return false;
                     }
                     let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(5);
-                    let period = (EJECT_BASE * 2u32.pow(n)).min(EJECT_MAX);
+                    let period = (ejection.base * 2u32.pow(n)).min(ejection.max);
                     self.ejected_until
                         .store(self.now_ms() + period.as_millis() as u64, Ordering::Relaxed);
                     self.failures.store(0, Ordering::Relaxed);
@@ -247,7 +224,7 @@ impl Endpoint {
             return Ok(sender);
         }
         let started = Instant::now();
-        let bound = connect_bound(self.pooling.connect_timeout, deadline, started);
+        let bound = connect_bound(&self.settings, deadline, started);
         let addr = self.addr;
         let timed_out = || ConnectError::TimedOut { addr, after: bound };
         let failed_before = self.failed_connects.load(Ordering::Acquire);
@@ -296,7 +273,7 @@ impl Endpoint {
             .as_deref()
             .filter(|pooled| !pooled.sender.is_closed())
             .filter(|pooled| {
-                self.pooling
+                self.settings
                     .max_age
                     .is_none_or(|max| pooled.opened.elapsed() < max)
             })
@@ -314,11 +291,11 @@ impl Endpoint {
         let builder = {
             let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_interval(self.settings.keep_alive_interval)
+                .keep_alive_timeout(self.settings.keep_alive_timeout)
                 .keep_alive_while_idle(true)
                 .adaptive_window(true)
-                .max_header_list_size(64 * 1024);
+                .max_header_list_size(self.settings.max_header_list_size);
             b
         };
         let sender = match &self.transport {
@@ -342,10 +319,15 @@ impl Endpoint {
 /// How long one connection attempt may take: the configured timeout, and
 /// at most a share of the time left before `deadline` (but never nothing:
 /// with no time left the call's own deadline ends it first).
-fn connect_bound(configured: Duration, deadline: Option<Instant>, now: Instant) -> Duration {
+fn connect_bound(
+    settings: &settings::Upstream,
+    deadline: Option<Instant>,
+    now: Instant,
+) -> Duration {
+    let configured = settings.connect_timeout;
     match deadline {
         Some(deadline) => configured
-            .min(deadline.saturating_duration_since(now) / CONNECT_SHARE_OF_DEADLINE)
+            .min(deadline.saturating_duration_since(now) / settings.connect_share_of_deadline)
             .max(Duration::from_millis(1)),
         None => configured,
     }
@@ -372,7 +354,7 @@ where
 {
     crate::metrics::get().connection_opened("upstream");
     if let Err(error) = conn.await {
-        tracing::debug!(endpoint.addr = %addr, error = %crate::forward::describe(&error), "upstream connection ended");
+        tracing::debug!(endpoint.addr = %addr, error = %crate::layer::endpoint::describe(&error), "upstream connection ended");
     }
     crate::metrics::get().connection_closed("upstream");
 }
@@ -388,21 +370,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn repeated_failures_eject_for_a_growing_interval() {
         let e = endpoint();
-        for _ in 0..FAILURES_TO_EJECT - 1 {
+        let ejection = settings::Ejection::default();
+        for _ in 0..ejection.failures - 1 {
             assert!(!e.record(Outcome::Failure));
         }
         assert!(e.available());
         assert!(e.record(Outcome::Failure));
         assert!(!e.available());
-        tokio::time::advance(EJECT_BASE + Duration::from_millis(10)).await;
+        tokio::time::advance(ejection.base + Duration::from_millis(10)).await;
         assert!(e.available(), "back in rotation on probation");
         assert!(
             e.record(Outcome::Failure),
             "one failure on probation ejects again"
         );
-        tokio::time::advance(EJECT_BASE + Duration::from_millis(10)).await;
+        tokio::time::advance(ejection.base + Duration::from_millis(10)).await;
         assert!(!e.available(), "the second ejection lasts longer");
-        tokio::time::advance(EJECT_BASE).await;
+        tokio::time::advance(ejection.base).await;
         assert!(e.available());
         e.record(Outcome::Success);
         assert!(!e.record(Outcome::Failure), "a success ends probation");
@@ -411,20 +394,24 @@ mod tests {
     #[test]
     fn a_connection_attempt_leaves_time_for_another_endpoint() {
         let now = Instant::now();
-        let configured = Duration::from_secs(1);
-        assert_eq!(connect_bound(configured, None, now), configured);
+        let settings = settings::Upstream {
+            connect_timeout: Duration::from_secs(1),
+            ..settings::Upstream::default()
+        };
+        let configured = settings.connect_timeout;
+        assert_eq!(connect_bound(&settings, None, now), configured);
         assert_eq!(
-            connect_bound(configured, Some(now + Duration::from_secs(10)), now),
+            connect_bound(&settings, Some(now + Duration::from_secs(10)), now),
             configured,
             "a distant deadline leaves the configured bound"
         );
         assert_eq!(
-            connect_bound(configured, Some(now + Duration::from_millis(600)), now),
+            connect_bound(&settings, Some(now + Duration::from_millis(600)), now),
             Duration::from_millis(300),
             "half of what is left"
         );
         assert_eq!(
-            connect_bound(configured, Some(now), now + Duration::from_secs(1)),
+            connect_bound(&settings, Some(now), now + Duration::from_secs(1)),
             Duration::from_millis(1),
             "a past deadline still makes a (tiny) bound, not a panic"
         );

@@ -56,6 +56,40 @@ impl<'a> GrpcPath<'a> {
     }
 }
 
+/// The method a call names, kept as the request's own `:path` (shared, not
+/// copied) with the position of the slash between service and method.
+#[derive(Clone, Debug)]
+pub struct GrpcMethod {
+    path: http::uri::PathAndQuery,
+    slash: usize,
+}
+
+impl GrpcMethod {
+    /// The method `path` names; `None` unless it is `/<service>/<method>`.
+    pub fn parse(path: &http::uri::PathAndQuery) -> Option<Self> {
+        let parsed = GrpcPath::parse(path.path())?;
+        Some(Self {
+            path: path.clone(),
+            slash: 1 + parsed.service.len(),
+        })
+    }
+
+    /// The fully qualified gRPC service, `package.Service`.
+    pub fn service(&self) -> &str {
+        &self.path.path()[1..self.slash]
+    }
+
+    /// The method name.
+    pub fn method(&self) -> &str {
+        &self.path.path()[self.slash + 1..]
+    }
+
+    /// The request's path (and query, as sent).
+    pub fn path(&self) -> &http::uri::PathAndQuery {
+        &self.path
+    }
+}
+
 /// The gRPC method a request calls, or the answer to give a request that
 /// is not a gRPC call (`side` names the port in the message).
 pub fn method_of<'a, B, R: Default>(
@@ -268,6 +302,17 @@ mod tests {
         for bad in ["", "/", "//", "/a", "/a/", "//m", "/a/b/c", "a/b"] {
             assert!(GrpcPath::parse(bad).is_none(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_method_shares_the_request_path() {
+        let path = http::uri::PathAndQuery::from_static("/telco.usage.v1.UsageService/RecordUsage");
+        let m = GrpcMethod::parse(&path).unwrap();
+        assert_eq!(m.service(), "telco.usage.v1.UsageService");
+        assert_eq!(m.method(), "RecordUsage");
+        assert_eq!(m.path(), &path);
+        let bad = http::uri::PathAndQuery::from_static("/a/b/c");
+        assert!(GrpcMethod::parse(&bad).is_none());
     }
 
     #[test]

@@ -15,9 +15,9 @@ mod directory;
 mod discovery;
 mod edge;
 mod endpoint;
-mod forward;
 mod grpc;
 mod inbound;
+mod layer;
 mod lifecycle;
 mod metrics;
 mod outbound;
@@ -26,6 +26,7 @@ mod policy;
 mod properties;
 mod retry;
 mod serve;
+mod settings;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +38,8 @@ use trellis::identity::{SpiffeId, Workload};
 
 use crate::config::Args;
 use crate::discovery::{ControlPlane, Discovery};
-use crate::endpoint::{Endpoint, Pooling, Transport};
+use crate::endpoint::{Endpoint, Transport};
+use crate::settings::Settings;
 
 #[tokio::main]
 async fn main() {
@@ -47,6 +49,10 @@ async fn main() {
     if !problems.is_empty() {
         exit_with("mesh-proxy", &problems.join("\n  "));
     }
+    start(args).await;
+}
+
+async fn start(args: Args) {
     // An expired (or not yet valid) certificate is no reason to exit: the
     // proxy says so on /ready and picks up the renewed files.
     let workload = match Workload::load_allowing_expiry(&args.identity.paths()) {
@@ -99,14 +105,13 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
         None => None,
     };
 
+    // Every tunable of the request path, fixed once.
+    let settings = Settings::from_args(&args);
     let mut discovery = Discovery::new(
         workload.clone(),
         args.static_routes.clone(),
         args.edge.is_some(),
-        Pooling {
-            connect_timeout: args.connect_timeout,
-            max_age: Some(args.max_connection_age),
-        },
+        settings,
     );
     // The view is shared: routes added below show through it.
     let view = discovery.view();
@@ -138,7 +143,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
     let (outbound_stop_tx, outbound_stop_rx) = watch::channel(None);
     let (drain_tx, drain_rx) = watch::channel(false);
 
-    let outbound = outbound::Outbound::new(view.clone(), "outbound");
+    let outbound = outbound::Outbound::new(view.clone(), "outbound", &settings);
     let outbound_task = tokio::spawn(serve::serve(
         "outbound",
         serve::Protocol::Http2,
@@ -152,7 +157,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                 Box::pin(async move { outbound.handle(request).await })
             }
         },
-        args.max_connections,
+        settings.server,
         outbound_stop_rx,
     ));
     tracing::info!(addr = %args.outbound, "outbound listening (h2c)");
@@ -160,16 +165,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
     let mut lifecycle = None;
     let inbound_task = match (args.app, inbound_listener) {
         (Some(app), Some(listener)) => {
-            // The local service is reached in plaintext: no certificate to
-            // check again, so its connection has no maximum age.
-            let app_endpoint = Endpoint::with_pooling(
-                app,
-                Transport::H2c,
-                Pooling {
-                    connect_timeout: args.connect_timeout,
-                    max_age: None,
-                },
-            );
+            let app_endpoint = Endpoint::with_settings(app, Transport::H2c, settings.app());
             let inbound = inbound::Inbound::new(
                 app_endpoint,
                 service.clone(),
@@ -183,15 +179,15 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                 serve::Protocol::Http2,
                 trellis::tls::serve_incoming(listener, tls),
                 move |stream: &trellis::tls::MeshTlsStream| {
-                    let peer = stream.peer().clone();
+                    let peer = Arc::new(layer::classify::Peer::of(stream.peer()));
                     let inbound = inbound.clone();
                     move |request| {
                         let inbound = inbound.clone();
                         let peer = peer.clone();
-                        Box::pin(async move { inbound.handle(&peer, request).await })
+                        Box::pin(async move { inbound.handle(peer, request).await })
                     }
                 },
-                args.max_connections,
+                settings.server,
                 stop_rx.clone(),
             ));
             let advertise = args.advertise.or(inbound_addr).expect("inbound is bound");
@@ -232,6 +228,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                         .iter()
                         .filter_map(|o| http::HeaderValue::from_str(o).ok())
                         .collect(),
+                    settings,
                 },
                 drain_rx.clone(),
             );
@@ -245,7 +242,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                         move |io: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
                             edge_handler(edge.clone(), io.get_ref().0.peer_addr())
                         },
-                        args.max_connections,
+                        settings.server,
                         stop_rx.clone(),
                     ))
                 }
@@ -258,7 +255,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                         move |io: &tokio::net::TcpStream| {
                             edge_handler(edge.clone(), io.peer_addr())
                         },
-                        args.max_connections,
+                        settings.server,
                         stop_rx.clone(),
                     ))
                 }

@@ -1,6 +1,7 @@
 //! A mesh service's configuration from the Config API, compiled for the
 //! request path: route policies (deadline, retries) and authorization.
 
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tonic::Code;
@@ -95,7 +96,7 @@ pub struct Rule {
 /// One mesh service's compiled configuration.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct ServicePolicy {
-    routes: Vec<Route>,
+    routes: Vec<Arc<Route>>,
     rules: Vec<Rule>,
 }
 
@@ -142,12 +143,12 @@ impl ServicePolicy {
                         max_buffered_bytes: p.max_buffered_bytes as usize,
                     }
                 });
-                Route {
+                Arc::new(Route {
                     method_match: r.method_match.clone(),
                     timeout: r.timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
                     retry,
                     idempotent: r.idempotent,
-                }
+                })
             })
             .collect();
         let rules = config
@@ -164,16 +165,19 @@ impl ServicePolicy {
 
     /// The most specific route covering the method; the built-in policy
     /// when none does.
-    pub fn route(&self, service: &str, method: &str) -> &Route {
-        static BUILT_IN: std::sync::LazyLock<Route> = std::sync::LazyLock::new(|| Route {
-            method_match: "*".into(),
-            ..Route::default()
+    pub fn route(&self, service: &str, method: &str) -> Arc<Route> {
+        static BUILT_IN: LazyLock<Arc<Route>> = LazyLock::new(|| {
+            Arc::new(Route {
+                method_match: "*".into(),
+                ..Route::default()
+            })
         });
         self.routes
             .iter()
             .filter_map(|r| specificity(&r.method_match, service, method).map(|s| (s, r)))
             .max_by_key(|(s, _)| *s)
             .map_or(&*BUILT_IN, |(_, r)| r)
+            .clone()
     }
 
     /// Whether `caller` may call the method: the first matching rule

@@ -23,23 +23,15 @@ use trellis::server::{AcceptBackoff, ConnectionLimit};
 
 use crate::body::BoxError;
 use crate::metrics;
+use crate::settings;
 
-/// Largest header block a peer may send (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
-pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
-/// Concurrent streams per connection.
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// A connection that has not sent a single request by then is closed
-/// (slow-loris protection); after its first request, HTTP/2 keep-alive
-/// pings find dead peers.
-const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+fn builder(settings: &settings::Server) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .max_header_list_size(settings.max_header_list_size)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .keep_alive_interval(settings.keep_alive_interval)
+        .keep_alive_timeout(settings.keep_alive_timeout)
         .adaptive_window(true);
     b
 }
@@ -54,18 +46,20 @@ pub enum Protocol {
     Auto,
 }
 
-fn auto_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+fn auto_builder(
+    settings: &settings::Server,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(FIRST_REQUEST_TIMEOUT)
-        .max_buf_size(64 * 1024);
+        .header_read_timeout(settings.first_request_timeout)
+        .max_buf_size(settings.http1_max_buf);
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .max_header_list_size(settings.max_header_list_size)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .keep_alive_interval(settings.keep_alive_interval)
+        .keep_alive_timeout(settings.keep_alive_timeout)
         .adaptive_window(true);
     b
 }
@@ -77,8 +71,8 @@ pub type Stop = watch::Receiver<Option<Instant>>;
 /// Serves connections from `incoming` until `stop` says when to finish,
 /// then stops accepting, asks every connection to finish (GOAWAY) and
 /// waits until that instant for calls in flight. `handler` makes the
-/// per-connection request handler. At most `max_connections` are open at
-/// once; one more is closed as soon as it arrives (counted in
+/// per-connection request handler. At most `settings.max_connections`
+/// are open at once; one more is closed as soon as it arrives (counted in
 /// `connections_refused`), so those open keep working. Returns whether
 /// the drain finished in time.
 pub async fn serve<I, IO, H, F, Fut, B>(
@@ -86,7 +80,7 @@ pub async fn serve<I, IO, H, F, Fut, B>(
     protocol: Protocol,
     mut incoming: I,
     handler: H,
-    max_connections: usize,
+    settings: settings::Server,
     mut stop: Stop,
 ) -> bool
 where
@@ -98,10 +92,11 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let h2 = builder();
-    let auto = Arc::new(auto_builder());
+    let h2 = builder(&settings);
+    let auto = Arc::new(auto_builder(&settings));
+    let first_request_timeout = settings.first_request_timeout;
     let graceful = GracefulShutdown::new();
-    let limit = ConnectionLimit::new(name, max_connections);
+    let limit = ConnectionLimit::new(name, settings.max_connections);
     let mut backoff = AcceptBackoff::new();
     loop {
         let next = tokio::select! {
@@ -144,7 +139,13 @@ where
         match protocol {
             Protocol::Http2 => {
                 let connection = graceful.watch(h2.serve_connection(TokioIo::new(io), service));
-                tokio::spawn(run_connection(name, connection, used, permit));
+                tokio::spawn(run_connection(
+                    name,
+                    connection,
+                    used,
+                    permit,
+                    first_request_timeout,
+                ));
             }
             Protocol::Auto => {
                 let watcher = graceful.watcher();
@@ -152,7 +153,7 @@ where
                 tokio::spawn(async move {
                     let connection =
                         watcher.watch(auto.serve_connection(TokioIo::new(io), service));
-                    run_connection(name, connection, used, permit).await;
+                    run_connection(name, connection, used, permit, first_request_timeout).await;
                 });
             }
         }
@@ -175,6 +176,7 @@ async fn run_connection<C, E>(
     connection: C,
     used: Arc<AtomicBool>,
     permit: OwnedSemaphorePermit,
+    first_request_timeout: Duration,
 ) where
     C: Future<Output = Result<(), E>>,
     E: Into<BoxError>,
@@ -183,7 +185,7 @@ async fn run_connection<C, E>(
     tokio::pin!(connection);
     let result = tokio::select! {
         result = &mut connection => Some(result),
-        () = tokio::time::sleep(FIRST_REQUEST_TIMEOUT) => None,
+        () = tokio::time::sleep(first_request_timeout) => None,
     };
     let result = match result {
         Some(result) => result,
@@ -195,7 +197,7 @@ async fn run_connection<C, E>(
     };
     if let Err(error) = result {
         let error: BoxError = error.into();
-        tracing::debug!(listener = name, error = %crate::forward::describe(&*error), "connection ended with an error");
+        tracing::debug!(listener = name, error = %crate::layer::endpoint::describe(&*error), "connection ended with an error");
     }
     metrics::get().connection_closed(name);
     drop(permit);
@@ -226,7 +228,10 @@ mod tests {
                     Response::new(http_body_util::Empty::<bytes::Bytes>::new())
                 }
             },
-            8,
+            settings::Server {
+                max_connections: 8,
+                ..settings::Server::default()
+            },
             stop_rx,
         ));
         // Tries at 0, 10, 30, 70, 150, 310, 630 and 1270 ms.

@@ -67,6 +67,9 @@ pub struct EdgeConfig {
     pub max_json_response: usize,
     /// Browser origins allowed; empty means any.
     pub cors_origins: Vec<HeaderValue>,
+    /// The proxy's settings (the edge's calls into the mesh take the
+    /// outbound stack).
+    pub settings: crate::settings::Settings,
 }
 
 /// The edge.
@@ -209,7 +212,7 @@ impl Edge {
             ])
             .max_age(Duration::from_secs(24 * 3600));
         Arc::new(Self {
-            outbound: Outbound::new(view, "edge"),
+            outbound: Outbound::new(view, "edge", &config.settings),
             policy: config.policy,
             reflection: Reflection::new(contracts.clone()),
             contracts,

@@ -1,0 +1,188 @@
+//! The request path as an ordered stack of small layers.
+//!
+//! Each layer does one thing to a call and hands it to the layer inside
+//! it; the answer comes back out through the same layers in reverse. The
+//! two stacks, outermost first, are composed in one function each
+//! ([`crate::outbound::Outbound::new`], [`crate::inbound::Inbound::new`]):
+//!
+//! ```text
+//! outbound (the local service's calls, and the edge's):
+//!   classify → observe → route → deadline → retry → balance → endpoint
+//! inbound (calls from other sidecars, over mTLS):
+//!   classify → observe → authorize → deadline → app
+//! ```
+//!
+//! | layer | what it does |
+//! |---|---|
+//! | [`classify`] | refuses what is not gRPC; splits `:path` into service and method |
+//! | [`observe`] | counts the call's final status and latency (and the edge's access log) |
+//! | [`route`] | finds the upstream and the route policy; removes headers only the mesh may set |
+//! | [`authorize`] | checks the verified caller against the service's rules; names the caller |
+//! | [`deadline`] | fixes the call's deadline and ends the call when it passes |
+//! | [`retry`] | sends attempts until one answers or the policy says stop |
+//! | [`balance`] | picks an endpoint and keeps its health (ejection) |
+//! | [`endpoint`] | sends one attempt over an endpoint's pooled HTTP/2 connection |
+//! | [`app`] | sends the call to the local service and reports its failures as gRPC |
+//!
+//! A layer is a struct holding the layer inside it and implementing
+//! [`Handle`]. The trait is ours rather than `tower::Service` because a
+//! layer here is an `async fn` over `&self`: no readiness to poll, no
+//! service to clone per call, no boxed future per layer; the compiler
+//! inlines the stack into one future per call. New behaviour (circuit
+//! breaking, concurrency limits, tracing) is a new layer in one of the two
+//! lists above, not another branch in an existing one.
+
+pub mod app;
+pub mod authorize;
+pub mod balance;
+pub mod classify;
+pub mod deadline;
+pub mod endpoint;
+pub mod observe;
+pub mod retry;
+pub mod route;
+
+use std::future::Future;
+
+use http::{HeaderMap, Response};
+use tokio::time::Instant;
+
+use crate::access::AccessInfo;
+use crate::body::{RequestBody, ResponseBody};
+use crate::grpc::GrpcMethod;
+
+/// One layer of the request path.
+pub trait Handle<Request>: Send + Sync + 'static {
+    /// What answers the request.
+    type Answer;
+
+    /// Handles one request.
+    fn handle(&self, request: Request) -> impl Future<Output = Self::Answer> + Send;
+}
+
+/// What every call ends in: a gRPC response whose body reports the call's
+/// end (see [`ResponseBody`]).
+pub type Answer = Response<ResponseBody>;
+
+/// A gRPC call on its way down a stack.
+#[derive(Debug)]
+pub struct Call {
+    /// The method called (the request's own `:path`).
+    pub method: GrpcMethod,
+    /// The request headers.
+    pub headers: HeaderMap,
+    /// The request body, not yet read.
+    pub body: RequestBody,
+    /// When the proxy received the call.
+    pub started: Instant,
+    /// When the whole call must be over; set by the deadline layer.
+    pub deadline: Option<Instant>,
+    /// The external caller the edge verified (edge calls only).
+    pub access: Option<AccessInfo>,
+}
+
+impl Call {
+    /// The call's `grpc-timeout`, if it sent a valid one.
+    pub fn caller_timeout(&self) -> Option<std::time::Duration> {
+        self.headers
+            .get("grpc-timeout")
+            .and_then(crate::grpc::parse_timeout)
+    }
+}
+
+/// A request that carries a [`Call`] (each layer may add its own facts).
+pub trait CarriesCall: Send + 'static {
+    /// The call.
+    fn call(&self) -> &Call;
+    /// The call, to change.
+    fn call_mut(&mut self) -> &mut Call;
+}
+
+impl CarriesCall for Call {
+    fn call(&self) -> &Call {
+        self
+    }
+    fn call_mut(&mut self) -> &mut Call {
+        self
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Stand-ins for inner layers in the layers' unit tests.
+
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// An inner layer that answers every request with `answer` and keeps
+    /// what it saw.
+    pub struct Recorder<R, A> {
+        pub seen: Mutex<Vec<R>>,
+        pub answer: Box<dyn Fn(&R) -> A + Send + Sync>,
+    }
+
+    impl<R: Send + 'static, A: Send + 'static> Recorder<R, A> {
+        pub fn new(answer: impl Fn(&R) -> A + Send + Sync + 'static) -> Self {
+            Self {
+                seen: Mutex::new(Vec::new()),
+                answer: Box::new(answer),
+            }
+        }
+    }
+
+    impl<R: Send + 'static, A: Send + 'static> Handle<R> for Recorder<R, A> {
+        type Answer = A;
+        async fn handle(&self, request: R) -> A {
+            let answer = (self.answer)(&request);
+            self.seen.lock().unwrap().push(request);
+            answer
+        }
+    }
+
+    /// A call of `/a.v1.S/M` with these headers.
+    pub fn call(headers: &[(&'static str, &'static str)]) -> Call {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, http::HeaderValue::from_static(v));
+        }
+        Call {
+            method: GrpcMethod::parse(&http::uri::PathAndQuery::from_static("/a.v1.S/M")).unwrap(),
+            headers: map,
+            body: RequestBody::Empty,
+            started: Instant::now(),
+            deadline: None,
+            access: None,
+        }
+    }
+
+    /// A response body for test servers.
+    pub type TestBody =
+        http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+    /// An h2c server on 127.0.0.1 answering every request with `answer`.
+    pub async fn server(answer: fn() -> Response<TestBody>) -> std::net::SocketAddr {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(
+                    move |_: http::Request<hyper::body::Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(answer())
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), service),
+                );
+            }
+        });
+        addr
+    }
+
+    /// The gRPC status of an answer (in its headers: trailers-only).
+    pub fn status(answer: &Answer) -> Option<tonic::Code> {
+        crate::grpc::status_of(answer.headers())
+    }
+}

@@ -1,0 +1,462 @@
+//! Outbound: attempts until one answers or the retry decision
+//! ([`crate::retry::decide`]) says stop. Each attempt carries the time left
+//! in `grpc-timeout` and goes to another endpoint than the one before; a
+//! request that may be retried is recorded as it streams (up to the
+//! policy's cap) so that it can be replayed; retries after a sent attempt
+//! also need the retry budget. When the deadline passes between attempts,
+//! the caller learns what the last attempt ran into.
+
+use http::Response;
+use std::sync::Arc;
+use tokio::time::Instant;
+use tonic::Code;
+
+use super::balance::{Attempt, Balanced};
+use super::endpoint::{Answered, Attempted, FinalStatus};
+use super::route::Routed;
+use super::{Answer, Call, Handle};
+use crate::body::{Recorder, RequestBody, ResponseBody};
+use crate::discovery::MeshView;
+use crate::endpoint::Endpoint;
+use crate::grpc;
+use crate::metrics;
+use crate::policy::RetryPolicy;
+use crate::retry::{self, Circumstances, Decision, Failure, Pushback};
+use crate::settings::RetryLimits;
+
+/// The retry layer.
+#[derive(Debug)]
+pub struct Retry<S> {
+    inner: S,
+    view: Arc<MeshView>,
+    limits: RetryLimits,
+}
+
+impl<S> Retry<S> {
+    /// Retries through `inner`, with the retry budgets of `view`, within
+    /// `limits`.
+    pub fn new(view: Arc<MeshView>, limits: RetryLimits, inner: S) -> Self {
+        Self {
+            inner,
+            view,
+            limits,
+        }
+    }
+}
+
+/// The caller's request body, streamed once or recorded for replay.
+struct BodySlot {
+    recorder: Option<Recorder>,
+    direct: Option<RequestBody>,
+}
+
+impl BodySlot {
+    fn new(body: RequestBody, policy: &RetryPolicy) -> Self {
+        // Recording costs a reference count per frame; only calls that
+        // may be retried pay it.
+        if policy.max_attempts > 1 {
+            Self {
+                recorder: Some(Recorder::new(body, policy.max_buffered_bytes)),
+                direct: None,
+            }
+        } else {
+            Self {
+                recorder: None,
+                direct: Some(body),
+            }
+        }
+    }
+
+    /// The body for the next attempt.
+    fn take(&mut self) -> RequestBody {
+        match &self.recorder {
+            Some(r) => RequestBody::Replay(r.body()),
+            None => self.direct.take().unwrap_or_default(),
+        }
+    }
+
+    /// Takes back the body of an attempt that never left.
+    fn put_back(&mut self, body: RequestBody) {
+        if body.is_fresh() {
+            self.direct = Some(body);
+        }
+    }
+
+    /// Whether another attempt could send the whole request.
+    fn replayable(&self) -> bool {
+        match &self.recorder {
+            Some(r) => r.replayable(),
+            None => self.direct.is_some(),
+        }
+    }
+}
+
+impl<S> Handle<Routed> for Retry<S>
+where
+    S: Handle<Attempt, Answer = Balanced>,
+{
+    type Answer = Answer;
+
+    async fn handle(&self, routed: Routed) -> Answer {
+        let Routed {
+            call:
+                Call {
+                    method,
+                    headers,
+                    body,
+                    deadline,
+                    ..
+                },
+            upstream,
+            route,
+            safe,
+        } = routed;
+        let service = method.service();
+        let policy = &route.retry;
+        let budget = self.view.budgets.get(service, policy.budget_ratio);
+        retry::deposit(&budget);
+        let mut body = BodySlot::new(body, policy);
+        // Headers for an attempt after one that was sent (which took its
+        // own): copied only when such an attempt is possible.
+        let template = body.recorder.is_some().then(|| headers.clone());
+        let mut headers = Some(headers);
+        let mut made = 0u32;
+        let mut avoid: Option<Arc<Endpoint>> = None;
+        let mut last_failure = String::new();
+        loop {
+            made += 1;
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return expired(service, &last_failure);
+            }
+            let mut attempt_headers = match headers.take() {
+                Some(h) => h,
+                None => template.clone().unwrap_or_default(),
+            };
+            if let Some(deadline) = deadline {
+                attempt_headers.insert("grpc-timeout", grpc::encode_timeout(deadline - now));
+            }
+            let attempt = Attempt {
+                upstream: upstream.clone(),
+                avoid: avoid.take(),
+                method: method.clone(),
+                headers: attempt_headers,
+                body: body.take(),
+                deadline,
+                peek: body
+                    .recorder
+                    .clone()
+                    .filter(|_| safe && made < policy.max_attempts),
+            };
+            let balanced = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, self.inner.handle(attempt)).await {
+                    Ok(balanced) => balanced,
+                    // Dropping the attempt resets its stream: the callee
+                    // sees the cancellation.
+                    Err(_) => return expired(service, &last_failure),
+                },
+                None => self.inner.handle(attempt).await,
+            };
+            let (endpoint, attempted) = match balanced {
+                Balanced::Tried(endpoint, attempted) => (endpoint, attempted),
+                Balanced::NoEndpoint => {
+                    return grpc::status_response(
+                        Code::Unavailable,
+                        &format!("no healthy endpoint serves {service} right now"),
+                    );
+                }
+            };
+            let (failure, give_up) = match attempted {
+                Attempted::Answered(answered) => match answered.status {
+                    Some(status) if status.code != Code::Ok => {
+                        last_failure = format!(
+                            "{service} endpoint {} answered {}",
+                            endpoint.addr,
+                            grpc::code_name(status.code)
+                        );
+                        (Failure::Status(status), GiveUp::Pass(Box::new(answered)))
+                    }
+                    _ => return pass_on(answered),
+                },
+                Attempted::NotGrpc(http_status) => {
+                    // Not a gRPC answer (a proxy or load balancer in the
+                    // way): the caller gets the gRPC status it stands for.
+                    let code = grpc::code_for_http(http_status);
+                    last_failure = format!(
+                        "{service} endpoint {} answered HTTP {http_status} instead of gRPC",
+                        endpoint.addr
+                    );
+                    let status = FinalStatus {
+                        code,
+                        pushback: Pushback::None,
+                        unprocessed: false,
+                    };
+                    (Failure::Status(status), GiveUp::Status(code))
+                }
+                Attempted::NotSent {
+                    error,
+                    headers: returned,
+                    body: unsent,
+                } => {
+                    body.put_back(unsent);
+                    headers = Some(returned);
+                    last_failure = format!("cannot reach {service} endpoint: {error}");
+                    (Failure::NotSent, GiveUp::Status(Code::Unavailable))
+                }
+                Attempted::Reset(reset) => {
+                    last_failure = format!("call to {service} failed: {reset}");
+                    let refused = reset.refused;
+                    (
+                        Failure::Reset { refused },
+                        GiveUp::Status(Code::Unavailable),
+                    )
+                }
+            };
+            let now = Circumstances {
+                made,
+                safe,
+                replayable: body.replayable(),
+            };
+            let wait = match retry::decide(failure, policy, &self.limits, now) {
+                Decision::Retry { after, budgeted } if !budgeted || retry::withdraw(&budget) => {
+                    after
+                }
+                _ => return give_up.answer(&last_failure),
+            };
+            metrics::get().retried(service);
+            tracing::debug!(service, attempt = made, wait_ms = wait.as_millis() as u64, reason = %last_failure, "retrying");
+            avoid = Some(endpoint);
+            if !wait.is_zero() {
+                let until = Instant::now() + wait;
+                tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+            }
+        }
+    }
+}
+
+/// The answer when the retry decision says stop.
+enum GiveUp {
+    /// The last response, as it came.
+    Pass(Box<Answered>),
+    /// A status of the proxy's own, with the last failure as its message.
+    Status(Code),
+}
+
+impl GiveUp {
+    fn answer(self, last_failure: &str) -> Answer {
+        match self {
+            Self::Pass(answered) => pass_on(*answered),
+            Self::Status(code) => grpc::status_response(code, last_failure),
+        }
+    }
+}
+
+/// A response passed on to the caller as it came (less the header meant
+/// only for this proxy).
+fn pass_on(answered: Answered) -> Answer {
+    let Answered {
+        mut parts,
+        body,
+        first,
+        ..
+    } = answered;
+    parts.headers.remove(grpc::UNPROCESSED_HEADER);
+    if grpc::status_of(&parts.headers).is_some() {
+        // Trailers-only: the status is all there is.
+        return Response::from_parts(parts, ResponseBody::default());
+    }
+    Response::from_parts(parts, ResponseBody::upstream(body, first))
+}
+
+/// DEADLINE_EXCEEDED, naming what the last attempt ran into.
+fn expired(service: &str, last_failure: &str) -> Answer {
+    let message = if last_failure.is_empty() {
+        format!("deadline exceeded calling {service}")
+    } else {
+        format!("deadline exceeded calling {service} (last failure: {last_failure})")
+    };
+    grpc::status_response(Code::DeadlineExceeded, &message)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use http::StatusCode;
+
+    use super::*;
+    use crate::directory::Upstream;
+    use crate::endpoint::{ConnectError, Transport};
+    use crate::layer::endpoint::NotSent;
+    use crate::layer::testing::{call, status};
+    use crate::policy::Route;
+
+    /// What one attempt carried: the endpoint it avoided, its
+    /// `grpc-timeout`, and when it was made.
+    type Seen = (Option<std::net::SocketAddr>, Option<String>, Instant);
+
+    /// Answers attempts from a script; records what each attempt carried.
+    struct Script {
+        answer: fn(&Attempt) -> Attempted,
+        seen: Mutex<Vec<Seen>>,
+    }
+
+    impl Handle<Attempt> for Arc<Script> {
+        type Answer = Balanced;
+        async fn handle(&self, attempt: Attempt) -> Balanced {
+            let endpoint = attempt
+                .upstream
+                .pick(attempt.avoid.as_ref())
+                .expect("endpoints");
+            self.seen.lock().unwrap().push((
+                attempt.avoid.as_ref().map(|e| e.addr),
+                attempt
+                    .headers
+                    .get("grpc-timeout")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+                Instant::now(),
+            ));
+            Balanced::Tried(endpoint, (self.answer)(&attempt))
+        }
+    }
+
+    fn unreachable(a: &Attempt) -> Attempted {
+        Attempted::NotSent {
+            error: NotSent::Connect(ConnectError::FailedWhileQueued {
+                addr: "127.0.0.1:9".parse().unwrap(),
+            }),
+            headers: a.headers.clone(),
+            body: RequestBody::Empty,
+        }
+    }
+
+    fn bad_gateway(_: &Attempt) -> Attempted {
+        Attempted::NotGrpc(StatusCode::SERVICE_UNAVAILABLE)
+    }
+
+    fn retry(answer: fn(&Attempt) -> Attempted) -> (Retry<Arc<Script>>, Arc<Script>) {
+        let script = Arc::new(Script {
+            answer,
+            seen: Mutex::default(),
+        });
+        let layer = Retry::new(
+            Arc::new(MeshView::default()),
+            RetryLimits::default(),
+            script.clone(),
+        );
+        (layer, script)
+    }
+
+    fn routed(safe: bool, backoff: Duration, deadline: Option<Duration>) -> Routed {
+        let mut call = call(&[]);
+        call.deadline = deadline.map(|d| call.started + d);
+        let endpoints = (0..3)
+            .map(|i| {
+                Endpoint::new(
+                    format!("127.0.0.1:{}", 9100 + i).parse().unwrap(),
+                    Transport::H2c,
+                )
+            })
+            .collect();
+        Routed {
+            call,
+            upstream: Upstream::new("a".into(), endpoints),
+            route: Arc::new(Route {
+                retry: RetryPolicy {
+                    initial_backoff: backoff,
+                    max_backoff: backoff,
+                    ..RetryPolicy::default()
+                },
+                ..Route::default()
+            }),
+            safe,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_never_left_is_sent_elsewhere_at_once() {
+        let (layer, script) = retry(unreachable);
+        let started = Instant::now();
+        let answer = layer
+            .handle(routed(false, Duration::from_secs(1), None))
+            .await;
+        assert_eq!(status(&answer), Some(Code::Unavailable));
+        assert!(
+            grpc::message_of(answer.headers()).starts_with("cannot reach a.v1.S endpoint"),
+            "{:?}",
+            answer.headers()
+        );
+        let seen = script.seen.lock().unwrap();
+        assert_eq!(
+            seen.len(),
+            RetryLimits::default().max_unsent_attempts as usize
+        );
+        assert!(seen.iter().all(|(_, _, at)| *at == started), "no backoff");
+        assert_eq!(seen[0].0, None);
+        assert!(
+            seen[1].0.is_some(),
+            "the next attempt avoids the last endpoint"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_safe_method_is_retried_after_a_backoff_and_an_unsafe_one_is_not() {
+        let (layer, script) = retry(bad_gateway);
+        let answer = layer
+            .handle(routed(true, Duration::from_millis(100), None))
+            .await;
+        assert_eq!(status(&answer), Some(Code::Unavailable));
+        assert!(grpc::message_of(answer.headers()).contains("answered HTTP 503"));
+        assert_eq!(script.seen.lock().unwrap().len(), 3, "max_attempts");
+
+        let (layer, script) = retry(bad_gateway);
+        layer
+            .handle(routed(false, Duration::from_millis(100), None))
+            .await;
+        assert_eq!(script.seen.lock().unwrap().len(), 1, "not safe to repeat");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_attempt_carries_the_time_left_and_the_deadline_names_the_last_failure() {
+        let (layer, script) = retry(bad_gateway);
+        // A backoff of up to 10 s against a deadline of 300 ms.
+        let answer = layer
+            .handle(routed(
+                true,
+                Duration::from_secs(10),
+                Some(Duration::from_millis(300)),
+            ))
+            .await;
+        let seen = script.seen.lock().unwrap();
+        assert_eq!(seen[0].1.as_deref(), Some("300000u"));
+        if seen.len() == 1 {
+            assert_eq!(status(&answer), Some(Code::DeadlineExceeded));
+            let message = grpc::message_of(answer.headers());
+            assert!(
+                message.contains("last failure: a.v1.S endpoint") && message.contains("HTTP 503"),
+                "{message}"
+            );
+        } else {
+            // The jittered backoff happened to be short: the next attempt
+            // had less time.
+            let left = seen[1].1.as_deref().unwrap();
+            assert!(parse(left) < Duration::from_millis(300), "{left}");
+        }
+    }
+
+    fn parse(timeout: &str) -> Duration {
+        grpc::parse_timeout(&http::HeaderValue::from_str(timeout).unwrap()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_stops_retries() {
+        let (layer, script) = retry(bad_gateway);
+        let budget = layer.view.budgets.get("a.v1.S", 0.0);
+        while retry::withdraw(&budget) {}
+        let mut r = routed(true, Duration::ZERO, None);
+        Arc::get_mut(&mut r.route).unwrap().retry.budget_ratio = 0.0;
+        layer.handle(r).await;
+        assert_eq!(script.seen.lock().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,207 @@
+//! Everything the request path is tuned by, in one typed value built once
+//! from the flags ([`Settings::from_args`]) and handed to the parts that
+//! use it: the listeners, the connections to endpoints, ejection and the
+//! retry layer. The defaults are here, with the reason for each.
+
+use std::time::Duration;
+
+use crate::config::Args;
+
+/// The proxy's settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The listeners (outbound, inbound, edge).
+    pub server: Server,
+    /// Connections to endpoints: peers, static upstreams, the local
+    /// service.
+    pub upstream: Upstream,
+    /// The retry layer's own limits (the policy comes from config).
+    pub retry: RetryLimits,
+}
+
+/// How listeners serve HTTP/2 (and, at the edge, HTTP/1.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Server {
+    /// Largest header block a peer may send
+    /// (SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_header_list_size: u32,
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// A connection that has not sent a single request by then is closed
+    /// (slow-loris protection); after its first request, keep-alive pings
+    /// find dead peers.
+    pub first_request_timeout: Duration,
+    /// How often an idle connection is pinged.
+    pub keep_alive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keep_alive_timeout: Duration,
+    /// Largest HTTP/1.1 read buffer (request line and headers) at the edge.
+    pub http1_max_buf: usize,
+    /// Most connections open at once per port (`--max-connections`).
+    pub max_connections: usize,
+}
+
+/// How connections to an endpoint are made and kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// The longest one connection attempt (TCP, TLS and HTTP/2 handshakes)
+    /// may take (`--connect-timeout`).
+    pub connect_timeout: Duration,
+    /// A call with a deadline waits for a connection at most this share
+    /// of its remaining time (as a divisor), leaving the rest for another
+    /// endpoint.
+    pub connect_share_of_deadline: u32,
+    /// How long a connection takes new calls (`--max-connection-age`;
+    /// `None`: as long as it stays open). After it, new calls go over a
+    /// fresh connection, whose handshake checks the peer's certificate
+    /// again, while calls in flight on the old one finish there.
+    pub max_age: Option<Duration>,
+    /// How often an idle connection is pinged.
+    pub keep_alive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keep_alive_timeout: Duration,
+    /// Largest response header block accepted from an endpoint.
+    pub max_header_list_size: u32,
+    /// When an endpoint leaves rotation.
+    pub ejection: Ejection,
+}
+
+/// When an endpoint is taken out of rotation, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ejection {
+    /// Consecutive failed calls that eject it (an unreachable endpoint is
+    /// ejected at once).
+    pub failures: u32,
+    /// The first ejection; each further one in a row doubles.
+    pub base: Duration,
+    /// The longest ejection.
+    pub max: Duration,
+}
+
+/// The retry layer's limits beyond each route's policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryLimits {
+    /// Attempts a request that never left may take whatever the policy:
+    /// the endpoint did not see it, so sending it elsewhere is safe.
+    pub max_unsent_attempts: u32,
+    /// Retries allowed per second per upstream whatever the budget ratio,
+    /// so a quiet service can still retry a lone failure.
+    pub min_retries_per_second: u32,
+    /// The window the budget ratio is measured over.
+    pub budget_window: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            max_header_list_size: 16 * 1024,
+            max_concurrent_streams: 1024,
+            first_request_timeout: Duration::from_secs(10),
+            keep_alive_interval: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(10),
+            http1_max_buf: 64 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            // A mesh peer answers in milliseconds: one that accepts and has
+            // not finished its handshake in a second is unlikely to.
+            connect_timeout: Duration::from_secs(1),
+            connect_share_of_deadline: 2,
+            max_age: None,
+            keep_alive_interval: Duration::from_secs(20),
+            keep_alive_timeout: Duration::from_secs(10),
+            max_header_list_size: 64 * 1024,
+            ejection: Ejection::default(),
+        }
+    }
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for RetryLimits {
+    fn default() -> Self {
+        Self {
+            max_unsent_attempts: 3,
+            min_retries_per_second: 10,
+            budget_window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Settings {
+    /// The settings `args` ask for (checked already by
+    /// [`Args::problems`]).
+    pub fn from_args(args: &Args) -> Self {
+        let defaults = Self::default();
+        Self {
+            server: Server {
+                max_connections: args.max_connections,
+                ..defaults.server
+            },
+            upstream: Upstream {
+                connect_timeout: args.connect_timeout,
+                max_age: Some(args.max_connection_age),
+                ..defaults.upstream
+            },
+            retry: defaults.retry,
+        }
+    }
+
+    /// The local service's connection: plaintext on loopback, so there is
+    /// no certificate to check again and no reason to age it out.
+    pub fn app(&self) -> Upstream {
+        Upstream {
+            max_age: None,
+            ..self.upstream
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn flags_reach_the_settings_and_the_rest_keeps_its_defaults() {
+        let args = Args::try_parse_from([
+            "mesh-proxy",
+            "--cert",
+            "c.pem",
+            "--key",
+            "c.key",
+            "--ca",
+            "ca.pem",
+            "--static-route",
+            "*=http://127.0.0.1:9",
+            "--connect-timeout",
+            "250ms",
+            "--max-connection-age",
+            "1m",
+            "--max-connections",
+            "7",
+        ])
+        .unwrap();
+        let s = Settings::from_args(&args);
+        assert_eq!(s.upstream.connect_timeout, Duration::from_millis(250));
+        assert_eq!(s.upstream.max_age, Some(Duration::from_secs(60)));
+        assert_eq!(s.server.max_connections, 7);
+        assert_eq!(s.app().max_age, None);
+        assert_eq!(s.retry, RetryLimits::default());
+        assert_eq!(s.upstream.ejection, Ejection::default());
+    }
+}
