@@ -92,7 +92,7 @@ echo "profiling $proxy ($mode, pid $proxy_pid) for ${seconds}s at saturation"
 load_pid=$!
 pids+=($load_pid)
 sleep 1.5
-perf record -q -e cpu-clock -F 4999 -g -p "$proxy_pid" -o "$work/perf.data" -- sleep "$seconds" 2>/dev/null
+perf record -q -e cpu-clock -F 4999 ${PERF_CALL_GRAPH:--g} -p "$proxy_pid" -o "$work/perf.data" -- sleep "$seconds" 2>/dev/null
 wait "$load_pid" || { cat "$work/load.log"; exit 1; }
 grep -E "calls/s|direct" "$work/load.log" | head -n 3 || true
 

@@ -171,6 +171,13 @@ pub struct Args {
     )]
     pub edge_cors_origins: Vec<String>,
 
+    /// Threads that carry calls. 1 (the default) runs the whole proxy on
+    /// one thread, which suits a sidecar: it costs least CPU per call and
+    /// memory. An edge in front of many clients may use more (e.g. the
+    /// machine's cores).
+    #[arg(long, env = "TRELLIS_PROXY_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+
     #[command(flatten)]
     pub identity: IdentityArgs,
 }

@@ -220,9 +220,20 @@ impl Endpoint {
         &self,
         deadline: Option<Instant>,
     ) -> Result<SendRequest<RequestBody>, ConnectError> {
-        if let Some(sender) = self.pooled() {
-            return Ok(sender);
+        match self.pooled() {
+            Some(sender) => Ok(sender),
+            // Boxed: connecting (TCP, TLS, HTTP/2) is a future of several
+            // KiB that the pooled path, taken by nearly every call, would
+            // otherwise carry and copy with every call's future.
+            None => Box::pin(self.connect_by(deadline)).await,
         }
+    }
+
+    /// [`Self::sender_by`] when there is no pooled connection.
+    async fn connect_by(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<SendRequest<RequestBody>, ConnectError> {
         let started = Instant::now();
         let bound = connect_bound(&self.settings, deadline, started);
         let addr = self.addr;

@@ -41,15 +41,34 @@ use crate::discovery::{ControlPlane, Discovery};
 use crate::endpoint::{Endpoint, Transport};
 use crate::settings::Settings;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     trellis::telemetry::init("warn,mesh_proxy=info");
     let args = Args::parse();
     let problems = args.problems();
     if !problems.is_empty() {
         exit_with("mesh-proxy", &problems.join("\n  "));
     }
-    start(args).await;
+    let runtime = match runtime(args.threads.into()) {
+        Ok(runtime) => runtime,
+        Err(e) => exit_with("mesh-proxy", &format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(start(args));
+}
+
+/// The runtime, shaped for a sidecar: with one thread (the default) every
+/// connection, stream and timer runs on the thread that reads the
+/// sockets, so a call is handed between tasks without waking another
+/// thread; more threads suit an edge that transcodes JSON for many
+/// clients.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_all().thread_name("mesh-proxy").build()
 }
 
 async fn start(args: Args) {

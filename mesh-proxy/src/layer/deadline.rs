@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use super::{Answer, CarriesCall, Handle};
+use super::{Answer, CarriesCall, Handle, within};
 use crate::grpc;
 
 /// A request whose deadline this layer can fix.
@@ -47,18 +47,20 @@ where
     type Answer = Answer;
 
     async fn handle(&self, mut request: R) -> Answer {
-        let Some(timeout) = request.timeout() else {
-            return self.inner.handle(request).await;
-        };
-        let deadline = request.call().started + timeout;
-        request.call_mut().deadline = Some(deadline);
-        let names = request.names();
-        match tokio::time::timeout_at(deadline, self.inner.handle(request)).await {
-            Ok(answer) if grpc::status_of(answer.headers()).is_some() => answer,
-            Ok(answer) => answer.map(|body| body.with_deadline(Some(deadline))),
+        let deadline = request.timeout().map(|t| request.call().started + t);
+        request.call_mut().deadline = deadline;
+        let names = deadline.map(|_| request.names());
+        match within(deadline, self.inner.handle(request)).await {
+            Some(answer) if deadline.is_none() || grpc::status_of(answer.headers()).is_some() => {
+                answer
+            }
+            Some(answer) => answer.map(|body| body.with_deadline(deadline)),
             // Dropping the inner future resets the stream of an attempt in
             // flight: the callee sees the cancellation.
-            Err(_) => grpc::status_response(Code::DeadlineExceeded, &R::expired(&names)),
+            None => grpc::status_response(
+                Code::DeadlineExceeded,
+                &R::expired(&names.expect("a deadline passed, so there was one")),
+            ),
         }
     }
 }

@@ -172,13 +172,9 @@ impl Handle<Dispatch> for ToEndpoint {
         let mut first = None;
         let mut status = None;
         if peek.is_some_and(|r| r.replayable() && r.complete()) {
-            let frame = match deadline {
-                Some(d) => tokio::time::timeout_at(d, first_frame(&mut body))
-                    .await
-                    .ok()
-                    .flatten(),
-                None => first_frame(&mut body).await,
-            };
+            let frame = super::within(deadline, first_frame(&mut body))
+                .await
+                .flatten();
             if let Some(Ok(frame)) = frame {
                 if let Some(trailers) = frame.trailers_ref() {
                     status = Some(FinalStatus {

@@ -60,6 +60,46 @@ pub trait Handle<Request>: Send + Sync + 'static {
     fn handle(&self, request: Request) -> impl Future<Output = Self::Answer> + Send;
 }
 
+pin_project_lite::pin_project! {
+    /// `future`, or `None` once `deadline` passes (never without one).
+    /// One future for both cases: `match deadline { Some(d) =>
+    /// timeout_at(d, f).await, None => f.await }` would hold room for
+    /// `f` twice, and every layer outside would carry and copy that room
+    /// with each call.
+    pub struct Within<F> {
+        #[pin]
+        future: F,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+/// Runs `future` until `deadline`, if there is one.
+pub fn within<F: Future>(deadline: Option<Instant>, future: F) -> Within<F> {
+    Within {
+        future,
+        sleep: deadline.map(tokio::time::sleep_until),
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(output) = this.future.poll(cx) {
+            return std::task::Poll::Ready(Some(output));
+        }
+        match this.sleep.as_pin_mut() {
+            Some(sleep) => sleep.poll(cx).map(|()| None),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
 /// What every call ends in: a gRPC response whose body reports the call's
 /// end (see [`ResponseBody`]).
 pub type Answer = Response<ResponseBody>;
@@ -179,6 +219,19 @@ pub(crate) mod testing {
             }
         });
         addr
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_a_deadline_or_without_one() {
+        let soon = Instant::now() + std::time::Duration::from_millis(10);
+        let slow = tokio::time::sleep(std::time::Duration::from_secs(1));
+        assert_eq!(within(Some(soon), slow).await, None);
+        assert_eq!(within(Some(soon), async { 7 }).await, Some(7));
+        let slow = async {
+            tokio::time::sleep(std::time::Duration::from_secs(100)).await;
+            8
+        };
+        assert_eq!(within(None, slow).await, Some(8));
     }
 
     /// The gRPC status of an answer (in its headers: trailers-only).

@@ -14,7 +14,7 @@ use tonic::Code;
 use super::balance::{Attempt, Balanced};
 use super::endpoint::{Answered, Attempted, FinalStatus};
 use super::route::Routed;
-use super::{Answer, Call, Handle};
+use super::{Answer, Call, Handle, within};
 use crate::body::{Recorder, RequestBody, ResponseBody};
 use crate::discovery::MeshView;
 use crate::endpoint::Endpoint;
@@ -148,14 +148,10 @@ where
                     .clone()
                     .filter(|_| safe && made < policy.max_attempts),
             };
-            let balanced = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, self.inner.handle(attempt)).await {
-                    Ok(balanced) => balanced,
-                    // Dropping the attempt resets its stream: the callee
-                    // sees the cancellation.
-                    Err(_) => return expired(service, &last_failure),
-                },
-                None => self.inner.handle(attempt).await,
+            let Some(balanced) = within(deadline, self.inner.handle(attempt)).await else {
+                // Dropping the attempt resets its stream: the callee sees
+                // the cancellation.
+                return expired(service, &last_failure);
             };
             let (endpoint, attempted) = match balanced {
                 Balanced::Tried(endpoint, attempted) => (endpoint, attempted),
