@@ -27,6 +27,7 @@ const MAX_CONNECTIONS: usize = 256;
 pub async fn serve(listener: TcpListener, ready: ReadyCheck) {
     let limit = trellis::server::ConnectionLimit::new("admin", MAX_CONNECTIONS);
     let mut backoff = trellis::server::AcceptBackoff::new();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -44,7 +45,9 @@ pub async fn serve(listener: TcpListener, ready: ReadyCheck) {
             continue;
         };
         let ready = ready.clone();
-        tokio::spawn(async move {
+        // Owned here: when the admin port is stopped, so are they.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             let _permit = permit;
             let service =
                 hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {

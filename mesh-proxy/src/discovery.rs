@@ -166,6 +166,8 @@ pub struct Discovery {
     /// The registry, when the local service may read its own settings
     /// through this sidecar (the Config API).
     config_route: Option<(SocketAddr, SpiffeId)>,
+    /// Config watches and contract fetches, stopped with discovery.
+    tasks: tokio::task::JoinSet<()>,
 }
 
 /// Clients of the control plane.
@@ -217,6 +219,7 @@ impl Discovery {
             watched_configs: HashSet::new(),
             fetched_contracts: HashSet::new(),
             config_route: None,
+            tasks: tokio::task::JoinSet::new(),
         };
         discovery.rebuild();
         discovery
@@ -368,7 +371,7 @@ impl Discovery {
             .collect();
         for service in grpc_services {
             if self.fetched_contracts.insert(service.clone()) {
-                tokio::spawn(fetch_contract(control.clone(), self.view.clone(), service));
+                self.spawn(fetch_contract(control.clone(), self.view.clone(), service));
             }
         }
         self.rebuild();
@@ -408,9 +411,16 @@ impl Discovery {
         !released.is_empty()
     }
 
+    /// Runs `task` for as long as discovery runs (config watches, contract
+    /// fetches): stopping discovery stops them.
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        while self.tasks.try_join_next().is_some() {}
+        self.tasks.spawn(task);
+    }
+
     fn watch_config(&mut self, control: &ControlPlane, service: String) {
         if self.watched_configs.insert(service.clone()) {
-            tokio::spawn(watch_config(control.clone(), self.view.clone(), service));
+            self.spawn(watch_config(control.clone(), self.view.clone(), service));
         }
     }
 

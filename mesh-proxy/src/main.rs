@@ -27,12 +27,12 @@ mod properties;
 mod retry;
 mod serve;
 mod settings;
+mod shutdown;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use clap::Parser;
-use tokio::sync::watch;
 use trellis::cli::exit_with;
 use trellis::identity::{SpiffeId, Workload};
 
@@ -40,6 +40,7 @@ use crate::config::Args;
 use crate::discovery::{ControlPlane, Discovery};
 use crate::endpoint::{Endpoint, Transport};
 use crate::settings::Settings;
+use crate::shutdown::{Phase, Port, Shutdown};
 
 fn main() {
     trellis::telemetry::init("warn,mesh_proxy=info");
@@ -134,6 +135,8 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
     );
     // The view is shared: routes added below show through it.
     let view = discovery.view();
+    // The proxy's phase, and the background tasks that end with it.
+    let mut shutdown = Shutdown::default();
     let control = match args.registry {
         Some(addr) => {
             let identity = match args.registry_identity.clone() {
@@ -145,7 +148,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
             }
             let control = ControlPlane::new(&workload, addr, identity)?;
             let own = args.app.map(|_| service.clone());
-            tokio::spawn(discovery.run(control.clone(), own));
+            shutdown.spawn(discovery.run(control.clone(), own));
             Some(control)
         }
         None => {
@@ -153,14 +156,6 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
             None
         }
     };
-
-    let draining = Arc::new(AtomicBool::new(false));
-    // Two stops, in order: first the ports calls come in on (inbound,
-    // edge), then, once their calls are done, the outbound port, which
-    // those calls may still need to reach other services.
-    let (stop_tx, stop_rx) = watch::channel(None);
-    let (outbound_stop_tx, outbound_stop_rx) = watch::channel(None);
-    let (drain_tx, drain_rx) = watch::channel(false);
 
     let outbound = outbound::Outbound::new(view.clone(), "outbound", &settings);
     let outbound_task = tokio::spawn(serve::serve(
@@ -177,7 +172,10 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
             }
         },
         settings.server,
-        outbound_stop_rx,
+        serve::Stop {
+            phases: shutdown.phases(),
+            port: Port::Outbound,
+        },
     ));
     tracing::info!(addr = %args.outbound, "outbound listening (h2c)");
 
@@ -207,7 +205,10 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                     }
                 },
                 settings.server,
-                stop_rx.clone(),
+                serve::Stop {
+                    phases: shutdown.phases(),
+                    port: Port::Incoming,
+                },
             ));
             let advertise = args.advertise.or(inbound_addr).expect("inbound is bound");
             tracing::info!(addr = %args.inbound, app = %app, "inbound listening (mTLS)");
@@ -249,7 +250,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                         .collect(),
                     settings,
                 },
-                drain_rx.clone(),
+                &mut shutdown,
             );
             let task = match edge_tls {
                 Some(tls) => {
@@ -262,7 +263,10 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                             edge_handler(edge.clone(), io.get_ref().0.peer_addr())
                         },
                         settings.server,
-                        stop_rx.clone(),
+                        serve::Stop {
+                            phases: shutdown.phases(),
+                            port: Port::Incoming,
+                        },
                     ))
                 }
                 None => {
@@ -275,7 +279,10 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                             edge_handler(edge.clone(), io.peer_addr())
                         },
                         settings.server,
-                        stop_rx.clone(),
+                        serve::Stop {
+                            phases: shutdown.phases(),
+                            port: Port::Incoming,
+                        },
                     ))
                 }
             };
@@ -286,11 +293,11 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
 
     let ready: admin::ReadyCheck = {
         let view = view.clone();
-        let draining = draining.clone();
+        let phases = shutdown.phases();
         let registered = lifecycle.as_ref().map(|l| l.registered.clone());
         let workload = workload.clone();
         Arc::new(move || {
-            if draining.load(Ordering::Relaxed) {
+            if !phases.borrow().serving() {
                 return Err("draining".into());
             }
             // Peers refuse an expired certificate: no call would get through.
@@ -308,13 +315,12 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
             Ok(())
         })
     };
-    tokio::spawn(admin::serve(admin_listener, ready));
+    shutdown.spawn(admin::serve(admin_listener, ready));
     tracing::info!(addr = %args.admin, "admin listening (/metrics, /live, /ready)");
 
     let signal = trellis::server::shutdown_signal().await;
     tracing::info!(signal, "shutting down: deregistering");
-    draining.store(true, Ordering::Relaxed);
-    let _ = drain_tx.send(true);
+    shutdown.enter(Phase::Draining);
     if let Some(mut lifecycle) = lifecycle {
         lifecycle
             .deregister(std::time::Duration::from_secs(2))
@@ -323,16 +329,18 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
     // Peers learn of the removal by push; until they have, calls still
     // arrive and are served.
     tokio::time::sleep(args.drain_delay).await;
-    // One grace period for the whole drain.
+    // One grace period for the whole drain: first the ports calls come in
+    // on, then, once their calls are done, the outbound port, which those
+    // calls may still need to reach other services.
     let until = tokio::time::Instant::now() + args.grace;
-    let _ = stop_tx.send(Some(until));
+    shutdown.enter(Phase::Closing { until });
     let mut clean = true;
     for task in [inbound_task, edge_task].into_iter().flatten() {
         clean &= task.await.unwrap_or(false);
     }
-    // The calls being finished above may have called out until now.
-    let _ = outbound_stop_tx.send(Some(until));
+    shutdown.enter(Phase::ClosingOutbound { until });
     clean &= outbound_task.await.unwrap_or(false);
+    shutdown.stop().await;
     if clean {
         tracing::info!("drained cleanly");
     } else {

@@ -18,12 +18,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use trellis::server::{AcceptBackoff, ConnectionLimit};
 
 use crate::body::BoxError;
 use crate::metrics;
 use crate::settings;
+use crate::shutdown::{Phase, Port};
 
 fn builder(settings: &settings::Server) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -64,13 +66,40 @@ fn auto_builder(
     b
 }
 
-/// Tells a listener to stop: `Some(until)` means stop accepting now and
-/// let calls in flight run until `until`.
-pub type Stop = watch::Receiver<Option<Instant>>;
+/// When a listener stops: once the proxy's phase gives its kind of port a
+/// time to finish by ([`Phase::close_by`]).
+#[derive(Debug)]
+pub struct Stop {
+    /// The proxy's phase.
+    pub phases: watch::Receiver<Phase>,
+    /// Which kind of port this is.
+    pub port: Port,
+}
+
+impl Stop {
+    /// Waits until the listener must stop accepting (at once if the
+    /// proxy's phase is gone).
+    async fn requested(&mut self) {
+        let port = self.port;
+        let _ = self
+            .phases
+            .wait_for(|phase| phase.close_by(port).is_some())
+            .await;
+    }
+
+    /// When calls in flight must be done (now, if the phase is gone).
+    fn until(&self) -> Instant {
+        self.phases
+            .borrow()
+            .close_by(self.port)
+            .unwrap_or_else(Instant::now)
+    }
+}
 
 /// Serves connections from `incoming` until `stop` says when to finish,
 /// then stops accepting, asks every connection to finish (GOAWAY) and
-/// waits until that instant for calls in flight. `handler` makes the
+/// waits until that instant for calls in flight; connections still open
+/// then are closed (each runs as a task this function owns). `handler` makes the
 /// per-connection request handler. At most `settings.max_connections`
 /// are open at once; one more is closed as soon as it arrives (counted in
 /// `connections_refused`), so those open keep working. Returns whether
@@ -98,11 +127,14 @@ where
     let graceful = GracefulShutdown::new();
     let limit = ConnectionLimit::new(name, settings.max_connections);
     let mut backoff = AcceptBackoff::new();
+    let mut connections = JoinSet::new();
     loop {
         let next = tokio::select! {
             next = incoming.next() => next,
-            _ = stop.wait_for(Option::is_some) => break,
+            () = stop.requested() => break,
         };
+        // Connections that ended are reaped as new ones come.
+        while connections.try_join_next().is_some() {}
         let io = match next {
             Some(Ok(io)) => {
                 backoff.succeeded();
@@ -115,7 +147,7 @@ where
                 tracing::warn!(listener = name, %error, wait_ms = wait.as_millis() as u64, "accept failed; waiting before the next try");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => continue,
-                    _ = stop.wait_for(Option::is_some) => break,
+                    () = stop.requested() => break,
                 }
             }
             None => break,
@@ -139,7 +171,7 @@ where
         match protocol {
             Protocol::Http2 => {
                 let connection = graceful.watch(h2.serve_connection(TokioIo::new(io), service));
-                tokio::spawn(run_connection(
+                connections.spawn(run_connection(
                     name,
                     connection,
                     used,
@@ -150,7 +182,7 @@ where
             Protocol::Auto => {
                 let watcher = graceful.watcher();
                 let auto = auto.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let connection =
                         watcher.watch(auto.serve_connection(TokioIo::new(io), service));
                     run_connection(name, connection, used, permit, first_request_timeout).await;
@@ -160,12 +192,14 @@ where
     }
     // Dropping the listener stops accepting.
     drop(incoming);
-    // A closed channel (the owner gone) means no grace at all.
-    let until = stop.borrow().unwrap_or_else(Instant::now);
-    tokio::select! {
+    let until = stop.until();
+    let clean = tokio::select! {
         () = graceful.shutdown() => true,
         () = tokio::time::sleep_until(until) => false,
-    }
+    };
+    // Whatever is still open is closed now, not left behind.
+    connections.shutdown().await;
+    clean
 }
 
 /// Drives one connection to its end, closing it early if it sends no
@@ -218,7 +252,7 @@ mod tests {
             counted.fetch_add(1, Ordering::Relaxed);
             Err::<tokio::io::DuplexStream, _>(std::io::Error::from_raw_os_error(24))
         });
-        let (stop_tx, stop_rx) = watch::channel(None);
+        let (stop_tx, stop_rx) = watch::channel(Phase::Serving);
         let server = tokio::spawn(serve(
             "test",
             Protocol::Http2,
@@ -232,7 +266,10 @@ mod tests {
                 max_connections: 8,
                 ..settings::Server::default()
             },
-            stop_rx,
+            Stop {
+                phases: stop_rx,
+                port: Port::Incoming,
+            },
         ));
         // Tries at 0, 10, 30, 70, 150, 310, 630 and 1270 ms.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -241,7 +278,9 @@ mod tests {
         assert_eq!(tries.load(Ordering::Relaxed), 11, "at most one a second");
         // A stop is heard while waiting.
         stop_tx
-            .send(Some(Instant::now() + Duration::from_secs(1)))
+            .send(Phase::Closing {
+                until: Instant::now() + Duration::from_secs(1),
+            })
             .unwrap();
         assert!(server.await.unwrap(), "no connection, so a clean drain");
     }

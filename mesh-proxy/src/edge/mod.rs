@@ -48,6 +48,7 @@ use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::discovery::MeshView;
 use crate::grpc::{self, GrpcPath};
 use crate::outbound::Outbound;
+use crate::shutdown::Shutdown;
 
 use self::policy::{EdgePolicy, Target};
 use self::reflection::{Contracts, Reflection};
@@ -158,14 +159,11 @@ fn wanted(path: &GrpcPath<'_>) -> Wanted {
 }
 
 impl Edge {
-    /// An edge over `view`; starts the task that keeps reflection and
-    /// health in step with the registry. `draining` turns the edge's own
-    /// health NOT_SERVING.
-    pub fn start(
-        view: Arc<MeshView>,
-        config: EdgeConfig,
-        draining: tokio::sync::watch::Receiver<bool>,
-    ) -> Arc<Self> {
+    /// An edge over `view`; starts, under `shutdown`, the task that keeps
+    /// reflection and health in step with the registry, and the one that
+    /// turns the edge's own health NOT_SERVING when the proxy starts
+    /// draining.
+    pub fn start(view: Arc<MeshView>, config: EdgeConfig, shutdown: &mut Shutdown) -> Arc<Self> {
         let contracts = Arc::new(ArcSwap::from_pointee(Contracts::build(
             &Default::default(),
             &Default::default(),
@@ -174,21 +172,19 @@ impl Edge {
         let health = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
         );
-        tokio::spawn(health::follow(
+        shutdown.spawn(health::follow(
             view.clone(),
             contracts.clone(),
             reporter.clone(),
         ));
-        {
-            let mut draining = draining;
-            tokio::spawn(async move {
-                if draining.wait_for(|d| *d).await.is_ok() {
-                    reporter
-                        .set_service_status("", tonic_health::ServingStatus::NotServing)
-                        .await;
-                }
-            });
-        }
+        let mut phases = shutdown.phases();
+        shutdown.spawn(async move {
+            if phases.wait_for(|p| !p.serving()).await.is_ok() {
+                reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        });
         let allow_origin = if config.cors_origins.is_empty() {
             AllowOrigin::mirror_request()
         } else {
