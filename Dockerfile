@@ -17,11 +17,11 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --workspace --locked \
+    cargo build --profile dist --workspace --locked \
  && mkdir -p /out \
  && for bin in trellis trellis-registry mesh-proxy trellis-user trellis-usage \
                trellis-settlement trellis-archive trellis-echo; do \
-      cp "target/release/$bin" /out/; \
+      cp "target/dist/$bin" /out/; \
     done
 
 # ---- Python: grpcio for examples/profile in a virtualenv at the path

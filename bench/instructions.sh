@@ -21,42 +21,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 calls=${CALLS:-2000}
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
 
-if [ -n "${MESH_PROXY:-}" ]; then
-  cargo build --release -p trellis-echo -p trellis -p trellis-bench
-  proxy=$(realpath "$MESH_PROXY")
-else
-  cargo build --release -p mesh-proxy -p trellis-echo -p trellis -p trellis-bench
-  proxy=$PWD/target/release/mesh-proxy
-fi
-bin=target/release
-
-work=$(mktemp -d)
-pids=()
-stop() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/callgrind.* "$KEEP"/ 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap stop EXIT
-trap 'exit 130' INT TERM
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 600); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return; fi
-    sleep 0.1
-  done
-  echo "nothing listens on $1; the proxy's log:" >&2
-  cat "$work/proxy.log" >&2
-  exit 1
-}
+source bench/lib.sh
+keep "callgrind.*"
 
 "$bin/trellis" certs --dir "$work/certs" --workload bench >/dev/null
 echo_port=$(port)
 "$bin/trellis-echo" --listen "127.0.0.1:$echo_port" --name echo >"$work/echo.log" 2>&1 &
 pids+=($!)
-wait_port "$echo_port"
+wait_port "$echo_port" "$work/echo.log"
 
 out=$(port)
 valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p" \
@@ -67,7 +39,7 @@ valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p" \
   >"$work/proxy.log" 2>&1 &
 proxy_pid=$!
 pids+=($proxy_pid)
-wait_port "$out"
+wait_port "$out" "$work/proxy.log"
 
 load() {
   "$bin/mesh-bench" --target "one-hop=127.0.0.1:$out" --rounds 1 --warmup 0s \

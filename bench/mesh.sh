@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the proxy, the echo service and the mesh benchmark in release mode
-# and compares, side by side in one run, unary Echo calls (128-byte payload)
+# Builds the proxy as it ships (the dist profile: fat LTO), the echo
+# service and the mesh benchmark (release), and compares, side by side in one run, unary Echo calls (128-byte payload)
 # and server-streaming Count calls sent to echo
 #   direct   load -> echo
 #   one-hop  load -> mesh-proxy (h2c in, h2c out) -> echo
@@ -18,7 +18,7 @@
 # the script. Record the summary in bench/RESULTS.md.
 #
 # MESH_PROXY=/path/to/mesh-proxy benchmarks that binary instead of
-# target/release/mesh-proxy, and the mesh-proxy package is not built: run
+# target/dist/mesh-proxy, and the mesh-proxy package is not built: run
 # the script once per build, e.g. a copy of the old one then the new one,
 # for a before/after comparison on the same machine.
 #
@@ -36,8 +36,10 @@ if [ -n "${MESH_PROXY:-}" ]; then
   proxy=$MESH_PROXY
   cargo build --release -p trellis-echo -p trellis -p trellis-bench
 else
-  proxy=$bin/mesh-proxy
-  cargo build --release -p mesh-proxy -p trellis-echo -p trellis -p trellis-bench
+  # The proxy as it ships (the dist profile: fat LTO); the rest as usual.
+  proxy=target/dist/mesh-proxy
+  cargo build --profile dist -p mesh-proxy
+  cargo build --release -p trellis-echo -p trellis -p trellis-bench
 fi
 nginx=/usr/sbin/nginx haproxy=/usr/sbin/haproxy
 missing=()

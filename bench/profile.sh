@@ -23,48 +23,21 @@ seconds=${1:-10}
 mode=${MESH_PROFILE_MODE:-one-hop}
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
 
-if [ -n "${MESH_PROXY:-}" ]; then
-  cargo build --release -p trellis-echo -p trellis -p trellis-bench
-  proxy=$MESH_PROXY
-else
-  cargo build --release -p mesh-proxy -p trellis-echo -p trellis -p trellis-bench
-  proxy=target/release/mesh-proxy
-fi
-bin=target/release
-
-work=$(mktemp -d)
-pids=()
-stop() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/perf.data* "$KEEP"/ 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap stop EXIT
-trap 'exit 130' INT TERM
+source bench/lib.sh
+keep "perf.data*"
 
 server_cpu=() load_cpu=()
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   server_cpu=(taskset -c 0)
   load_cpu=(taskset -c 1)
 fi
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return; fi
-    sleep 0.05
-  done
-  echo "nothing listens on $1" >&2
-  exit 1
-}
-
 "$bin/trellis" certs --dir "$work/certs" --workload echo,bench >/dev/null
 identity() { echo --cert "$work/certs/$1.pem" --key "$work/certs/$1.key" --ca "$work/certs/ca.pem"; }
 
 echo_port=$(port)
 "${server_cpu[@]}" "$bin/trellis-echo" --listen "127.0.0.1:$echo_port" --name echo >"$work/echo.log" 2>&1 &
 pids+=($!)
-wait_port "$echo_port"
+wait_port "$echo_port" "$work/echo.log"
 
 target=127.0.0.1:$echo_port
 if [ "$mode" = mesh ]; then
@@ -73,7 +46,7 @@ if [ "$mode" = mesh ]; then
     --outbound "127.0.0.1:$(port)" --admin "127.0.0.1:$(port)" --drain-delay 0s --grace 1s \
     --static-route 'none.v1.None=http://127.0.0.1:9' $(identity echo) >"$work/server.log" 2>&1 &
   pids+=($!)
-  wait_port "$server_in"
+  wait_port "$server_in" "$work/server.log"
   route="*=https://127.0.0.1:$server_in"
 else
   route="*=http://$target"
@@ -84,7 +57,7 @@ out=$(port)
   --static-route "$route" $(identity bench) >"$work/proxy.log" 2>&1 &
 proxy_pid=$!
 pids+=($proxy_pid)
-wait_port "$out"
+wait_port "$out" "$work/proxy.log"
 
 echo "profiling $proxy ($mode, pid $proxy_pid) for ${seconds}s at saturation"
 "${load_cpu[@]}" "$bin/mesh-bench" --target "direct=127.0.0.1:$out" --rounds 1 \
