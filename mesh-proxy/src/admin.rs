@@ -18,14 +18,12 @@ use crate::metrics;
 /// What readiness depends on; each check names what is missing.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// Connections the admin port holds at once: scrapers and probes need a
-/// handful; the cap keeps a flood on this port from taking the file
-/// descriptors the data ports need.
-const MAX_CONNECTIONS: usize = 256;
-
-/// Serves the admin port on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, ready: ReadyCheck) {
-    let limit = trellis::server::ConnectionLimit::new("admin", MAX_CONNECTIONS);
+/// Serves the admin port on `listener` until the process ends, with at
+/// most `max_connections` open: scrapers and probes need a handful; the
+/// cap keeps a flood on this port from taking the file descriptors the
+/// data ports need.
+pub async fn serve(listener: TcpListener, ready: ReadyCheck, max_connections: usize) {
+    let limit = trellis::server::ConnectionLimit::new("admin", max_connections);
     let mut backoff = trellis::server::AcceptBackoff::new();
     let mut connections = tokio::task::JoinSet::new();
     loop {

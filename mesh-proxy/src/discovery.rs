@@ -30,15 +30,6 @@ use crate::settings;
 use config_pb::config_service_client::ConfigServiceClient;
 use registry_pb::registry_service_client::RegistryServiceClient;
 
-const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
-const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
-/// How long an instance a restarted registry forgot is kept when its old
-/// lease's expiry is unknown.
-const HOLD_WITHOUT_LEASE: Duration = Duration::from_secs(30);
-/// How often instances kept across a registry restart are checked for
-/// expiry.
-const HOLD_CHECK: Duration = Duration::from_secs(1);
-
 /// A fixed route: a gRPC service (or `*`, every service) served by fixed
 /// endpoints, with no registry involved.
 #[derive(Clone, Debug)]
@@ -251,7 +242,8 @@ impl Discovery {
         if let Some(own) = own_service {
             self.watch_config(&control, own);
         }
-        let mut backoff = RESUBSCRIBE_MIN;
+        let reconnect = self.settings.control.reconnect;
+        let mut backoff = reconnect.min;
         loop {
             let mut client = control.registry.clone();
             match client
@@ -263,7 +255,7 @@ impl Discovery {
                     loop {
                         let message = tokio::select! {
                             message = stream.message() => message,
-                            () = tokio::time::sleep(HOLD_CHECK), if !self.held.is_empty() => {
+                            () = tokio::time::sleep(self.settings.control.hold_check), if !self.held.is_empty() => {
                                 if self.release_held() {
                                     self.rebuild();
                                 }
@@ -272,7 +264,7 @@ impl Discovery {
                         };
                         match message {
                             Ok(Some(event)) => {
-                                backoff = RESUBSCRIBE_MIN;
+                                backoff = reconnect.min;
                                 self.apply(&control, event);
                             }
                             Ok(None) => {
@@ -293,7 +285,7 @@ impl Discovery {
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+            backoff = reconnect.next(backoff);
         }
     }
 
@@ -320,7 +312,10 @@ impl Discovery {
                         continue;
                     }
                     if forgot && !self.held.contains_key(&id) {
-                        self.held.insert(id.clone(), held_until(&instance));
+                        self.held.insert(
+                            id.clone(),
+                            held_until(&instance, self.settings.control.hold_without_lease),
+                        );
                     }
                     if self.held.contains_key(&id) {
                         self.instances.insert(id, instance);
@@ -420,7 +415,13 @@ impl Discovery {
 
     fn watch_config(&mut self, control: &ControlPlane, service: String) {
         if self.watched_configs.insert(service.clone()) {
-            self.spawn(watch_config(control.clone(), self.view.clone(), service));
+            let reconnect = self.settings.control.reconnect;
+            self.spawn(watch_config(
+                control.clone(),
+                self.view.clone(),
+                service,
+                reconnect,
+            ));
         }
     }
 
@@ -561,17 +562,23 @@ impl Discovery {
 }
 
 /// Until when an instance a restarted registry forgot is kept: its old
-/// lease's expiry, as the old registry told it.
-fn held_until(instance: &registry_pb::Instance) -> SystemTime {
+/// lease's expiry, as the old registry told it, else `otherwise` from now.
+fn held_until(instance: &registry_pb::Instance, otherwise: Duration) -> SystemTime {
     instance
         .lease_expires_at
         .and_then(|t| SystemTime::try_from(t).ok())
-        .unwrap_or_else(|| SystemTime::now() + HOLD_WITHOUT_LEASE)
+        .unwrap_or_else(|| SystemTime::now() + otherwise)
 }
 
-/// Follows one mesh service's configuration.
-async fn watch_config(control: ControlPlane, view: Arc<MeshView>, service: String) {
-    let mut backoff = RESUBSCRIBE_MIN;
+/// Follows one mesh service's configuration, watching again after
+/// `reconnect` when the watch ends.
+async fn watch_config(
+    control: ControlPlane,
+    view: Arc<MeshView>,
+    service: String,
+    reconnect: settings::Backoff,
+) {
+    let mut backoff = reconnect.min;
     loop {
         let mut client = control.config.clone();
         let request = config_pb::WatchConfigRequest {
@@ -581,7 +588,7 @@ async fn watch_config(control: ControlPlane, view: Arc<MeshView>, service: Strin
             Ok(response) => {
                 let mut stream = response.into_inner();
                 while let Ok(Some(update)) = stream.message().await {
-                    backoff = RESUBSCRIBE_MIN;
+                    backoff = reconnect.min;
                     let Some(config) = update.config else {
                         continue;
                     };
@@ -599,7 +606,7 @@ async fn watch_config(control: ControlPlane, view: Arc<MeshView>, service: Strin
             }
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
+        backoff = reconnect.next(backoff);
     }
 }
 

@@ -21,6 +21,7 @@ use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse
 use trellis::pb::trellis::registry::v1 as pb;
 
 use crate::discovery::ControlPlane;
+use crate::settings;
 
 /// What to register.
 #[derive(Clone, Debug)]
@@ -59,18 +60,20 @@ pub struct Lifecycle {
 impl Lifecycle {
     /// Starts following the local service at `app`; `snapshots` moves
     /// whenever the registry watch is (re)established (see
-    /// [`crate::discovery::MeshView::snapshots`]).
+    /// [`crate::discovery::MeshView::snapshots`]); waits and retries as
+    /// `settings` say.
     pub fn start(
         app: SocketAddr,
         control: ControlPlane,
         registration: Registration,
         snapshots: watch::Receiver<u64>,
+        settings: settings::ControlPlane,
     ) -> Self {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (registered_tx, registered) = watch::channel(false);
         let channel = TonicEndpoint::from_shared(format!("http://{app}"))
             .expect("ip:port makes an endpoint")
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(settings.app_connect_timeout)
             .connect_lazy();
         let done = tokio::spawn(run(
             channel,
@@ -79,6 +82,7 @@ impl Lifecycle {
             stop_rx,
             registered_tx,
             snapshots,
+            settings,
         ));
         Self {
             stop: Some(stop_tx),
@@ -107,9 +111,14 @@ async fn run(
     mut stop: oneshot::Receiver<()>,
     registered: watch::Sender<bool>,
     mut snapshots: watch::Receiver<u64>,
+    settings: settings::ControlPlane,
 ) {
     let (health_tx, mut health) = watch::channel(pb::ServingStatus::NotServing);
-    let follow = tokio::spawn(follow_health(app.clone(), health_tx));
+    let follow = tokio::spawn(follow_health(
+        app.clone(),
+        health_tx,
+        settings.app_health_retry,
+    ));
     let _follow = AbortOnDrop(follow);
 
     // Registration waits until the service first says SERVING.
@@ -118,13 +127,14 @@ async fn run(
         _ = &mut stop => return,
     }
     let (grpc_services, files) = tokio::select! {
-        found = discover(&app, &registration.grpc_services) => found,
+        found = discover(&app, &registration.grpc_services, settings.app_reflection_retry) => found,
         _ = &mut stop => return,
     };
     tracing::info!(service = %registration.service, grpc_services = ?grpc_services, "local service is serving");
 
     let mut registry = control.registry.clone();
-    let mut backoff = Duration::from_millis(100);
+    let reconnect = settings.reconnect;
+    let mut backoff = reconnect.min;
     loop {
         let request = pb::RegisterRequest {
             service: registration.service.clone(),
@@ -149,11 +159,11 @@ async fn run(
                     _ = tokio::time::sleep(backoff) => {}
                     _ = &mut stop => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = reconnect.next(backoff);
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        backoff = reconnect.min;
         let instance_id = response.instance_id;
         let lease_id = response.lease_id;
         let ttl = response
@@ -231,8 +241,9 @@ impl Drop for AbortOnDrop {
 
 /// Mirrors the local service's overall health (`""` on grpc.health.v1)
 /// into `out`: Watch when the service supports it, Check polling when
-/// not, NOT_SERVING while it cannot be reached.
-async fn follow_health(app: Channel, out: watch::Sender<pb::ServingStatus>) {
+/// not, NOT_SERVING while it cannot be reached; asks again `retry` after
+/// the stream ends.
+async fn follow_health(app: Channel, out: watch::Sender<pb::ServingStatus>, retry: Duration) {
     let mut client = HealthClient::new(app);
     let mut waiting_logged = false;
     loop {
@@ -268,7 +279,7 @@ async fn follow_health(app: Channel, out: watch::Sender<pb::ServingStatus>) {
             tracing::warn!("lost the local service's health stream; marking it NOT_SERVING");
         }
         out.send_replace(pb::ServingStatus::NotServing);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(retry).await;
     }
 }
 
@@ -282,7 +293,11 @@ fn mesh_status(status: AppStatus) -> pb::ServingStatus {
 /// The local service's gRPC services (configured, or listed by its
 /// reflection) and the file descriptors defining them, dependencies
 /// included. A service without reflection registers without contracts.
-async fn discover(app: &Channel, configured: &[String]) -> (Vec<String>, Vec<Vec<u8>>) {
+async fn discover(
+    app: &Channel,
+    configured: &[String],
+    retry: Duration,
+) -> (Vec<String>, Vec<Vec<u8>>) {
     let mut logged = false;
     loop {
         match reflect(app.clone(), configured).await {
@@ -296,7 +311,7 @@ async fn discover(app: &Channel, configured: &[String]) -> (Vec<String>, Vec<Vec
                     tracing::error!(code = ?status.code(), message = status.message(), "cannot list the local service's gRPC services through server reflection; give them with --grpc-services");
                     logged = true;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(retry).await;
             }
         }
     }

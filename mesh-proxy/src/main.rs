@@ -226,6 +226,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                         lease_ttl: args.lease_ttl,
                     },
                     view.snapshots.subscribe(),
+                    settings.control,
                 ));
             }
             Some(task)
@@ -315,7 +316,11 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
             Ok(())
         })
     };
-    shutdown.spawn(admin::serve(admin_listener, ready));
+    shutdown.spawn(admin::serve(
+        admin_listener,
+        ready,
+        settings.server.admin_max_connections,
+    ));
     tracing::info!(addr = %args.admin, "admin listening (/metrics, /live, /ready)");
 
     let signal = trellis::server::shutdown_signal().await;

@@ -1,7 +1,8 @@
-//! Everything the request path is tuned by, in one typed value built once
-//! from the flags ([`Settings::from_args`]) and handed to the parts that
-//! use it: the listeners, the connections to endpoints, ejection and the
-//! retry layer. The defaults are here, with the reason for each.
+//! Everything the proxy is tuned by, in one typed value built once from
+//! the flags ([`Settings::from_args`]) and handed to the parts that use
+//! it: the listeners, the connections to endpoints, ejection, the retry
+//! layer, and how the control plane and the local service are followed.
+//! The defaults are here, with the reason for each.
 
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ pub struct Settings {
     pub upstream: Upstream,
     /// The retry layer's own limits (the policy comes from config).
     pub retry: RetryLimits,
+    /// Following the registry and the local service.
+    pub control: ControlPlane,
 }
 
 /// How listeners serve HTTP/2 (and, at the edge, HTTP/1.1).
@@ -39,6 +42,9 @@ pub struct Server {
     pub http1_max_buf: usize,
     /// Most connections open at once per port (`--max-connections`).
     pub max_connections: usize,
+    /// Most connections open at once on the admin port (probes and
+    /// Prometheus, not callers).
+    pub admin_max_connections: usize,
 }
 
 /// How connections to an endpoint are made and kept.
@@ -91,6 +97,61 @@ pub struct RetryLimits {
     pub budget_window: Duration,
 }
 
+/// How the proxy follows the registry and the local service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// Waits between attempts to watch the registry and its configs and
+    /// to register the local service.
+    pub reconnect: Backoff,
+    /// How long an instance a restarted registry forgot is kept when its
+    /// old lease's expiry is unknown.
+    pub hold_without_lease: Duration,
+    /// How often instances kept across a registry restart are checked for
+    /// expiry.
+    pub hold_check: Duration,
+    /// How long connecting to the local service (health, reflection) may
+    /// take.
+    pub app_connect_timeout: Duration,
+    /// How soon the local service's health is asked again after its
+    /// health stream ended.
+    pub app_health_retry: Duration,
+    /// How soon the local service's reflection is asked again after it
+    /// failed.
+    pub app_reflection_retry: Duration,
+}
+
+/// A wait that doubles from `min` to `max` while a thing keeps failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first wait, and the wait again after a success.
+    pub min: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The wait after `current`.
+    pub fn next(&self, current: Duration) -> Duration {
+        (current * 2).clamp(self.min, self.max)
+    }
+}
+
+impl Default for ControlPlane {
+    fn default() -> Self {
+        Self {
+            reconnect: Backoff {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+            },
+            hold_without_lease: Duration::from_secs(30),
+            hold_check: Duration::from_secs(1),
+            app_connect_timeout: Duration::from_secs(2),
+            app_health_retry: Duration::from_millis(200),
+            app_reflection_retry: Duration::from_secs(1),
+        }
+    }
+}
+
 impl Default for Server {
     fn default() -> Self {
         Self {
@@ -101,6 +162,7 @@ impl Default for Server {
             keep_alive_timeout: Duration::from_secs(10),
             http1_max_buf: 64 * 1024,
             max_connections: 10_000,
+            admin_max_connections: 256,
         }
     }
 }
@@ -157,6 +219,7 @@ impl Settings {
                 ..defaults.upstream
             },
             retry: defaults.retry,
+            control: defaults.control,
         }
     }
 
@@ -203,5 +266,18 @@ mod tests {
         assert_eq!(s.app().max_age, None);
         assert_eq!(s.retry, RetryLimits::default());
         assert_eq!(s.upstream.ejection, Ejection::default());
+    }
+
+    #[test]
+    fn a_backoff_doubles_up_to_its_cap() {
+        let b = ControlPlane::default().reconnect;
+        let mut wait = b.min;
+        let mut seen = vec![wait];
+        for _ in 0..8 {
+            wait = b.next(wait);
+            seen.push(wait);
+        }
+        assert_eq!(seen[1], b.min * 2);
+        assert_eq!(*seen.last().unwrap(), b.max);
     }
 }
