@@ -252,6 +252,148 @@ impl Body for ReplayBody {
     }
 }
 
+/// Sends a request body on an HTTP/2 stream: each frame as soon as the
+/// caller has sent it and the peer's flow control allows, the last DATA
+/// frame carrying END_STREAM when the body knows it is the last, then any
+/// trailers. Driven by whoever holds it: first the call's own task while
+/// it waits for the response headers, then the response body (see
+/// [`UpstreamBody`]) for a request that is still streaming; no task of
+/// its own.
+#[derive(Debug)]
+pub struct Pump {
+    body: RequestBody,
+    stream: h2::SendStream<Bytes>,
+    pending: Option<Bytes>,
+}
+
+impl Pump {
+    /// Sends `body` on `stream`.
+    pub fn new(body: RequestBody, stream: h2::SendStream<Bytes>) -> Self {
+        Self {
+            body,
+            stream,
+            pending: None,
+        }
+    }
+
+    /// Moves the body along; ready once all of it has gone (or the stream
+    /// failed, which the response then reports).
+    pub fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(data) = self.pending.as_mut() {
+                if self.stream.capacity() == 0 {
+                    self.stream.reserve_capacity(data.len());
+                    match self.stream.poll_capacity(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(None | Some(Err(_))) => return Poll::Ready(()),
+                        Poll::Ready(Some(Ok(_))) => continue,
+                    }
+                }
+                let n = self.stream.capacity().min(data.len());
+                let chunk = data.split_to(n);
+                let last = data.is_empty() && self.body.is_end_stream();
+                if data.is_empty() {
+                    self.pending = None;
+                }
+                if self.stream.send_data(chunk, last).is_err() || last {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    let _ = self.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    tracing::debug!(%error, "request body failed; resetting the upstream stream");
+                    self.stream.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    // An empty frame needs no flow-control capacity; the
+                    // last one only carries END_STREAM.
+                    Ok(data) if data.is_empty() => {
+                        if self.body.is_end_stream() {
+                            let _ = self.stream.send_data(data, true);
+                            return Poll::Ready(());
+                        }
+                    }
+                    Ok(data) => self.pending = Some(data),
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = self.stream.send_trailers(trailers);
+                        }
+                        return Poll::Ready(());
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A response body read from an HTTP/2 stream, returning flow-control
+/// capacity as it is read, and moving along a request body still being
+/// sent.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    recv: h2::RecvStream,
+    // Boxed: only a request still streaming when its response begins has
+    // one.
+    pump: Option<Box<Pump>>,
+    data_done: bool,
+}
+
+impl UpstreamBody {
+    /// The body of `recv`; `pump` is the request body, if not sent yet.
+    pub fn new(recv: h2::RecvStream, pump: Option<Pump>) -> Self {
+        Self {
+            recv,
+            pump: pump.map(Box::new),
+            data_done: false,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if let Some(pump) = this.pump.as_mut()
+            && pump.poll_send(cx).is_ready()
+        {
+            this.pump = None;
+        }
+        if !this.data_done {
+            match this.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => this.data_done = true,
+            }
+        }
+        match this.recv.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
 /// Called once when a call ends, with its final gRPC status.
 pub trait CallObserver: Send + Sync + 'static {
     /// The call ended with `code` after `elapsed` since it began.
@@ -298,7 +440,7 @@ impl Drop for CallEnd {
 #[derive(Debug, Default)]
 pub struct ResponseBody {
     first: Option<Frame<Bytes>>,
-    upstream: Option<Incoming>,
+    upstream: Option<UpstreamBody>,
     deadline: Option<Pin<Box<Sleep>>>,
     end: Option<CallEnd>,
     done: bool,
@@ -307,7 +449,7 @@ pub struct ResponseBody {
 impl ResponseBody {
     /// An upstream response body, passed through; `first` is a frame
     /// already read from it, sent first.
-    pub fn upstream(upstream: Incoming, first: Option<Frame<Bytes>>) -> Self {
+    pub fn upstream(upstream: UpstreamBody, first: Option<Frame<Bytes>>) -> Self {
         Self {
             first,
             upstream: Some(upstream),
@@ -421,7 +563,9 @@ impl Body for ResponseBody {
 /// Reads a response body's first frame, for a proxy that must see whether
 /// a response carries only a status (and so may be retried) before it
 /// commits to passing it on. `None` when the body ended at once.
-pub async fn first_frame(body: &mut Incoming) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+pub async fn first_frame<B: Body + Unpin>(
+    body: &mut B,
+) -> Option<Result<Frame<B::Data>, B::Error>> {
     std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
 }
 
@@ -453,6 +597,60 @@ mod tests {
             String::from_utf8(collected.to_bytes().to_vec()).unwrap(),
             trailers,
         )
+    }
+
+    /// Sends `body` through a [`Pump`] on an in-memory HTTP/2 connection
+    /// and returns what the server received: the data, and whether the
+    /// stream ended.
+    async fn pumped(body: RequestBody) -> (Vec<u8>, Option<HeaderMap>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let (request, _respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut recv = request.into_body();
+            let mut data = Vec::new();
+            while let Some(chunk) = recv.data().await {
+                let chunk = chunk.unwrap();
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                data.extend_from_slice(&chunk);
+            }
+            (data, recv.trailers().await.unwrap())
+        });
+        let (send, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::post("http://x/a.v1.S/M").body(()).unwrap();
+        let (_response, stream) = send
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, false)
+            .unwrap();
+        let mut pump = Pump::new(body, stream);
+        std::future::poll_fn(|cx| pump.poll_send(cx)).await;
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("the stream ends")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pump_ends_the_stream_after_an_empty_last_frame_and_sends_trailers() {
+        let empty_last = StreamBody::new(futures::stream::iter([
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::new())),
+        ]));
+        let body = RequestBody::from(empty_last.boxed_unsync());
+        let (data, trailers) = pumped(body).await;
+        assert_eq!(data, b"abc");
+        assert!(trailers.is_none());
+
+        let (data, trailers) = pumped(RequestBody::from(
+            source(&["ab", "cd"], true).boxed_unsync(),
+        ))
+        .await;
+        assert_eq!(data, b"abcd");
+        assert_eq!(trailers.unwrap()["x-end"], "yes");
     }
 
     #[tokio::test]

@@ -6,17 +6,16 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::client::SendRequest;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::RequestBody;
 use crate::settings;
 
 /// How to reach an endpoint.
@@ -60,7 +59,7 @@ pub enum ConnectError {
         /// The endpoint.
         addr: SocketAddr,
         /// What failed.
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// Connecting (TCP, TLS and HTTP/2 together) took longer than allowed:
     /// the peer accepts but does not answer, or is too slow to be worth
@@ -83,7 +82,9 @@ pub enum ConnectError {
 
 /// A pooled connection and when it was made.
 struct Pooled {
-    sender: SendRequest<RequestBody>,
+    sender: SendRequest<Bytes>,
+    /// Set by the connection's task when the connection has ended.
+    closed: Arc<AtomicBool>,
     opened: Instant,
 }
 
@@ -219,7 +220,7 @@ impl Endpoint {
     pub async fn sender_by(
         &self,
         deadline: Option<Instant>,
-    ) -> Result<SendRequest<RequestBody>, ConnectError> {
+    ) -> Result<SendRequest<Bytes>, ConnectError> {
         match self.pooled() {
             Some(sender) => Ok(sender),
             // Boxed: connecting (TCP, TLS, HTTP/2) is a future of several
@@ -233,7 +234,7 @@ impl Endpoint {
     async fn connect_by(
         &self,
         deadline: Option<Instant>,
-    ) -> Result<SendRequest<RequestBody>, ConnectError> {
+    ) -> Result<SendRequest<Bytes>, ConnectError> {
         let started = Instant::now();
         let bound = connect_bound(&self.settings, deadline, started);
         let addr = self.addr;
@@ -256,11 +257,12 @@ impl Endpoint {
             Err(_) => Err(timed_out()),
         };
         match connected {
-            Ok(sender) => {
+            Ok((sender, closed)) => {
                 // Replacing an aged connection drops the pool's handle on
-                // it: hyper closes it once the calls still on it are done.
+                // it: h2 closes it once the calls still on it are done.
                 self.conn.store(Some(Arc::new(Pooled {
                     sender: sender.clone(),
+                    closed,
                     opened: Instant::now(),
                 })));
                 Ok(sender)
@@ -278,11 +280,11 @@ impl Endpoint {
 
     /// The pooled connection, if it is still open and young enough for
     /// new calls.
-    fn pooled(&self) -> Option<SendRequest<RequestBody>> {
+    fn pooled(&self) -> Option<SendRequest<Bytes>> {
         self.conn
             .load()
             .as_deref()
-            .filter(|pooled| !pooled.sender.is_closed())
+            .filter(|pooled| !pooled.closed.load(Ordering::Acquire))
             .filter(|pooled| {
                 self.settings
                     .max_age
@@ -296,34 +298,24 @@ impl Endpoint {
         self.conn.store(None);
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+    async fn connect(&self) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), ConnectError> {
         let addr = self.addr;
         let io_err = |source| ConnectError::Io { addr, source };
-        let builder = {
-            let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .keep_alive_interval(self.settings.keep_alive_interval)
-                .keep_alive_timeout(self.settings.keep_alive_timeout)
-                .keep_alive_while_idle(true)
-                .adaptive_window(true)
-                .max_header_list_size(self.settings.max_header_list_size);
-            b
-        };
-        let sender = match &self.transport {
+        let connected = match &self.transport {
             // Bounded by the caller (`sender_by`), TCP to HTTP/2 as one.
             Transport::H2c => {
                 let tcp = TcpStream::connect(addr).await.map_err(io_err)?;
                 let _ = tcp.set_nodelay(true);
-                http2(&builder, addr, tcp).await
+                http2(&self.settings, addr, tcp).await
             }
             Transport::Mtls { config, .. } => {
                 let tls = trellis::tls::connect(addr, config.clone())
                     .await
                     .map_err(io_err)?;
-                http2(&builder, addr, tls).await
+                http2(&self.settings, addr, tls).await
             }
         };
-        sender.map_err(|source| ConnectError::Http2 { addr, source })
+        connected.map_err(|source| ConnectError::Http2 { addr, source })
     }
 }
 
@@ -344,29 +336,65 @@ fn connect_bound(
     }
 }
 
-/// The HTTP/2 handshake on a connected stream; the connection is driven by
-/// its own task.
+/// The HTTP/2 handshake on a connected stream. The connection is driven
+/// by its own task, which also pings an idle peer (keep-alive) and sets
+/// the returned flag when the connection has ended.
 async fn http2<IO>(
-    builder: &hyper::client::conn::http2::Builder<TokioExecutor>,
+    settings: &settings::Upstream,
     addr: SocketAddr,
     io: IO,
-) -> Result<SendRequest<RequestBody>, hyper::Error>
+) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), h2::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
-    tokio::spawn(drive(addr, conn));
-    Ok(sender)
+    let (sender, conn) = h2::client::Builder::new()
+        .enable_push(false)
+        .initial_window_size(settings.windows.stream)
+        .initial_connection_window_size(settings.windows.connection)
+        .max_header_list_size(settings.max_header_list_size)
+        .handshake(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    tokio::spawn(drive(addr, conn, closed.clone(), *settings));
+    Ok((sender, closed))
 }
 
-async fn drive<F>(addr: SocketAddr, conn: F)
-where
-    F: std::future::Future<Output = Result<(), hyper::Error>>,
+/// Drives one upstream connection until it ends: the peer closed it, it
+/// failed, its last handle and stream are gone, or a keep-alive ping went
+/// unanswered.
+async fn drive<IO>(
+    addr: SocketAddr,
+    mut conn: h2::client::Connection<IO, Bytes>,
+    closed: Arc<AtomicBool>,
+    settings: settings::Upstream,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     crate::metrics::get().connection_opened("upstream");
-    if let Err(error) = conn.await {
-        tracing::debug!(endpoint.addr = %addr, error = %crate::layer::endpoint::describe(&error), "upstream connection ended");
+    let ping = conn.ping_pong();
+    let keep_alive = async {
+        let Some(mut ping) = ping else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(settings.keep_alive_interval).await;
+            let pong =
+                tokio::time::timeout(settings.keep_alive_timeout, ping.ping(h2::Ping::opaque()))
+                    .await;
+            if !matches!(pong, Ok(Ok(_))) {
+                return "a keep-alive ping went unanswered";
+            }
+        }
+    };
+    tokio::select! {
+        ended = &mut conn => {
+            if let Err(error) = ended {
+                tracing::debug!(endpoint.addr = %addr, error = %crate::layer::endpoint::describe(&error), "upstream connection ended");
+            }
+        }
+        why = keep_alive => tracing::debug!(endpoint.addr = %addr, reason = why, "upstream connection closed"),
     }
+    closed.store(true, Ordering::Release);
     crate::metrics::get().connection_closed("upstream");
 }
 

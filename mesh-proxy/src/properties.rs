@@ -17,7 +17,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt as _;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
@@ -28,7 +28,7 @@ use tonic::Code;
 use trellis::pb::trellis::echo::v1 as echo;
 use trellis_test_support::descriptors::{contract_files, mutate, mutation};
 
-use crate::body::ResponseBody;
+use crate::body::{ResponseBody, UpstreamBody};
 use crate::edge::json;
 use crate::edge::policy::{EdgePolicy, Target};
 use crate::edge::reflection::Contracts;
@@ -915,20 +915,25 @@ async fn backend(frames: Vec<Frame<Bytes>>, hold: bool) -> Response<ResponseBody
             .serve_connection(TokioIo::new(server_io), service)
             .await;
     });
-    let (mut send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(client_io))
-        .await
-        .unwrap();
+    let (send, connection) = h2::client::handshake(client_io).await.unwrap();
     tokio::spawn(connection);
     let request = Request::builder()
         .method("POST")
         .uri("http://backend/trellis.echo.v1.EchoService/Echo")
         .header("content-type", "application/grpc")
-        .body(Empty::<Bytes>::new())
+        .body(())
         .unwrap();
-    let response = send.send_request(request).await.unwrap();
-    let (parts, incoming) = response.into_parts();
-    Response::from_parts(parts, ResponseBody::upstream(incoming, None))
+    let (response, _) = send
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, true)
+        .unwrap();
+    let (parts, recv) = response.await.unwrap().into_parts();
+    Response::from_parts(
+        parts,
+        ResponseBody::upstream(UpstreamBody::new(recv, None), None),
+    )
 }
 
 /// Whatever a backend answers (hostile length prefixes, compressed flags,

@@ -68,8 +68,32 @@ pub struct Upstream {
     pub keep_alive_timeout: Duration,
     /// Largest response header block accepted from an endpoint.
     pub max_header_list_size: u32,
+    /// HTTP/2 flow-control windows offered to endpoints.
+    pub windows: Windows,
     /// When an endpoint leaves rotation.
     pub ejection: Ejection,
+}
+
+/// HTTP/2 flow-control windows: how much an endpoint may send on a
+/// connection before the proxy has passed it on. Limits, not buffers
+/// allocated up front; fixed, as large as an adaptive window grows to on a
+/// fast network (measured the same as hyper's adaptive window on
+/// loopback, bench/RESULTS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Windows {
+    /// Per stream.
+    pub stream: u32,
+    /// Per connection, all streams together.
+    pub connection: u32,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Self {
+            stream: 1024 * 1024,
+            connection: 4 * 1024 * 1024,
+        }
+    }
 }
 
 /// When an endpoint is taken out of rotation, and for how long.
@@ -178,6 +202,7 @@ impl Default for Upstream {
             keep_alive_interval: Duration::from_secs(20),
             keep_alive_timeout: Duration::from_secs(10),
             max_header_list_size: 64 * 1024,
+            windows: Windows::default(),
             ejection: Ejection::default(),
         }
     }

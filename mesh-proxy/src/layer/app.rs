@@ -54,7 +54,7 @@ impl Handle<Authorized> for App {
                 }
                 response.map(|body| ResponseBody::upstream(body, None))
             }
-            Err(Unsent::NotSent(why, _)) => {
+            Err(Unsent::NotSent(why, _, _)) => {
                 tracing::warn!(%service, app = %self.app.addr, reason = %why, "local service unreachable");
                 unprocessed(grpc::status_response(
                     Code::Unavailable,

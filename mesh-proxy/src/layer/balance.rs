@@ -143,7 +143,7 @@ mod tests {
             error: NotSent::Connect(ConnectError::FailedWhileQueued {
                 addr: d.endpoint.addr,
             }),
-            headers: HeaderMap::new(),
+            headers: Some(HeaderMap::new()),
             body: RequestBody::Empty,
         }
     }

@@ -12,19 +12,18 @@
 //!   the headers (trailers-only), or, when the attempt may still be
 //!   retried, in trailers that arrive as the body's first frame.
 
-use std::error::Error as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
 use http_body::Frame;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tonic::Code;
 
 use super::Handle;
-use crate::body::{Recorder, RequestBody, first_frame};
+use crate::body::{Pump, Recorder, RequestBody, UpstreamBody, first_frame};
 use crate::endpoint::{ConnectError, Endpoint};
 use crate::grpc;
 use crate::retry::{self, Pushback};
@@ -60,8 +59,8 @@ pub enum NotSent {
     Refused {
         /// The endpoint.
         addr: std::net::SocketAddr,
-        /// What hyper said.
-        source: hyper::Error,
+        /// What HTTP/2 said.
+        source: h2::Error,
     },
 }
 
@@ -72,7 +71,7 @@ pub struct Reset {
     /// The endpoint.
     pub addr: std::net::SocketAddr,
     /// What failed.
-    pub source: hyper::Error,
+    pub source: h2::Error,
     /// The peer says it did not process the request (REFUSED_STREAM).
     pub refused: bool,
 }
@@ -94,7 +93,7 @@ pub struct Answered {
     /// Status line and headers.
     pub parts: http::response::Parts,
     /// The rest of the body.
-    pub body: Incoming,
+    pub body: UpstreamBody,
     /// A frame already read from the body, to be sent on first.
     pub first: Option<Frame<Bytes>>,
     /// The call's final status, if known already.
@@ -113,8 +112,8 @@ pub enum Attempted {
     NotSent {
         /// Why.
         error: NotSent,
-        /// The request's headers.
-        headers: HeaderMap,
+        /// The request's headers (none when HTTP/2 had taken them).
+        headers: Option<HeaderMap>,
         /// The request's body, untouched.
         body: RequestBody,
     },
@@ -140,11 +139,10 @@ impl Handle<Dispatch> for ToEndpoint {
         } = dispatch;
         let response = match send(&endpoint, &path, headers, body, deadline).await {
             Ok(response) => response,
-            Err(Unsent::NotSent(error, request)) => {
-                let (parts, body) = request.into_parts();
+            Err(Unsent::NotSent(error, headers, body)) => {
                 return Attempted::NotSent {
                     error,
-                    headers: parts.headers,
+                    headers,
                     body,
                 };
             }
@@ -198,22 +196,60 @@ impl Handle<Dispatch> for ToEndpoint {
 /// Why [`send`] has no response.
 #[derive(Debug)]
 pub enum Unsent {
-    /// Never left: here is the request back.
-    NotSent(NotSent, Box<Request<RequestBody>>),
+    /// Never left: the body back, and the headers unless the request had
+    /// already been handed to HTTP/2 when the connection refused it.
+    NotSent(NotSent, Option<HeaderMap>, RequestBody),
     /// Sent, then failed.
     Reset(Reset),
 }
 
-/// Sends one request on `endpoint`'s pooled connection; waiting for a
-/// connection is bounded by `deadline` (see [`Endpoint::sender_by`]).
+/// Headers that belong to one HTTP/1.1 connection (an edge caller's) and
+/// must not be sent on an HTTP/2 stream (RFC 9113, 8.2.2).
+const CONNECTION_HEADERS: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Sends one request on `endpoint`'s pooled connection, from the caller's
+/// own task: the request body is sent while the response headers are
+/// awaited, and whatever of it is left once they arrive goes on with the
+/// response body. Waiting for a connection is bounded by `deadline` (see
+/// [`Endpoint::sender_by`]).
 pub async fn send(
     endpoint: &Endpoint,
     path: &PathAndQuery,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: RequestBody,
     deadline: Option<Instant>,
-) -> Result<Response<Incoming>, Unsent> {
-    let mut request = Request::new(body);
+) -> Result<Response<UpstreamBody>, Unsent> {
+    let sender = match endpoint.sender_by(deadline).await {
+        Ok(sender) => sender,
+        Err(e) => return Err(Unsent::NotSent(e.into(), Some(headers), body)),
+    };
+    let mut sender = match sender.ready().await {
+        Ok(sender) => sender,
+        Err(source) => {
+            endpoint.reset();
+            let refused = NotSent::Refused {
+                addr: endpoint.addr,
+                source,
+            };
+            return Err(Unsent::NotSent(refused, Some(headers), body));
+        }
+    };
+    for name in CONNECTION_HEADERS {
+        headers.remove(name);
+    }
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|te| te != "trailers")
+    {
+        headers.remove(http::header::TE);
+    }
+    let mut request = Request::new(());
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = Uri::builder()
         .scheme(Scheme::HTTP)
@@ -223,48 +259,39 @@ pub async fn send(
         .expect("scheme, authority and path make a URI");
     *request.version_mut() = http::Version::HTTP_2;
     *request.headers_mut() = headers;
-    let mut sender = match endpoint.sender_by(deadline).await {
-        Ok(sender) => sender,
-        Err(e) => return Err(Unsent::NotSent(e.into(), Box::new(request))),
+    let end_of_stream = body.is_end_stream();
+    let (response, stream) = match sender.send_request(request, end_of_stream) {
+        Ok(sent) => sent,
+        Err(source) => {
+            // The connection went away between `ready` and now (GOAWAY):
+            // nothing was sent.
+            endpoint.reset();
+            let refused = NotSent::Refused {
+                addr: endpoint.addr,
+                source,
+            };
+            return Err(Unsent::NotSent(refused, None, body));
+        }
     };
-    match sender.try_send_request(request).await {
-        Ok(response) => Ok(response),
-        Err(mut e) => {
-            if sender.is_closed() {
-                endpoint.reset();
-            }
-            match e.take_message() {
-                Some(request) => Err(Unsent::NotSent(
-                    NotSent::Refused {
-                        addr: endpoint.addr,
-                        source: e.into_error(),
-                    },
-                    Box::new(request),
-                )),
-                None => {
-                    let source = e.into_error();
-                    Err(Unsent::Reset(Reset {
-                        addr: endpoint.addr,
-                        refused: refused_stream(&source),
-                        source,
-                    }))
-                }
-            }
+    let mut pump = (!end_of_stream).then(|| Pump::new(body, stream));
+    let mut response = std::pin::pin!(response);
+    let answer = std::future::poll_fn(|cx| {
+        if let Some(p) = pump.as_mut()
+            && p.poll_send(cx).is_ready()
+        {
+            pump = None;
         }
+        response.as_mut().poll(cx)
+    })
+    .await;
+    match answer {
+        Ok(response) => Ok(response.map(|recv| UpstreamBody::new(recv, pump))),
+        Err(source) => Err(Unsent::Reset(Reset {
+            addr: endpoint.addr,
+            refused: source.reason() == Some(h2::Reason::REFUSED_STREAM),
+            source,
+        })),
     }
-}
-
-/// Whether the peer refused the stream unprocessed (REFUSED_STREAM, or a
-/// GOAWAY that the stream came after).
-fn refused_stream(error: &hyper::Error) -> bool {
-    let mut source = error.source();
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// An error with its causes, for a person.
@@ -335,7 +362,7 @@ mod tests {
         match ToEndpoint.handle(d).await {
             Attempted::NotSent { error, headers, .. } => {
                 assert!(matches!(error, NotSent::Connect(_)), "{error}");
-                assert_eq!(headers["x-keep"], "me");
+                assert_eq!(headers.unwrap()["x-keep"], "me");
             }
             other => panic!("{other:?}"),
         }

@@ -195,7 +195,7 @@ where
                     body: unsent,
                 } => {
                     body.put_back(unsent);
-                    headers = Some(returned);
+                    headers = returned;
                     last_failure = format!("cannot reach {service} endpoint: {error}");
                     (Failure::NotSent, GiveUp::Status(Code::Unavailable))
                 }
@@ -211,7 +211,9 @@ where
             let now = Circumstances {
                 made,
                 safe,
-                replayable: body.replayable(),
+                // The headers too: a request HTTP/2 refused after taking
+                // them can go again only from the copy kept for retries.
+                replayable: body.replayable() && (headers.is_some() || template.is_some()),
             };
             let wait = match retry::decide(failure, policy, &self.limits, now) {
                 Decision::Retry { after, budgeted } if !budgeted || retry::withdraw(&budget) => {
@@ -322,7 +324,7 @@ mod tests {
             error: NotSent::Connect(ConnectError::FailedWhileQueued {
                 addr: "127.0.0.1:9".parse().unwrap(),
             }),
-            headers: a.headers.clone(),
+            headers: Some(a.headers.clone()),
             body: RequestBody::Empty,
         }
     }
