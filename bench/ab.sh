@@ -18,11 +18,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MESH_PROXY=$a
 source bench/lib.sh
 
-server_cpu=() load_cpu=()
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-  server_cpu=(taskset -c 0)
-  load_cpu=(taskset -c 1)
-fi
 "$bin/trellis" certs --dir "$work/certs" --workload bench >/dev/null
 echo_port=$(port)
 "${server_cpu[@]}" "$bin/trellis-echo" --listen "127.0.0.1:$echo_port" --name echo >"$work/echo.log" 2>&1 &

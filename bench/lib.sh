@@ -1,6 +1,7 @@
-# Shared by bench/profile.sh and bench/instructions.sh (sourced, from the
-# repository's root): the builds, a work directory and the processes
-# started, all removed and stopped on exit, free ports and waiting for one.
+# Shared by bench/mesh.sh, profile.sh, instructions.sh and ab.sh (sourced,
+# from the repository's root): the builds, a work directory and the processes
+# started, all removed and stopped on exit, free ports and waiting for one,
+# and where to pin (echo and proxies on core 0, the load on core 1).
 #
 # After sourcing: $proxy is the mesh-proxy to measure (MESH_PROXY, or the
 # dist build: the proxy as it ships), $bin the release binaries (echo,
@@ -33,6 +34,14 @@ bench_stop() {
 }
 trap bench_stop EXIT
 trap 'exit 130' INT TERM
+
+# Pin when there are two cores to pin to: "${server_cpu[@]}" CMD runs CMD
+# on the server core, "${load_cpu[@]}" CMD on the load generator's.
+server_cpu=() load_cpu=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  server_cpu=(taskset -c 0)
+  load_cpu=(taskset -c 1)
+fi
 
 # A free port on 127.0.0.1.
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -27,20 +27,13 @@
 set -euo pipefail
 case ${MESH_PROXY:-/} in /*) ;; *) MESH_PROXY=$PWD/$MESH_PROXY ;; esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bin=target/release
-if [ -n "${MESH_PROXY:-}" ]; then
-  if [ ! -x "$MESH_PROXY" ]; then
-    echo "MESH_PROXY=$MESH_PROXY is not an executable file" >&2
-    exit 1
-  fi
-  proxy=$MESH_PROXY
-  cargo build --release -p trellis-echo -p trellis -p trellis-bench
-else
-  # The proxy as it ships (the dist profile: fat LTO); the rest as usual.
-  proxy=target/dist/mesh-proxy
-  cargo build --profile dist -p mesh-proxy
-  cargo build --release -p trellis-echo -p trellis -p trellis-bench
+if [ -n "${MESH_PROXY:-}" ] && [ ! -x "$MESH_PROXY" ]; then
+  echo "MESH_PROXY=$MESH_PROXY is not an executable file" >&2
+  exit 1
 fi
+# The builds ($proxy: MESH_PROXY or the dist build), $work, $pids, port,
+# wait_port.
+source bench/lib.sh
 nginx=/usr/sbin/nginx haproxy=/usr/sbin/haproxy
 missing=()
 [ -x "$nginx" ] || missing+=(nginx)
@@ -49,37 +42,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "not installed, so not measured as one-hop references: ${missing[*]} (apt-get install nginx haproxy)"
 fi
 
-work=$(mktemp -d)
-pids=()
 declare -A pid_of admin_of
-stop() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap stop EXIT
-trap 'exit 130' INT TERM
-
-# Pin when there are two cores to pin to.
-server_cpu=() load_cpu=()
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-  server_cpu=(taskset -c 0)
-  load_cpu=(taskset -c 1)
-fi
-
-used=" "
-port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 20000))
-    case $used in *" $p "*) continue ;; esac
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      used+="$p "
-      echo "$p"
-      return
-    fi
-  done
-}
 
 # start NAME CMD...: runs CMD on the server core, logging to $work/NAME.log.
 start() {
@@ -88,16 +51,6 @@ start() {
   "${server_cpu[@]}" "$@" >"$work/$name.log" 2>&1 &
   pids+=($!)
   pid_of[$name]=$!
-}
-
-wait_port() {
-  for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return; fi
-    sleep 0.05
-  done
-  echo "$1 did not listen on port $2; its log:" >&2
-  cat "$work/$1.log" >&2
-  exit 1
 }
 
 wait_ready() {
@@ -116,7 +69,7 @@ identity() { echo --cert "$certs/$1.pem" --key "$certs/$1.key" --ca "$certs/ca.p
 
 echo_port=$(port)
 start echo "$bin/trellis-echo" --listen "127.0.0.1:$echo_port" --name echo
-wait_port echo "$echo_port"
+wait_port "$echo_port" "$work/echo.log"
 
 # The server sidecar: mTLS inbound in front of echo. No registry; its one
 # static route only satisfies the rule that a proxy needs some route.
@@ -193,7 +146,7 @@ http {
 }
 EOF
   start nginx "$nginx" -p "$work/nginx" -e stderr -c "$work/nginx.conf"
-  wait_port nginx "$nginx_port"
+  wait_port "$nginx_port" "$work/nginx.log"
   measured+=(nginx)
   targets+=(--target "nginx=127.0.0.1:$nginx_port,nginx")
 fi
@@ -217,7 +170,7 @@ backend echo
 EOF
   # -db: in the foreground, one process (no master).
   start haproxy "$haproxy" -db -f "$work/haproxy.cfg"
-  wait_port haproxy "$haproxy_port"
+  wait_port "$haproxy_port" "$work/haproxy.log"
   measured+=(haproxy)
   targets+=(--target "haproxy=127.0.0.1:$haproxy_port,haproxy")
 fi

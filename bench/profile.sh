@@ -26,11 +26,6 @@ command -v perf >/dev/null || { echo "perf is not installed (apt-get install lin
 source bench/lib.sh
 keep "perf.data*"
 
-server_cpu=() load_cpu=()
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-  server_cpu=(taskset -c 0)
-  load_cpu=(taskset -c 1)
-fi
 "$bin/trellis" certs --dir "$work/certs" --workload echo,bench >/dev/null
 identity() { echo --cert "$work/certs/$1.pem" --key "$work/certs/$1.key" --ca "$work/certs/ca.pem"; }
 

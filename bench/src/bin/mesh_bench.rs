@@ -221,9 +221,7 @@ impl Outcome {
         self.latency
             .add(&other.latency)
             .expect("histograms with the same bounds");
-        for (e, n) in other.errors {
-            *self.errors.entry(e).or_default() += n;
-        }
+        add_errors(&mut self.errors, other.errors);
     }
 
     fn error_count(&self) -> u64 {
@@ -713,9 +711,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 proc_cells(&run, 1),
                 run.loadgen_cores * 100.0
             );
-            for (e, n) in outcome.errors {
-                *results[t].errors.entry(e).or_default() += n;
-            }
+            add_errors(&mut results[t].errors, outcome.errors);
             results[t].closed.push(run);
 
             if args.rate > 0 {
@@ -736,9 +732,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     run.errors,
                     proc_cells(&run, 1)
                 );
-                for (e, n) in outcome.errors {
-                    *results[t].errors.entry(e).or_default() += n;
-                }
+                add_errors(&mut results[t].errors, outcome.errors);
                 results[t].fixed.push(run);
             }
 
@@ -768,9 +762,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     proc_cells(&run, 2),
                     run.loadgen_cores * 100.0
                 );
-                for (e, n) in outcome.errors {
-                    *results[t].errors.entry(e).or_default() += n;
-                }
+                add_errors(&mut results[t].errors, outcome.errors);
                 results[t].stream.push(run);
             }
         }
@@ -980,4 +972,11 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(run(args))
+}
+
+/// Adds `from`'s error counts to `into`'s.
+fn add_errors(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
+    for (e, n) in from {
+        *into.entry(e).or_default() += n;
+    }
 }

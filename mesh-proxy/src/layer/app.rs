@@ -88,7 +88,7 @@ mod tests {
 
     use super::*;
     use crate::endpoint::Transport;
-    use crate::layer::testing::{call, server, status};
+    use crate::layer::testing::{call, closed_addr, server, status};
 
     fn authorized() -> Authorized {
         Authorized {
@@ -119,11 +119,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_service_is_unavailable_and_unprocessed() {
-        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = closed_addr().await;
         let app = App::new(Endpoint::new(addr, Transport::H2c));
         let answer = app.handle(authorized()).await;
         assert_eq!(status(&answer), Some(Code::Unavailable));

@@ -318,7 +318,7 @@ mod tests {
     use super::*;
     use crate::endpoint::Transport;
 
-    use crate::layer::testing::{TestBody, server};
+    use crate::layer::testing::{TestBody, closed_addr, server};
 
     fn trailers(code: Code) -> HeaderMap {
         let mut t = HeaderMap::new();
@@ -351,11 +351,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_that_cannot_connect_comes_back_whole() {
         // Bound, then closed: nothing listens there.
-        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = closed_addr().await;
         let mut d = dispatch(addr, None);
         d.headers
             .insert("x-keep", http::HeaderValue::from_static("me"));

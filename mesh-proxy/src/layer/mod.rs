@@ -200,6 +200,15 @@ pub(crate) mod testing {
     pub type TestBody =
         http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
 
+    /// An address on 127.0.0.1 where nothing listens (bound, then closed).
+    pub async fn closed_addr() -> std::net::SocketAddr {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
     /// An h2c server on 127.0.0.1 answering every request with `answer`.
     pub async fn server(answer: fn() -> Response<TestBody>) -> std::net::SocketAddr {
         use hyper_util::rt::{TokioExecutor, TokioIo};
