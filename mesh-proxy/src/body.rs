@@ -443,6 +443,9 @@ pub struct ResponseBody {
     upstream: Option<UpstreamBody>,
     deadline: Option<Pin<Box<Sleep>>>,
     end: Option<CallEnd>,
+    /// Layers' own ends (a circuit's outcome, a limit's place), reported
+    /// with the call's; empty, it costs nothing.
+    more_ends: Vec<CallEnd>,
     done: bool,
 }
 
@@ -470,10 +473,20 @@ impl ResponseBody {
         self
     }
 
+    /// Reports the call's final status to `end` too (after the ends given
+    /// before it).
+    pub fn with_another_end(mut self, end: CallEnd) -> Self {
+        self.more_ends.push(end);
+        self
+    }
+
     fn finish(&mut self, code: Code) {
         self.done = true;
         self.upstream = None;
         self.deadline = None;
+        for end in &mut self.more_ends {
+            end.finish(code);
+        }
         if let Some(end) = self.end.as_mut() {
             end.finish(code);
         }

@@ -6,8 +6,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
+use rand::Rng;
+use tokio::time::Instant;
 
 use crate::endpoint::Endpoint;
+use crate::policy::Balancing;
+
+/// What an instance registered about itself that routing uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Labels {
+    /// Its version (empty if it gave none).
+    pub version: Arc<str>,
+    /// Its zone (empty if it gave none).
+    pub zone: Arc<str>,
+}
 
 /// The endpoints of one mesh service, as seen for one gRPC service.
 #[derive(Debug)]
@@ -17,15 +29,29 @@ pub struct Upstream {
     pub mesh_service: String,
     /// Healthy endpoints, in a stable order.
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Each endpoint's labels, in the same order.
+    pub labels: Vec<Labels>,
     next: AtomicUsize,
 }
 
 impl Upstream {
-    /// An upstream over `endpoints`.
+    /// An upstream over `endpoints`, none of them labelled.
     pub fn new(mesh_service: String, endpoints: Vec<Arc<Endpoint>>) -> Arc<Self> {
+        let labels = vec![Labels::default(); endpoints.len()];
+        Self::labelled(mesh_service, endpoints, labels)
+    }
+
+    /// An upstream over `endpoints`, labelled by `labels` (same order).
+    pub fn labelled(
+        mesh_service: String,
+        endpoints: Vec<Arc<Endpoint>>,
+        labels: Vec<Labels>,
+    ) -> Arc<Self> {
+        debug_assert_eq!(endpoints.len(), labels.len());
         Arc::new(Self {
             mesh_service,
             endpoints,
+            labels,
             next: AtomicUsize::new(0),
         })
     }
@@ -33,27 +59,83 @@ impl Upstream {
     /// The next endpoint round robin, skipping ejected ones and `avoid`
     /// (the one that just failed). When every endpoint is ejected, one is
     /// used anyway: a probe beats failing the call outright.
+    #[cfg(test)]
     pub fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
-        let n = self.endpoints.len();
-        if n == 0 {
-            return None;
-        }
         let is_avoided = |e: &Arc<Endpoint>| avoid.is_some_and(|a| Arc::ptr_eq(a, e));
-        let mut fallback = None;
-        // A skipped endpoint uses up its turn, so its share goes round
-        // the others evenly rather than all to its successor.
-        for _ in 0..n {
-            let e = &self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % n];
-            if is_avoided(e) {
-                continue;
+        self.choose(Balancing::RoundRobin, is_avoided, |_| true)
+    }
+
+    /// An endpoint among those `eligible` (by index) admits, by
+    /// `balancing`, skipping ejected ones and those `is_avoided` says
+    /// while others remain; when every eligible endpoint is ejected, one
+    /// is used anyway: a probe beats failing the call outright.
+    pub fn choose(
+        &self,
+        balancing: Balancing,
+        is_avoided: impl Fn(&Arc<Endpoint>) -> bool,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let usable = |i: usize| {
+            let e = &self.endpoints[i];
+            eligible(i) && !is_avoided(e) && e.available()
+        };
+        let picked = match balancing {
+            Balancing::RoundRobin => self.round_robin(&usable),
+            Balancing::LeastRequest => self.two_choices(&usable, |e| e.in_flight() as f64),
+            Balancing::PeakEwma => {
+                let now = Instant::now();
+                self.two_choices(&usable, |e| e.cost(now))
             }
-            if e.available() {
-                return Some(e.clone());
+        };
+        picked
+            .or_else(|| {
+                // Every eligible endpoint is ejected (or the one to
+                // avoid): one of them, in turn.
+                self.round_robin(&|i| eligible(i) && !is_avoided(&self.endpoints[i]))
+            })
+            .or_else(|| self.round_robin(&eligible))
+            .map(|i| self.endpoints[i].clone())
+    }
+
+    /// The next index `usable` admits, in turn. A skipped endpoint uses
+    /// up its turn, so its share goes round the others evenly rather
+    /// than all to its successor.
+    fn round_robin(&self, usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let n = self.endpoints.len();
+        (0..n)
+            .map(|_| self.next.fetch_add(1, Ordering::Relaxed) % n)
+            .find(|i| usable(*i))
+    }
+
+    /// Power of two choices: of two distinct indices `usable` admits,
+    /// picked at random, the one of lower `cost` (the only one, if there
+    /// is one).
+    fn two_choices(
+        &self,
+        usable: &dyn Fn(usize) -> bool,
+        cost: impl Fn(&Endpoint) -> f64,
+    ) -> Option<usize> {
+        let n = self.endpoints.len();
+        let count = (0..n).filter(|i| usable(*i)).count();
+        let nth = |k: usize| (0..n).filter(|i| usable(*i)).nth(k);
+        match count {
+            0 => None,
+            1 => nth(0),
+            _ => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..count);
+                let mut b = rng.random_range(0..count - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (nth(a)?, nth(b)?);
+                if cost(&self.endpoints[b]) < cost(&self.endpoints[a]) {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
             }
-            fallback.get_or_insert_with(|| e.clone());
         }
-        fallback
-            .or_else(|| Some(self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % n].clone()))
     }
 }
 

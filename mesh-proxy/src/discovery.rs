@@ -21,9 +21,12 @@ use trellis::pb::trellis::config::v1 as config_pb;
 use trellis::pb::trellis::registry::v1 as registry_pb;
 use trellis::tls::ExpectedPeer;
 
-use crate::directory::{Directory, Table, Upstream};
+use crate::directory::{Directory, Labels, Table, Upstream};
 use crate::endpoint::{Endpoint, Transport};
-use crate::policy::ServicePolicy;
+use crate::keyed::Keyed;
+use crate::layer::circuit::Circuit;
+use crate::layer::limit::Limiter;
+use crate::policy::{Locality, ServicePolicy};
 use crate::retry::Budgets;
 use crate::settings;
 
@@ -55,6 +58,14 @@ pub struct MeshView {
     pub methods: ArcSwap<HashMap<String, Arc<HashSet<String>>>>,
     /// Retry budgets.
     pub budgets: Budgets,
+    /// Who and where this proxy is, for version pins and zone preference.
+    pub locale: Locale,
+    /// Circuits, per upstream mesh service.
+    pub circuits: Keyed<Circuit>,
+    /// Caller-side limits, per upstream mesh service.
+    pub caller_limits: Keyed<Limiter>,
+    /// Callee-side limits, per method of the local service.
+    pub method_limits: Keyed<Limiter>,
     /// The first registry snapshot has arrived (or there is no registry).
     pub synced: AtomicBool,
     /// gRPC services with at least one registered instance (whatever its
@@ -77,6 +88,15 @@ pub struct MeshView {
     pub snapshots: watch::Sender<u64>,
 }
 
+/// Who and where this proxy is.
+#[derive(Debug, Default)]
+pub struct Locale {
+    /// Its identity, and where bare service names apply.
+    pub id: Option<(SpiffeId, Locality)>,
+    /// The zone it runs in; calls prefer endpoints in the same zone.
+    pub zone: Option<Arc<str>>,
+}
+
 impl Default for MeshView {
     /// An empty view: no routes, no configuration, not synced.
     fn default() -> Self {
@@ -86,6 +106,10 @@ impl Default for MeshView {
             safe_methods: ArcSwap::from_pointee(HashMap::new()),
             methods: ArcSwap::from_pointee(HashMap::new()),
             budgets: Budgets::default(),
+            locale: Locale::default(),
+            circuits: Keyed::new("circuits"),
+            caller_limits: Keyed::new("caller limits"),
+            method_limits: Keyed::new("method limits"),
             synced: AtomicBool::new(false),
             registered: ArcSwap::from_pointee(BTreeMap::new()),
             contracts: ArcSwap::from_pointee(HashMap::new()),
@@ -186,15 +210,24 @@ impl Discovery {
     /// A view holding only the static routes; whole contracts are kept
     /// only if `keep_contracts`; connections to endpoints are made and
     /// kept as `settings` say.
+    ///
+    /// Calls prefer endpoints in `zone` (the proxy's own), when any there
+    /// is in rotation.
     pub fn new(
         workload: Arc<Workload>,
         statics: Vec<StaticRoute>,
         keep_contracts: bool,
         settings: settings::Settings,
+        zone: &str,
     ) -> Self {
+        let own = workload.id().clone();
         let view = Arc::new(MeshView {
             keep_contracts,
             budgets: Budgets::new(settings.retry),
+            locale: Locale {
+                id: Some((own.clone(), Locality::of(&own))),
+                zone: (!zone.is_empty()).then(|| Arc::from(zone)),
+            },
             ..MeshView::default()
         });
         let mut discovery = Self {
@@ -467,7 +500,18 @@ impl Discovery {
     }
 
     fn rebuild(&mut self) {
-        let mut by_service: HashMap<String, (String, Vec<Arc<Endpoint>>)> = HashMap::new();
+        type Members = (String, Vec<Arc<Endpoint>>, Vec<Labels>);
+        let mut by_service: HashMap<String, Members> = HashMap::new();
+        // Shared label strings: one allocation per distinct value.
+        let mut strings: HashSet<Arc<str>> = HashSet::new();
+        let mut intern = |s: &str| -> Arc<str> {
+            if let Some(known) = strings.get(s) {
+                return known.clone();
+            }
+            let new: Arc<str> = Arc::from(s);
+            strings.insert(new.clone());
+            new
+        };
         let mut instances: Vec<registry_pb::Instance> = self.instances.values().cloned().collect();
         // A stable order, so round robin is fair across updates.
         instances.sort_by(|a, b| {
@@ -496,18 +540,25 @@ impl Discovery {
                 continue;
             };
             used.insert(key);
+            let labels = Labels {
+                version: intern(&instance.version),
+                zone: intern(&instance.zone),
+            };
             for grpc in &instance.grpc_services {
                 let entry = by_service
                     .entry(grpc.clone())
-                    .or_insert_with(|| (instance.service.clone(), Vec::new()));
+                    .or_insert_with(|| (instance.service.clone(), Vec::new(), Vec::new()));
                 if !entry.1.iter().any(|e| Arc::ptr_eq(e, &endpoint)) {
                     entry.1.push(endpoint.clone());
+                    entry.2.push(labels.clone());
                 }
             }
         }
         let mut routes: HashMap<String, Arc<Upstream>> = by_service
             .into_iter()
-            .map(|(grpc, (mesh, endpoints))| (grpc, Upstream::new(mesh, endpoints)))
+            .map(|(grpc, (mesh, endpoints, labels))| {
+                (grpc, Upstream::labelled(mesh, endpoints, labels))
+            })
             .collect();
         if let Some((addr, identity)) = self.config_route.clone() {
             used.insert((addr, identity.to_string()));

@@ -108,6 +108,70 @@ pub struct Endpoint {
     /// Milliseconds since `epoch` until which the endpoint is out of rotation.
     ejected_until: AtomicU64,
     epoch: Instant,
+    /// Attempts in flight through the endpoint from this proxy.
+    in_flight: AtomicU32,
+    /// The peak-EWMA latency estimate.
+    latency: std::sync::Mutex<PeakEwma>,
+}
+
+/// How fast a latency estimate forgets: the weight of an old sample
+/// falls by e every this long (as Linkerd and Finagle do).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// A latency estimate that jumps to any slower sample at once and decays
+/// towards faster ones (and, unobserved, towards zero) over
+/// [`EWMA_DECAY`], so that a slow endpoint is avoided at once and tried
+/// again after a while.
+#[derive(Debug)]
+struct PeakEwma {
+    /// Nanoseconds.
+    estimate: f64,
+    at: Instant,
+}
+
+impl PeakEwma {
+    fn decayed(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.estimate * (-elapsed / EWMA_DECAY.as_secs_f64()).exp()
+    }
+
+    fn observe(&mut self, sample: Duration, now: Instant) {
+        let sample = sample.as_nanos() as f64;
+        if sample > self.estimate {
+            self.estimate = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+            let w = (-elapsed / EWMA_DECAY.as_secs_f64()).exp();
+            self.estimate = self.estimate * w + sample * (1.0 - w);
+        }
+        self.at = now;
+    }
+}
+
+/// An attempt in flight through an endpoint: counted while it lives.
+#[derive(Debug)]
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    started: Instant,
+}
+
+impl InFlight {
+    /// The attempt answered (its response headers came): its latency
+    /// feeds the endpoint's estimate.
+    pub fn answered(self) {
+        let now = Instant::now();
+        self.endpoint
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(now - self.started, now);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl fmt::Debug for Endpoint {
@@ -159,7 +223,44 @@ impl Endpoint {
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             epoch: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            latency: std::sync::Mutex::new(PeakEwma {
+                estimate: 0.0,
+                at: Instant::now(),
+            }),
         })
+    }
+
+    /// Counts an attempt in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Attempts in flight through the endpoint now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The peak-EWMA cost of sending the endpoint one more attempt: its
+    /// latency estimate times the attempts it would then have in flight.
+    /// An endpoint with no estimate yet costs nothing while idle (so new
+    /// endpoints are tried) and the most while busy (so they are not
+    /// flooded before their first answer).
+    pub fn cost(&self, now: Instant) -> f64 {
+        let in_flight = self.in_flight() as f64;
+        let estimate = self
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .decayed(now);
+        if estimate < 1.0 && in_flight > 0.0 {
+            return f64::MAX / 2.0;
+        }
+        estimate * (in_flight + 1.0)
     }
 
     fn now_ms(&self) -> u64 {

@@ -10,6 +10,10 @@ use tonic::Code;
 /// The inbound side sets it from the peer certificate; whatever a caller
 /// sent under this name is removed first, on both sides.
 pub const CALLER_HEADER: &str = "x-trellis-caller";
+/// Picks the version of the callee a call goes to, when the caller is one
+/// its configuration trusts with it (`traffic.version_header_callers`);
+/// removed by the caller's sidecar in every case.
+pub const VERSION_HEADER: &str = "x-trellis-version";
 
 /// The external caller an edge verified (`api-key:<name>` or
 /// `jwt:<subject>`). Every port that sends into the mesh (a sidecar's or

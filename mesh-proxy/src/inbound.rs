@@ -2,11 +2,13 @@
 //! service, as one stack of layers, outermost first (see [`crate::layer`]):
 //!
 //! ```text
-//! classify → observe → authorize → deadline → app
+//! classify → observe → authorize → deadline → limit → app
 //! ```
 //!
 //! A call is counted (observe) whether or not it is authorized; nothing
-//! reaches the service before its caller's identity has been checked.
+//! reaches the service before its caller's identity has been checked; a
+//! call waiting for a place under its method's limit waits within its
+//! deadline.
 
 use std::sync::{Arc, OnceLock};
 
@@ -20,11 +22,12 @@ use crate::layer::app::App;
 use crate::layer::authorize::{self, Authorize};
 use crate::layer::classify::{Classify, Peer};
 use crate::layer::deadline::Deadline;
+use crate::layer::limit::MethodLimit;
 use crate::layer::observe::{Observe, Routable};
 use crate::layer::{Answer, Handle};
 
 /// The inbound stack's type, outermost first.
-type Stack = Classify<Observe<Authorize<Deadline<App>>>>;
+type Stack = Classify<Observe<Authorize<Deadline<MethodLimit<App>>>>>;
 
 /// The process's inbound side, for readiness (there is at most one): the
 /// view and the local mesh service.
@@ -66,11 +69,11 @@ impl Inbound {
                 "inbound",
                 serves(view.clone(), service.clone()),
                 Authorize::new(
-                    view,
+                    view.clone(),
                     &service,
                     own,
                     trusted_edges,
-                    Deadline::new(App::new(app)),
+                    Deadline::new(MethodLimit::new(view, App::new(app))),
                 ),
             ),
         );

@@ -17,6 +17,7 @@ mod edge;
 mod endpoint;
 mod grpc;
 mod inbound;
+mod keyed;
 mod layer;
 mod lifecycle;
 mod metrics;
@@ -132,6 +133,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
         args.static_routes.clone(),
         args.edge.is_some(),
         settings,
+        &args.zone,
     );
     // The view is shared: routes added below show through it.
     let view = discovery.view();

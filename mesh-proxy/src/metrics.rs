@@ -45,6 +45,24 @@ struct DirectionLabels {
     direction: &'static str,
 }
 
+/// Labels of a call shed by a concurrency limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    direction: &'static str,
+    service: String,
+}
+
+/// Labels of attempts sent to one version of a mesh service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    service: String,
+    version: String,
+}
+
+/// Most (service, version) series kept; more count under version
+/// [`UNKNOWN`].
+const MAX_VERSION_SERIES: usize = 256;
+
 type HistogramFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
 
 /// Every metric the proxy keeps.
@@ -57,6 +75,14 @@ pub struct Metrics {
     ejections: Family<ServiceLabels, Counter>,
     connections: Family<DirectionLabels, Gauge>,
     refused: Family<DirectionLabels, Counter>,
+    circuit_state: Family<ServiceLabels, Gauge>,
+    circuit_rejected: Family<ServiceLabels, Counter>,
+    circuit_opened: Family<ServiceLabels, Counter>,
+    shed: Family<ShedLabels, Counter>,
+    hedges: Family<ServiceLabels, Counter>,
+    per_try_timeouts: Family<ServiceLabels, Counter>,
+    versions: Family<VersionLabels, Counter>,
+    version_series: AtomicUsize,
     calls: CallIndex,
 }
 
@@ -145,6 +171,48 @@ impl Metrics {
         let ejections = Family::<ServiceLabels, Counter>::default();
         let connections = Family::<DirectionLabels, Gauge>::default();
         let refused = Family::<DirectionLabels, Counter>::default();
+        let circuit_state = Family::<ServiceLabels, Gauge>::default();
+        let circuit_rejected = Family::<ServiceLabels, Counter>::default();
+        let circuit_opened = Family::<ServiceLabels, Counter>::default();
+        let shed = Family::<ShedLabels, Counter>::default();
+        let hedges = Family::<ServiceLabels, Counter>::default();
+        let per_try_timeouts = Family::<ServiceLabels, Counter>::default();
+        let versions = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "circuit_state",
+            "Circuit breaker state per upstream mesh service: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        registry.register(
+            "circuit_rejected",
+            "Calls failed at once because the circuit to their upstream mesh service was open",
+            circuit_rejected.clone(),
+        );
+        registry.register(
+            "circuit_opened",
+            "Times the circuit to an upstream mesh service opened",
+            circuit_opened.clone(),
+        );
+        registry.register(
+            "shed",
+            "Calls refused with RESOURCE_EXHAUSTED by a concurrency limit, by direction (outbound: the caller_limit; inbound: a route's limit) and gRPC service",
+            shed.clone(),
+        );
+        registry.register(
+            "hedges",
+            "Hedged copies of calls sent, by upstream gRPC service",
+            hedges.clone(),
+        );
+        registry.register(
+            "per_try_timeouts",
+            "Attempts abandoned at their per-try timeout, by upstream gRPC service",
+            per_try_timeouts.clone(),
+        );
+        registry.register(
+            "version_requests",
+            "Attempts sent, by upstream mesh service and the version of the instance chosen",
+            versions.clone(),
+        );
         registry.register(
             "requests",
             "Calls handled, by direction, gRPC service, method and final gRPC status",
@@ -183,8 +251,87 @@ impl Metrics {
             ejections,
             connections,
             refused,
+            circuit_state,
+            circuit_rejected,
+            circuit_opened,
+            shed,
+            hedges,
+            per_try_timeouts,
+            versions,
+            version_series: AtomicUsize::new(0),
             calls: CallIndex::new(),
         }
+    }
+
+    /// The circuit to mesh service `service` is now in `state` (0 closed,
+    /// 1 open, 2 half-open).
+    pub fn circuit(&self, service: &str, state: i64) {
+        self.circuit_state
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .set(state);
+        if state == 1 {
+            self.circuit_opened
+                .get_or_create(&ServiceLabels {
+                    service: service.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    /// A call to mesh service `service` failed fast: its circuit is open.
+    pub fn circuit_rejected(&self, service: &str) {
+        self.circuit_rejected
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A concurrency limit refused a call to gRPC service `service`.
+    pub fn shed(&self, direction: &'static str, service: &str) {
+        self.shed
+            .get_or_create(&ShedLabels {
+                direction,
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A hedged copy of a call to `service` was sent.
+    pub fn hedged(&self, service: &str) {
+        self.hedges
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An attempt to `service` ran out of its per-try timeout.
+    pub fn per_try_timeout(&self, service: &str) {
+        self.per_try_timeouts
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An attempt went to an instance of mesh service `service` at
+    /// `version`.
+    pub fn version_request(&self, service: &str, version: &str) {
+        let mut labels = VersionLabels {
+            service: service.to_owned(),
+            version: version.to_owned(),
+        };
+        if let Some(counter) = self.versions.get(&labels) {
+            counter.inc();
+            return;
+        }
+        if self.version_series.fetch_add(1, Ordering::Relaxed) >= MAX_VERSION_SERIES {
+            labels.version = UNKNOWN.to_owned();
+        }
+        self.versions.get_or_create(&labels).inc();
     }
 
     /// Prometheus text exposition of every metric.

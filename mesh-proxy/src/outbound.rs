@@ -3,12 +3,16 @@
 //! first (see [`crate::layer`] for what each does):
 //!
 //! ```text
-//! classify → observe → route → deadline → retry → balance → endpoint
+//! classify → observe → route → circuit → deadline → limit → retry → balance → endpoint
 //! ```
 //!
 //! Order is behaviour: a call is counted (observe) whatever route answers;
-//! the deadline is outside retry, so it bounds every attempt and backoff;
-//! balance is inside retry, so each attempt may go to another endpoint.
+//! an open circuit fails a call before it takes a place under the limit or
+//! waits for one; the deadline is outside the limit and retry, so it
+//! bounds the wait for a place, every attempt and every backoff; the
+//! circuit is outside the deadline, so a call that runs out of time counts
+//! against its service; balance is inside retry, so each attempt (and
+//! each hedged copy) may go to another endpoint.
 
 use std::sync::Arc;
 
@@ -17,9 +21,11 @@ use http::Request;
 use crate::body::RequestBody;
 use crate::discovery::MeshView;
 use crate::layer::balance::Balance;
+use crate::layer::circuit::CircuitLayer;
 use crate::layer::classify::Classify;
 use crate::layer::deadline::Deadline;
 use crate::layer::endpoint::ToEndpoint;
+use crate::layer::limit::CallerLimit;
 use crate::layer::observe::Observe;
 use crate::layer::retry::Retry;
 use crate::layer::route::{self, RouteLayer};
@@ -27,7 +33,8 @@ use crate::layer::{Answer, Handle};
 use crate::settings::Settings;
 
 /// The outbound stack's type, outermost first.
-type Stack = Classify<Observe<RouteLayer<Deadline<Retry<Balance<ToEndpoint>>>>>>;
+type Stack =
+    Classify<Observe<RouteLayer<CircuitLayer<Deadline<CallerLimit<Retry<Balance<ToEndpoint>>>>>>>>;
 
 /// The outbound proxy.
 #[derive(Debug)]
@@ -46,7 +53,17 @@ impl Outbound {
                 route::routable(view.clone()),
                 RouteLayer::new(
                     view.clone(),
-                    Deadline::new(Retry::new(view, settings.retry, Balance::new(ToEndpoint))),
+                    CircuitLayer::new(
+                        view.clone(),
+                        Deadline::new(CallerLimit::new(
+                            view.clone(),
+                            Retry::new(
+                                view.clone(),
+                                settings.retry,
+                                Balance::new(view.locale.zone.clone(), ToEndpoint),
+                            ),
+                        )),
+                    ),
                 ),
             ),
         );

@@ -1,5 +1,7 @@
 //! A mesh service's configuration from the Config API, compiled for the
-//! request path: route policies (deadline, retries) and authorization.
+//! request path: route policies (deadline, retries, balancing, hedging,
+//! concurrency limits), authorization, the circuit breaker, the caller-side
+//! limit and the version split.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -25,6 +27,8 @@ pub struct RetryPolicy {
     pub budget_ratio: f64,
     /// Requests larger than this are not recorded for replay.
     pub max_buffered_bytes: usize,
+    /// How long one attempt may take to answer.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -36,8 +40,112 @@ impl Default for RetryPolicy {
             max_backoff: Duration::from_millis(250),
             budget_ratio: 0.2,
             max_buffered_bytes: 64 * 1024,
+            per_try_timeout: None,
         }
     }
+}
+
+/// How an endpoint is picked among those a call may go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Balancing {
+    /// Each in turn.
+    RoundRobin,
+    /// Of two picked at random, the one with fewer calls in flight.
+    LeastRequest,
+    /// Of two picked at random, the one with the lower peak-EWMA cost.
+    #[default]
+    PeakEwma,
+}
+
+impl Balancing {
+    /// The policy's choice; unspecified (and the refused RANDOM) mean the
+    /// default.
+    fn from_proto(value: pb::LoadBalancing) -> Self {
+        match value {
+            pb::LoadBalancing::RoundRobin => Self::RoundRobin,
+            pb::LoadBalancing::LeastRequest => Self::LeastRequest,
+            pb::LoadBalancing::PeakEwma
+            | pb::LoadBalancing::Unspecified
+            | pb::LoadBalancing::Random => Self::PeakEwma,
+        }
+    }
+}
+
+/// Hedging: copies of a slow call to other endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hedge {
+    /// How long to wait for an answer before the next copy.
+    pub delay: Duration,
+    /// Copies in all, the first included.
+    pub max_attempts: u32,
+}
+
+/// A bound on calls in flight, with a bounded queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Limit {
+    /// Calls in flight at once.
+    pub max_concurrent: u32,
+    /// Calls that may wait for a place.
+    pub max_queued: u32,
+}
+
+impl Limit {
+    fn from_proto(limit: &pb::ConcurrencyLimit) -> Option<Self> {
+        // A limit of 0 is refused by the registry; read as "no limit"
+        // rather than "refuse everything" should one arrive anyway.
+        (limit.max_concurrent > 0).then_some(Self {
+            max_concurrent: limit.max_concurrent,
+            max_queued: limit.max_queued,
+        })
+    }
+}
+
+/// When a caller's circuit to a service opens and closes again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Breaker {
+    /// Failures in a row that open it (0: only the rate).
+    pub consecutive_failures: u32,
+    /// Share of failures over `window` that opens it (0: only the count).
+    pub failure_rate: f64,
+    /// Fewest calls in `window` before the rate applies.
+    pub minimum_calls: u32,
+    /// How far back the rate looks.
+    pub window: Duration,
+    /// How long it stays open before probing.
+    pub open_for: Duration,
+    /// Probes let through while half-open.
+    pub half_open_calls: u32,
+}
+
+impl Breaker {
+    fn from_proto(b: &pb::CircuitBreaker) -> Option<Self> {
+        let breaker = Self {
+            consecutive_failures: b.consecutive_failures,
+            failure_rate: b.failure_rate.clamp(0.0, 1.0),
+            minimum_calls: b.minimum_calls.max(1),
+            window: b
+                .window
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_secs(10)),
+            open_for: b
+                .open_for
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_secs(5)),
+            half_open_calls: b.half_open_calls.max(1),
+        };
+        (breaker.consecutive_failures > 0 || breaker.failure_rate > 0.0).then_some(breaker)
+    }
+}
+
+/// The versions a service's calls go to.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Split {
+    /// Versions and their weights (percent), in config order.
+    pub weights: Vec<(Arc<str>, u32)>,
 }
 
 /// The policy for calls matching one `method_match`.
@@ -52,6 +160,12 @@ pub struct Route {
     pub retry: RetryPolicy,
     /// Config says the method is safe to repeat.
     pub idempotent: bool,
+    /// How an endpoint is picked.
+    pub balancing: Balancing,
+    /// Hedging for safe methods.
+    pub hedge: Option<Hedge>,
+    /// The callee side's limit on calls in flight, per method.
+    pub limit: Option<Limit>,
 }
 
 /// Where a bare service name (`settlement`, in a rule or in
@@ -98,6 +212,16 @@ pub struct Rule {
 pub struct ServicePolicy {
     routes: Vec<Arc<Route>>,
     rules: Vec<Rule>,
+    /// Whether any route has a callee-side limit.
+    limited: bool,
+    /// The caller side's circuit breaker for calls to the service.
+    pub breaker: Option<Breaker>,
+    /// The caller side's limit on calls in flight to the service.
+    pub caller_limit: Option<Limit>,
+    /// Which versions get the calls.
+    pub split: Split,
+    /// Callers whose `x-trellis-version` header picks the version.
+    version_header_callers: Vec<String>,
 }
 
 /// Whether `pattern` (`*`, `pkg.Service/*`, `pkg.Service/Method`) covers
@@ -141,6 +265,11 @@ impl ServicePolicy {
                         max_backoff: p.max_backoff.as_ref().map_or(d.max_backoff, duration),
                         budget_ratio: p.budget_ratio.clamp(0.0, 1.0),
                         max_buffered_bytes: p.max_buffered_bytes as usize,
+                        per_try_timeout: p
+                            .per_try_timeout
+                            .as_ref()
+                            .map(duration)
+                            .filter(|d| !d.is_zero()),
                     }
                 });
                 Arc::new(Route {
@@ -148,9 +277,18 @@ impl ServicePolicy {
                     timeout: r.timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
                     retry,
                     idempotent: r.idempotent,
+                    balancing: Balancing::from_proto(r.load_balancing()),
+                    hedge: r.hedge.as_ref().and_then(|h| {
+                        let delay = h.delay.as_ref().map(duration)?;
+                        (h.max_attempts >= 2 && !delay.is_zero()).then_some(Hedge {
+                            delay,
+                            max_attempts: h.max_attempts,
+                        })
+                    }),
+                    limit: r.limit.as_ref().and_then(Limit::from_proto),
                 })
             })
-            .collect();
+            .collect::<Vec<Arc<Route>>>();
         let rules = config
             .authorization
             .iter()
@@ -160,7 +298,40 @@ impl ServicePolicy {
                 allow: r.action() != pb::AuthorizationAction::Deny,
             })
             .collect();
-        Self { routes, rules }
+        let traffic = config.traffic.clone().unwrap_or_default();
+        Self {
+            limited: routes.iter().any(|r| r.limit.is_some()),
+            routes,
+            rules,
+            breaker: config
+                .circuit_breaker
+                .as_ref()
+                .and_then(Breaker::from_proto),
+            caller_limit: config.caller_limit.as_ref().and_then(Limit::from_proto),
+            split: Split {
+                weights: traffic
+                    .split
+                    .iter()
+                    .filter(|w| !w.version.is_empty())
+                    .map(|w| (Arc::from(w.version.as_str()), w.weight))
+                    .collect(),
+            },
+            version_header_callers: traffic.version_header_callers,
+        }
+    }
+
+    /// Whether any route limits calls on the callee side.
+    pub fn limited(&self) -> bool {
+        self.limited
+    }
+
+    /// Whether the proxy whose identity is `own` honours its local
+    /// caller's `x-trellis-version` header for calls to this service.
+    pub fn honours_version_header(&self, own: &SpiffeId, local: &Locality) -> bool {
+        let local_name = local.local_service(own);
+        self.version_header_callers
+            .iter()
+            .any(|c| c == "*" || c == own.as_str() || local_name.is_some_and(|s| s == c))
     }
 
     /// The most specific route covering the method; the built-in policy

@@ -35,7 +35,7 @@ impl Handle<Authorized> for App {
     type Answer = Answer;
 
     async fn handle(&self, authorized: Authorized) -> Answer {
-        let Authorized { call, service } = authorized;
+        let Authorized { call, service, .. } = authorized;
         let sent = endpoint::send(
             &self.app,
             call.method.path(),
@@ -94,6 +94,7 @@ mod tests {
         Authorized {
             call: call(&[("content-type", "application/grpc")]),
             service: "echo".into(),
+            policy: Default::default(),
         }
     }
 

@@ -51,6 +51,8 @@ pub struct Authorized {
     pub call: Call,
     /// The local mesh service.
     pub service: Arc<str>,
+    /// Its configuration.
+    pub policy: Arc<ServicePolicy>,
 }
 
 impl CarriesCall for Authorized {
@@ -148,6 +150,7 @@ impl<S> Authorize<S> {
         Ok(Authorized {
             call,
             service: self.service.clone(),
+            policy,
         })
     }
 }

@@ -1,31 +1,49 @@
 //! Outbound: which endpoint an attempt goes to, and what its answer says
-//! about the endpoint's health. Round robin over the endpoints in
-//! rotation, skipping the one the last attempt failed on; an endpoint that
-//! cannot be reached is ejected at once, one that fails calls in a row
-//! (resets, non-gRPC answers, UNAVAILABLE) after a few (see
-//! [`Endpoint::record`]); any other answer keeps it in.
+//! about the endpoint's health. First the version: the one the trusted
+//! caller pinned, else one chosen by the split's weights among the
+//! versions that have an endpoint in rotation (none configured: any).
+//! Then the zone: the proxy's own, when an endpoint of the version there
+//! is in rotation. Then the route's balancing among what is left
+//! (round robin, least request, or peak EWMA), skipping ejected endpoints
+//! and the ones this call already tried. An endpoint that cannot be
+//! reached is ejected at once, one that fails calls in a row (resets,
+//! non-gRPC answers, UNAVAILABLE) after a few (see [`Endpoint::record`]);
+//! any other answer keeps it in. An attempt that does not answer within
+//! its per-try timeout is abandoned here.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http::HeaderMap;
+use rand::Rng;
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::Handle;
 use super::endpoint::{Attempted, Dispatch};
+use super::{Handle, within};
 use crate::body::{Recorder, RequestBody};
 use crate::directory::Upstream;
 use crate::endpoint::{Endpoint, Outcome};
 use crate::grpc::GrpcMethod;
 use crate::metrics;
+use crate::policy::{Balancing, ServicePolicy};
 
 /// One attempt of a call, before an endpoint is chosen.
 #[derive(Debug)]
 pub struct Attempt {
     /// The endpoints to choose from.
     pub upstream: Arc<Upstream>,
-    /// The endpoint the last attempt failed on, to go elsewhere.
-    pub avoid: Option<Arc<Endpoint>>,
+    /// How to choose.
+    pub balancing: Balancing,
+    /// The serving mesh service's policy (its version split).
+    pub policy: Arc<ServicePolicy>,
+    /// The version the caller pinned the call to.
+    pub pinned: Option<Arc<str>>,
+    /// Endpoints this call already tried or is trying, to go elsewhere.
+    pub avoid: Vec<Arc<Endpoint>>,
+    /// Where the chosen endpoint is told, for a caller that needs to know
+    /// before the attempt answers (hedging).
+    pub chosen: Option<Arc<OnceLock<Arc<Endpoint>>>>,
     /// The method called.
     pub method: GrpcMethod,
     /// The request headers.
@@ -34,6 +52,8 @@ pub struct Attempt {
     pub body: RequestBody,
     /// When the call must be over.
     pub deadline: Option<Instant>,
+    /// How long this attempt may take to answer.
+    pub per_try: Option<Duration>,
     /// See [`Dispatch::peek`].
     pub peek: Option<Recorder>,
 }
@@ -46,20 +66,98 @@ pub struct Attempt {
 pub enum Balanced {
     /// It went to `endpoint`, and this happened.
     Tried(Arc<Endpoint>, Attempted),
+    /// It went to `endpoint`, which did not answer within the per-try
+    /// timeout; the attempt was cancelled.
+    TimedOut(Arc<Endpoint>, Duration),
     /// No endpoint at all (the last one left since the call was routed).
     NoEndpoint,
+    /// No endpoint of the version the caller pinned.
+    NoVersion(Arc<str>),
 }
 
 /// The balance layer.
 #[derive(Debug)]
 pub struct Balance<S> {
     inner: S,
+    zone: Option<Arc<str>>,
 }
 
 impl<S> Balance<S> {
-    /// Balances attempts over the endpoints `inner` sends to.
-    pub fn new(inner: S) -> Self {
-        Self { inner }
+    /// Balances attempts over the endpoints `inner` sends to, preferring
+    /// those in `zone`.
+    pub fn new(zone: Option<Arc<str>>, inner: S) -> Self {
+        Self { inner, zone }
+    }
+}
+
+/// The version an attempt must go to, if any: `Err` when it was pinned to
+/// one no endpoint has.
+fn version(attempt: &Attempt) -> Result<Option<Arc<str>>, Arc<str>> {
+    let u = &attempt.upstream;
+    let has = |v: &str, in_rotation: bool| {
+        u.labels
+            .iter()
+            .zip(&u.endpoints)
+            .any(|(l, e)| &*l.version == v && (!in_rotation || e.available()))
+    };
+    if let Some(pinned) = &attempt.pinned {
+        return if has(pinned, false) {
+            Ok(Some(pinned.clone()))
+        } else {
+            Err(pinned.clone())
+        };
+    }
+    let split = &attempt.policy.split.weights;
+    if split.is_empty() {
+        return Ok(None);
+    }
+    // Versions with an endpoint in rotation; failing that, with any
+    // endpoint; failing that, the split cannot apply.
+    let pick = |in_rotation: bool| -> Option<Arc<str>> {
+        let live = || split.iter().filter(|(v, _)| has(v, in_rotation));
+        let count = live().count();
+        if count == 0 {
+            return None;
+        }
+        let total: u32 = live().map(|(_, w)| *w).sum();
+        let mut rng = rand::rng();
+        if total == 0 {
+            return live()
+                .nth(rng.random_range(0..count))
+                .map(|(v, _)| v.clone());
+        }
+        let mut ticket = rng.random_range(0..total);
+        live()
+            .find(|(_, w)| {
+                if ticket < *w {
+                    return true;
+                }
+                ticket -= w;
+                false
+            })
+            .map(|(v, _)| v.clone())
+    };
+    Ok(pick(true).or_else(|| pick(false)))
+}
+
+impl<S> Balance<S> {
+    /// The endpoint for `attempt`, or why there is none.
+    fn choose(&self, attempt: &Attempt) -> Result<Arc<Endpoint>, Box<Balanced>> {
+        let u = &attempt.upstream;
+        let version = version(attempt).map_err(|v| Box::new(Balanced::NoVersion(v)))?;
+        let of_version = |i: usize| {
+            version
+                .as_deref()
+                .is_none_or(|v| &*u.labels[i].version == v)
+        };
+        let zone = self.zone.as_deref().filter(|z| {
+            (0..u.endpoints.len())
+                .any(|i| of_version(i) && &*u.labels[i].zone == *z && u.endpoints[i].available())
+        });
+        let avoid = |e: &Arc<Endpoint>| attempt.avoid.iter().any(|a| Arc::ptr_eq(a, e));
+        let eligible = |i: usize| of_version(i) && zone.is_none_or(|z| &*u.labels[i].zone == z);
+        u.choose(attempt.balancing, avoid, eligible)
+            .ok_or_else(|| Box::new(Balanced::NoEndpoint))
     }
 }
 
@@ -70,20 +168,50 @@ where
     type Answer = Balanced;
 
     async fn handle(&self, attempt: Attempt) -> Balanced {
-        let Some(endpoint) = attempt.upstream.pick(attempt.avoid.as_ref()) else {
-            return Balanced::NoEndpoint;
+        let endpoint = match self.choose(&attempt) {
+            Ok(endpoint) => endpoint,
+            Err(none) => return *none,
         };
-        let attempted = self
-            .inner
-            .handle(Dispatch {
-                endpoint: endpoint.clone(),
-                path: attempt.method.path().clone(),
-                headers: attempt.headers,
-                body: attempt.body,
-                deadline: attempt.deadline,
-                peek: attempt.peek,
-            })
-            .await;
+        if let Some(chosen) = &attempt.chosen {
+            let _ = chosen.set(endpoint.clone());
+        }
+        if let Some(i) = attempt
+            .upstream
+            .endpoints
+            .iter()
+            .position(|e| Arc::ptr_eq(e, &endpoint))
+            && !attempt.upstream.labels[i].version.is_empty()
+        {
+            metrics::get().version_request(
+                &attempt.upstream.mesh_service,
+                &attempt.upstream.labels[i].version,
+            );
+        }
+        let in_flight = endpoint.begin();
+        let dispatch = self.inner.handle(Dispatch {
+            endpoint: endpoint.clone(),
+            path: attempt.method.path().clone(),
+            headers: attempt.headers,
+            body: attempt.body,
+            deadline: attempt.deadline,
+            peek: attempt.peek,
+        });
+        let attempted = match attempt.per_try {
+            None => dispatch.await,
+            Some(per_try) => match within(Some(Instant::now() + per_try), dispatch).await {
+                Some(attempted) => attempted,
+                None => {
+                    // Slow is not unwell: no ejection, but the estimate
+                    // learns how slow.
+                    in_flight.answered();
+                    metrics::get().per_try_timeout(attempt.method.service());
+                    return Balanced::TimedOut(endpoint, per_try);
+                }
+            },
+        };
+        if matches!(attempted, Attempted::Answered(_) | Attempted::NotGrpc(_)) {
+            in_flight.answered();
+        }
         if endpoint.record(outcome(&attempted)) {
             metrics::get().ejected(attempt.method.service());
         }
@@ -129,7 +257,12 @@ mod tests {
     fn attempt(upstream: &Arc<Upstream>, avoid: Option<Arc<Endpoint>>) -> Attempt {
         Attempt {
             upstream: upstream.clone(),
-            avoid,
+            balancing: Balancing::RoundRobin,
+            policy: Arc::default(),
+            pinned: None,
+            avoid: avoid.into_iter().collect(),
+            chosen: None,
+            per_try: None,
             method: GrpcMethod::parse(&http::uri::PathAndQuery::from_static("/a.v1.S/M")).unwrap(),
             headers: HeaderMap::new(),
             body: RequestBody::Empty,
@@ -151,9 +284,10 @@ mod tests {
     #[tokio::test]
     async fn attempts_go_round_and_skip_the_endpoint_that_just_failed() {
         let u = upstream(3);
-        let layer = Balance::new(Inner::new(|_: &Dispatch| {
-            Attempted::NotGrpc(http::StatusCode::OK)
-        }));
+        let layer = Balance::new(
+            None,
+            Inner::new(|_: &Dispatch| Attempted::NotGrpc(http::StatusCode::OK)),
+        );
         let mut counts: HashMap<_, usize> = HashMap::new();
         // (Four non-gRPC answers each: one short of ejection.)
         for _ in 0..12 {
@@ -180,7 +314,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_endpoint_leaves_rotation() {
         let u = upstream(2);
-        let layer = Balance::new(Inner::new(unreachable));
+        let layer = Balance::new(None, Inner::new(unreachable));
         let Balanced::Tried(bad, _) = layer.handle(attempt(&u, None)).await else {
             panic!("endpoints are there");
         };

@@ -35,9 +35,11 @@
 pub mod app;
 pub mod authorize;
 pub mod balance;
+pub mod circuit;
 pub mod classify;
 pub mod deadline;
 pub mod endpoint;
+pub mod limit;
 pub mod observe;
 pub mod retry;
 pub mod route;

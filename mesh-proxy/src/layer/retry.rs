@@ -7,7 +7,7 @@
 //! the caller learns what the last attempt ran into.
 
 use http::Response;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -20,9 +20,10 @@ use crate::discovery::MeshView;
 use crate::endpoint::Endpoint;
 use crate::grpc;
 use crate::metrics;
-use crate::policy::RetryPolicy;
+use crate::policy::{Hedge, RetryPolicy};
 use crate::retry::{self, Circumstances, Decision, Failure, Pushback};
 use crate::settings::RetryLimits;
+use tower::retry::budget::TpsBudget;
 
 /// The retry layer.
 #[derive(Debug)]
@@ -91,6 +92,118 @@ impl BodySlot {
     }
 }
 
+/// What one attempt's outcome means for the call.
+enum Step {
+    /// The caller gets this.
+    Answer(Answer),
+    /// It failed; the retry decision says whether another goes.
+    Failed(Failed),
+}
+
+/// A failed attempt.
+struct Failed {
+    failure: Failure,
+    give_up: GiveUp,
+    /// Where it went, if it went anywhere.
+    endpoint: Option<Arc<Endpoint>>,
+    /// The headers and body of an attempt that never left.
+    returned: Option<(Option<http::HeaderMap>, RequestBody)>,
+}
+
+/// Reads an attempt's outcome; `last_failure` learns what went wrong.
+fn step(balanced: Balanced, service: &str, mesh: &str, last_failure: &mut String) -> Step {
+    let (endpoint, attempted) = match balanced {
+        Balanced::Tried(endpoint, attempted) => (endpoint, attempted),
+        Balanced::TimedOut(endpoint, after) => {
+            *last_failure = format!(
+                "{service} endpoint {} did not answer within the per-try timeout of {}ms",
+                endpoint.addr,
+                after.as_millis()
+            );
+            return Step::Failed(Failed {
+                failure: Failure::Reset { refused: false },
+                give_up: GiveUp::Status(Code::DeadlineExceeded),
+                endpoint: Some(endpoint),
+                returned: None,
+            });
+        }
+        Balanced::NoEndpoint => {
+            return Step::Answer(grpc::status_response(
+                Code::Unavailable,
+                &format!("no healthy endpoint serves {service} right now"),
+            ));
+        }
+        Balanced::NoVersion(version) => {
+            return Step::Answer(grpc::status_response(
+                Code::Unavailable,
+                &format!(
+                    "no healthy instance of {mesh} at version {version:?}, which the call's {} header asks for",
+                    grpc::VERSION_HEADER
+                ),
+            ));
+        }
+    };
+    let (failure, give_up, returned) = match attempted {
+        Attempted::Answered(answered) => match answered.status {
+            Some(status) if status.code != Code::Ok => {
+                *last_failure = format!(
+                    "{service} endpoint {} answered {}",
+                    endpoint.addr,
+                    grpc::code_name(status.code)
+                );
+                (
+                    Failure::Status(status),
+                    GiveUp::Pass(Box::new(answered)),
+                    None,
+                )
+            }
+            _ => return Step::Answer(pass_on(answered)),
+        },
+        Attempted::NotGrpc(http_status) => {
+            // Not a gRPC answer (a proxy or load balancer in the way):
+            // the caller gets the gRPC status it stands for.
+            let code = grpc::code_for_http(http_status);
+            *last_failure = format!(
+                "{service} endpoint {} answered HTTP {http_status} instead of gRPC",
+                endpoint.addr
+            );
+            let status = FinalStatus {
+                code,
+                pushback: Pushback::None,
+                unprocessed: false,
+            };
+            (Failure::Status(status), GiveUp::Status(code), None)
+        }
+        Attempted::NotSent {
+            error,
+            headers,
+            body,
+        } => {
+            *last_failure = format!("cannot reach {service} endpoint: {error}");
+            (
+                Failure::NotSent,
+                GiveUp::Status(Code::Unavailable),
+                Some((headers, body)),
+            )
+        }
+        Attempted::Reset(reset) => {
+            *last_failure = format!("call to {service} failed: {reset}");
+            let refused = reset.refused;
+            (
+                Failure::Reset { refused },
+                GiveUp::Status(Code::Unavailable),
+                None,
+            )
+        }
+    };
+    Step::Failed(Failed {
+        failure,
+        give_up,
+        endpoint: Some(endpoint),
+        returned,
+    })
+}
+
 impl<S> Handle<Routed> for Retry<S>
 where
     S: Handle<Attempt, Answer = Balanced>,
@@ -109,105 +222,104 @@ where
                 },
             upstream,
             route,
+            policy: service_policy,
+            pinned,
             safe,
         } = routed;
         let service = method.service();
         let policy = &route.retry;
         let budget = self.view.budgets.get(service, policy.budget_ratio);
         retry::deposit(&budget);
+        let attempt = |made: u32,
+                       headers: http::HeaderMap,
+                       body: RequestBody,
+                       avoid: Vec<Arc<Endpoint>>,
+                       peek: Option<Recorder>,
+                       chosen: Option<Arc<OnceLock<Arc<Endpoint>>>>| {
+            let mut headers = headers;
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                headers.insert("grpc-timeout", grpc::encode_timeout(left));
+            }
+            let _ = made;
+            Attempt {
+                upstream: upstream.clone(),
+                balancing: route.balancing,
+                policy: service_policy.clone(),
+                pinned: pinned.clone(),
+                avoid,
+                chosen,
+                method: method.clone(),
+                headers,
+                body,
+                deadline,
+                per_try: policy.per_try_timeout,
+                peek,
+            }
+        };
+        if let Some(hedge) = route.hedge.filter(|_| safe) {
+            let hedging = Hedging {
+                hedge,
+                policy: RetryPolicy {
+                    max_attempts: hedge.max_attempts,
+                    ..policy.clone()
+                },
+                budget,
+                deadline,
+            };
+            return self
+                .hedged(
+                    hedging,
+                    service,
+                    &upstream.mesh_service,
+                    headers,
+                    body,
+                    attempt,
+                )
+                .await;
+        }
         let mut body = BodySlot::new(body, policy);
         // Headers for an attempt after one that was sent (which took its
         // own): copied only when such an attempt is possible.
         let template = body.recorder.is_some().then(|| headers.clone());
         let mut headers = Some(headers);
         let mut made = 0u32;
-        let mut avoid: Option<Arc<Endpoint>> = None;
+        let mut avoid: Vec<Arc<Endpoint>> = Vec::new();
         let mut last_failure = String::new();
         loop {
             made += 1;
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return expired(service, &last_failure);
             }
-            let mut attempt_headers = match headers.take() {
+            let attempt_headers = match headers.take() {
                 Some(h) => h,
                 None => template.clone().unwrap_or_default(),
             };
-            if let Some(deadline) = deadline {
-                attempt_headers.insert("grpc-timeout", grpc::encode_timeout(deadline - now));
-            }
-            let attempt = Attempt {
-                upstream: upstream.clone(),
-                avoid: avoid.take(),
-                method: method.clone(),
-                headers: attempt_headers,
-                body: body.take(),
-                deadline,
-                peek: body
-                    .recorder
-                    .clone()
-                    .filter(|_| safe && made < policy.max_attempts),
-            };
-            let Some(balanced) = within(deadline, self.inner.handle(attempt)).await else {
+            let peek = body
+                .recorder
+                .clone()
+                .filter(|_| safe && made < policy.max_attempts);
+            let next = attempt(
+                made,
+                attempt_headers,
+                body.take(),
+                std::mem::take(&mut avoid),
+                peek,
+                None,
+            );
+            let Some(balanced) = within(deadline, self.inner.handle(next)).await else {
                 // Dropping the attempt resets its stream: the callee sees
                 // the cancellation.
                 return expired(service, &last_failure);
             };
-            let (endpoint, attempted) = match balanced {
-                Balanced::Tried(endpoint, attempted) => (endpoint, attempted),
-                Balanced::NoEndpoint => {
-                    return grpc::status_response(
-                        Code::Unavailable,
-                        &format!("no healthy endpoint serves {service} right now"),
-                    );
-                }
+            let failed = match step(balanced, service, &upstream.mesh_service, &mut last_failure) {
+                Step::Answer(answer) => return answer,
+                Step::Failed(failed) => failed,
             };
-            let (failure, give_up) = match attempted {
-                Attempted::Answered(answered) => match answered.status {
-                    Some(status) if status.code != Code::Ok => {
-                        last_failure = format!(
-                            "{service} endpoint {} answered {}",
-                            endpoint.addr,
-                            grpc::code_name(status.code)
-                        );
-                        (Failure::Status(status), GiveUp::Pass(Box::new(answered)))
-                    }
-                    _ => return pass_on(answered),
-                },
-                Attempted::NotGrpc(http_status) => {
-                    // Not a gRPC answer (a proxy or load balancer in the
-                    // way): the caller gets the gRPC status it stands for.
-                    let code = grpc::code_for_http(http_status);
-                    last_failure = format!(
-                        "{service} endpoint {} answered HTTP {http_status} instead of gRPC",
-                        endpoint.addr
-                    );
-                    let status = FinalStatus {
-                        code,
-                        pushback: Pushback::None,
-                        unprocessed: false,
-                    };
-                    (Failure::Status(status), GiveUp::Status(code))
-                }
-                Attempted::NotSent {
-                    error,
-                    headers: returned,
-                    body: unsent,
-                } => {
-                    body.put_back(unsent);
-                    headers = returned;
-                    last_failure = format!("cannot reach {service} endpoint: {error}");
-                    (Failure::NotSent, GiveUp::Status(Code::Unavailable))
-                }
-                Attempted::Reset(reset) => {
-                    last_failure = format!("call to {service} failed: {reset}");
-                    let refused = reset.refused;
-                    (
-                        Failure::Reset { refused },
-                        GiveUp::Status(Code::Unavailable),
-                    )
-                }
-            };
+            if let Some((returned, unsent)) = failed.returned {
+                body.put_back(unsent);
+                headers = returned;
+            }
             let now = Circumstances {
                 made,
                 safe,
@@ -215,18 +327,144 @@ where
                 // them can go again only from the copy kept for retries.
                 replayable: body.replayable() && (headers.is_some() || template.is_some()),
             };
-            let wait = match retry::decide(failure, policy, &self.limits, now) {
+            let wait = match retry::decide(failed.failure, policy, &self.limits, now) {
                 Decision::Retry { after, budgeted } if !budgeted || retry::withdraw(&budget) => {
                     after
                 }
-                _ => return give_up.answer(&last_failure),
+                _ => return failed.give_up.answer(&last_failure),
             };
             metrics::get().retried(service);
             tracing::debug!(service, attempt = made, wait_ms = wait.as_millis() as u64, reason = %last_failure, "retrying");
-            avoid = Some(endpoint);
+            avoid.extend(failed.endpoint);
             if !wait.is_zero() {
                 let until = Instant::now() + wait;
                 tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+            }
+        }
+    }
+}
+
+/// What a hedged call goes by.
+struct Hedging {
+    hedge: Hedge,
+    /// The route's retry policy with the hedge's attempts: which failures
+    /// of a copy let the next go at once.
+    policy: RetryPolicy,
+    budget: Arc<TpsBudget>,
+    deadline: Option<Instant>,
+}
+
+impl<S> Retry<S>
+where
+    S: Handle<Attempt, Answer = Balanced>,
+{
+    /// A safe call with a hedge policy: a copy goes to another endpoint
+    /// each time `delay` passes without an answer (or at once when a copy
+    /// fails in a way worth another), up to `max_attempts` copies, each
+    /// after the first paid from the retry budget. The first answer wins;
+    /// the others are cancelled (their streams reset).
+    async fn hedged<F>(
+        &self,
+        hedging: Hedging,
+        service: &str,
+        mesh: &str,
+        headers: http::HeaderMap,
+        body: RequestBody,
+        attempt: F,
+    ) -> Answer
+    where
+        F: Fn(
+            u32,
+            http::HeaderMap,
+            RequestBody,
+            Vec<Arc<Endpoint>>,
+            Option<Recorder>,
+            Option<Arc<OnceLock<Arc<Endpoint>>>>,
+        ) -> Attempt,
+    {
+        use futures::StreamExt;
+        let Hedging {
+            hedge,
+            policy,
+            budget,
+            deadline,
+        } = hedging;
+        let recorder = Recorder::new(body, policy.max_buffered_bytes);
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut chosen: Vec<Arc<OnceLock<Arc<Endpoint>>>> = Vec::new();
+        let mut failed_on: Vec<Arc<Endpoint>> = Vec::new();
+        let mut made = 0u32;
+        let mut last_failure = String::new();
+        let mut last_give_up: Option<GiveUp> = None;
+        let mut hedge_at: Option<Instant> = None;
+        let expired_at = deadline.map(tokio::time::sleep_until);
+        tokio::pin!(expired_at);
+        loop {
+            let launch = in_flight.is_empty() || hedge_at.is_some_and(|at| Instant::now() >= at);
+            if launch {
+                let can = made < hedge.max_attempts && (made == 0 || recorder.replayable());
+                let paid = can && (made == 0 || retry::withdraw(&budget));
+                if paid {
+                    made += 1;
+                    if made > 1 {
+                        metrics::get().hedged(service);
+                        tracing::debug!(service, copy = made, reason = %last_failure, "hedging");
+                    }
+                    let slot = Arc::new(OnceLock::new());
+                    let mut avoid = failed_on.clone();
+                    avoid.extend(chosen.iter().filter_map(|c| c.get().cloned()));
+                    chosen.push(slot.clone());
+                    let peek = (made < hedge.max_attempts).then(|| recorder.clone());
+                    let next = attempt(
+                        made,
+                        headers.clone(),
+                        RequestBody::Replay(recorder.body()),
+                        avoid,
+                        peek,
+                        Some(slot),
+                    );
+                    in_flight.push(self.inner.handle(next));
+                    hedge_at = (made < hedge.max_attempts).then(|| Instant::now() + hedge.delay);
+                } else {
+                    hedge_at = None;
+                    if in_flight.is_empty() {
+                        return match last_give_up {
+                            Some(give_up) => give_up.answer(&last_failure),
+                            None => expired(service, &last_failure),
+                        };
+                    }
+                }
+            }
+            let hedge_sleep = hedge_at.map(tokio::time::sleep_until);
+            tokio::select! {
+                Some(balanced) = in_flight.next() => {
+                    let failed = match step(balanced, service, mesh, &mut last_failure) {
+                        Step::Answer(answer) => return answer,
+                        Step::Failed(failed) => failed,
+                    };
+                    failed_on.extend(failed.endpoint);
+                    let now = Circumstances {
+                        made,
+                        safe: true,
+                        replayable: recorder.replayable(),
+                    };
+                    // A copy's failure that the policy would not retry is
+                    // the answer; one it would lets the next copy go now.
+                    if !matches!(
+                        retry::decide(failed.failure, &policy, &self.limits, now),
+                        Decision::Retry { .. }
+                    ) {
+                        return failed.give_up.answer(&last_failure);
+                    }
+                    last_give_up = Some(failed.give_up);
+                    if in_flight.is_empty() {
+                        hedge_at = Some(Instant::now());
+                    }
+                }
+                () = async { hedge_sleep.expect("only when set").await }, if hedge_sleep.is_some() => {}
+                () = async { expired_at.as_mut().as_pin_mut().expect("only with a deadline").await }, if deadline.is_some() => {
+                    return expired(service, &last_failure);
+                }
             }
         }
     }
@@ -305,10 +543,10 @@ mod tests {
         async fn handle(&self, attempt: Attempt) -> Balanced {
             let endpoint = attempt
                 .upstream
-                .pick(attempt.avoid.as_ref())
+                .pick(attempt.avoid.last())
                 .expect("endpoints");
             self.seen.lock().unwrap().push((
-                attempt.avoid.as_ref().map(|e| e.addr),
+                attempt.avoid.last().map(|e| e.addr),
                 attempt
                     .headers
                     .get("grpc-timeout")
@@ -368,6 +606,8 @@ mod tests {
                 },
                 ..Route::default()
             }),
+            policy: Arc::default(),
+            pinned: None,
             safe,
         }
     }

@@ -5,7 +5,9 @@
 //! safe to repeat (config, or the contract's idempotency level). It also
 //! removes the headers only the mesh may set: the caller's identity is
 //! named by the callee's inbound side, and an external principal only by
-//! an edge, from the credentials it verified.
+//! an edge, from the credentials it verified. A version pin
+//! (`x-trellis-version`) is taken from callers the callee's configuration
+//! trusts with it, and removed in every case.
 
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use super::{Answer, Call, CarriesCall, Handle};
 use crate::directory::{Lookup, Upstream};
 use crate::discovery::MeshView;
 use crate::grpc;
-use crate::policy::Route;
+use crate::policy::{Route, ServicePolicy};
 
 /// A call with its upstream and policy.
 #[derive(Debug)]
@@ -26,6 +28,10 @@ pub struct Routed {
     pub upstream: Arc<Upstream>,
     /// The route policy that applies (timeout, retries).
     pub route: Arc<Route>,
+    /// The serving mesh service's whole policy (circuit, limit, split).
+    pub policy: Arc<ServicePolicy>,
+    /// The version the trusted caller pinned the call to.
+    pub pinned: Option<Arc<str>>,
     /// Whether the method may be repeated without harm.
     pub safe: bool,
 }
@@ -90,11 +96,17 @@ impl<S> RouteLayer<S> {
             }
         };
         let method = call.method.method();
-        let route = self
-            .view
-            .policy(&upstream.mesh_service)
-            .route(service, method);
+        let policy = self.view.policy(&upstream.mesh_service);
+        let route = policy.route(service, method);
         let safe = route.idempotent || self.view.contract_safe(service, method);
+        let pinned = match call.headers.remove(grpc::VERSION_HEADER) {
+            Some(version) if self.may_pin(&policy, &call) => version
+                .to_str()
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(Arc::from),
+            _ => None,
+        };
         // Only the inbound side names the caller, from its certificate.
         call.headers.remove(grpc::CALLER_HEADER);
         // Only an edge names an external caller, from credentials it
@@ -108,8 +120,24 @@ impl<S> RouteLayer<S> {
             call,
             upstream,
             route,
+            policy,
+            pinned,
             safe,
         })
+    }
+
+    /// Whether this call's caller may pin a version: the callee trusts
+    /// this proxy's identity with it, and at the edge the external
+    /// caller was authenticated.
+    fn may_pin(&self, policy: &ServicePolicy, call: &Call) -> bool {
+        if call.access.as_ref().is_some_and(|a| a.principal.is_none()) {
+            return false;
+        }
+        self.view
+            .locale
+            .id
+            .as_ref()
+            .is_some_and(|(own, local)| policy.honours_version_header(own, local))
     }
 }
 
