@@ -322,6 +322,215 @@ mod tests {
         assert!(u.endpoints.iter().any(|e| e.available()));
     }
 
+    /// Endpoints labelled (version, zone), in order, that the non-gRPC
+    /// answers of [`ok`] never eject.
+    fn labelled(labels: &[(&str, &str)]) -> Arc<Upstream> {
+        let mut settings = crate::settings::Upstream::default();
+        settings.ejection.failures = u32::MAX;
+        let endpoints = (0..labels.len())
+            .map(|i| {
+                Endpoint::with_settings(
+                    format!("127.0.0.1:{}", 9200 + i).parse().unwrap(),
+                    Transport::H2c,
+                    settings,
+                )
+            })
+            .collect();
+        let labels = labels
+            .iter()
+            .map(|(v, z)| crate::directory::Labels {
+                version: Arc::from(*v),
+                zone: Arc::from(*z),
+            })
+            .collect();
+        Upstream::labelled("echo".into(), endpoints, labels)
+    }
+
+    fn split(weights: &[(&str, u32)]) -> Arc<ServicePolicy> {
+        use trellis::pb::trellis::config::v1 as pb;
+        Arc::new(ServicePolicy::from_proto(&pb::ServiceConfig {
+            traffic: Some(pb::TrafficPolicy {
+                split: weights
+                    .iter()
+                    .map(|(v, w)| pb::VersionWeight {
+                        version: (*v).into(),
+                        weight: *w,
+                    })
+                    .collect(),
+                version_header_callers: vec![],
+            }),
+            ..Default::default()
+        }))
+    }
+
+    /// Where `n` attempts went, by port.
+    async fn spread(
+        layer: &Balance<Inner<Dispatch, Attempted>>,
+        a: impl Fn() -> Attempt,
+        n: usize,
+    ) -> HashMap<u16, usize> {
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            if let Balanced::Tried(e, _) = layer.handle(a()).await {
+                *counts.entry(e.addr.port()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    fn ok(_: &Dispatch) -> Attempted {
+        Attempted::NotGrpc(http::StatusCode::OK)
+    }
+
+    #[tokio::test]
+    async fn a_split_sends_each_version_its_share_and_skips_versions_with_no_endpoint() {
+        let u = labelled(&[("v1", ""), ("v1", ""), ("v2", "")]);
+        let layer = Balance::new(None, Inner::new(ok));
+        let policy = split(&[("v1", 90), ("v2", 10)]);
+        let counts = spread(
+            &layer,
+            || Attempt {
+                policy: policy.clone(),
+                ..attempt(&u, None)
+            },
+            2000,
+        )
+        .await;
+        let v2 = counts.get(&9202).copied().unwrap_or(0);
+        assert!((120..=280).contains(&v2), "{counts:?}");
+        // v3 has no endpoint: v1 takes its share.
+        let policy = split(&[("v1", 50), ("v3", 50)]);
+        let counts = spread(
+            &layer,
+            || Attempt {
+                policy: policy.clone(),
+                ..attempt(&u, None)
+            },
+            200,
+        )
+        .await;
+        assert!(!counts.contains_key(&9202), "{counts:?}");
+        assert_eq!(counts.values().sum::<usize>(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_pin_goes_to_its_version_or_nowhere() {
+        let u = labelled(&[("v1", ""), ("v2", "")]);
+        let layer = Balance::new(None, Inner::new(ok));
+        let counts = spread(
+            &layer,
+            || Attempt {
+                pinned: Some("v2".into()),
+                policy: split(&[("v1", 100)]),
+                ..attempt(&u, None)
+            },
+            20,
+        )
+        .await;
+        assert_eq!(counts.get(&9201), Some(&20), "{counts:?}");
+        let none = layer
+            .handle(Attempt {
+                pinned: Some("v9".into()),
+                ..attempt(&u, None)
+            })
+            .await;
+        assert!(matches!(none, Balanced::NoVersion(v) if &*v == "v9"));
+    }
+
+    #[tokio::test]
+    async fn the_own_zone_is_preferred_while_it_has_an_endpoint_in_rotation() {
+        let u = labelled(&[("", "a"), ("", "b"), ("", "b")]);
+        let layer = Balance::new(Some("a".into()), Inner::new(ok));
+        let counts = spread(&layer, || attempt(&u, None), 30).await;
+        assert_eq!(counts.get(&9200), Some(&30), "{counts:?}");
+        u.endpoints[0].record(Outcome::Unreachable);
+        let counts = spread(&layer, || attempt(&u, None), 30).await;
+        assert!(!counts.contains_key(&9200), "zone a is down: {counts:?}");
+        assert_eq!(counts.values().sum::<usize>(), 30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_keeps_away_from_a_slow_endpoint_and_least_request_from_a_busy_one() {
+        let u = labelled(&[("", ""), ("", ""), ("", "")]);
+        // One sample each: the third endpoint is slow.
+        for (i, ms) in [1u64, 1, 200].into_iter().enumerate() {
+            let guard = u.endpoints[i].begin();
+            tokio::time::advance(std::time::Duration::from_millis(ms)).await;
+            guard.answered();
+        }
+        let layer = Balance::new(None, Inner::new(ok));
+        let counts = spread(
+            &layer,
+            || Attempt {
+                balancing: Balancing::PeakEwma,
+                ..attempt(&u, None)
+            },
+            300,
+        )
+        .await;
+        assert!(!counts.contains_key(&9202), "{counts:?}");
+        // Ten calls in flight on the first endpoint.
+        let busy: Vec<_> = (0..10).map(|_| u.endpoints[0].begin()).collect();
+        let counts = spread(
+            &layer,
+            || Attempt {
+                balancing: Balancing::LeastRequest,
+                ..attempt(&u, None)
+            },
+            300,
+        )
+        .await;
+        assert!(!counts.contains_key(&9200), "{counts:?}");
+        drop(busy);
+        // Unobserved, a slow estimate decays below the others' fresh
+        // ones: the endpoint is tried again.
+        tokio::time::advance(std::time::Duration::from_secs(120)).await;
+        for i in 0..2 {
+            let guard = u.endpoints[i].begin();
+            tokio::time::advance(std::time::Duration::from_millis(1)).await;
+            guard.answered();
+        }
+        let counts = spread(
+            &layer,
+            || Attempt {
+                balancing: Balancing::PeakEwma,
+                ..attempt(&u, None)
+            },
+            300,
+        )
+        .await;
+        assert!(counts.contains_key(&9202), "{counts:?}");
+    }
+
+    /// Answers every dispatch after a second.
+    struct Slow;
+
+    impl Handle<Dispatch> for Slow {
+        type Answer = Attempted;
+        async fn handle(&self, _: Dispatch) -> Attempted {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            Attempted::NotGrpc(http::StatusCode::OK)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_is_abandoned_at_its_per_try_timeout_without_ejection() {
+        let u = upstream(1);
+        let layer = Balance::new(None, Slow);
+        let started = Instant::now();
+        let per_try = std::time::Duration::from_millis(100);
+        let timed_out = layer
+            .handle(Attempt {
+                per_try: Some(per_try),
+                ..attempt(&u, None)
+            })
+            .await;
+        assert!(matches!(timed_out, Balanced::TimedOut(_, d) if d == per_try));
+        assert_eq!(started.elapsed(), per_try);
+        assert!(u.endpoints[0].available());
+        assert_eq!(u.endpoints[0].in_flight(), 0);
+    }
+
     #[test]
     fn only_failures_count_against_an_endpoint() {
         assert_eq!(

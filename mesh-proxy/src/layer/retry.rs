@@ -697,4 +697,102 @@ mod tests {
         layer.handle(r).await;
         assert_eq!(script.seen.lock().unwrap().len(), 1);
     }
+
+    /// Sends every attempt round robin (skipping the ones to avoid); the
+    /// first endpoint stalls, the others answer (not gRPC) at once.
+    #[derive(Default)]
+    struct Stall {
+        seen: Mutex<Vec<(u16, Instant)>>,
+    }
+
+    impl Handle<Attempt> for Arc<Stall> {
+        type Answer = Balanced;
+        async fn handle(&self, attempt: Attempt) -> Balanced {
+            let u = &attempt.upstream;
+            let endpoint = u
+                .choose(
+                    crate::policy::Balancing::RoundRobin,
+                    |e| attempt.avoid.iter().any(|a| Arc::ptr_eq(a, e)),
+                    |_| true,
+                )
+                .expect("endpoints");
+            if let Some(chosen) = &attempt.chosen {
+                chosen.set(endpoint.clone()).unwrap();
+            }
+            self.seen
+                .lock()
+                .unwrap()
+                .push((endpoint.addr.port(), Instant::now()));
+            if Arc::ptr_eq(&endpoint, &u.endpoints[0]) {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            Balanced::Tried(endpoint, Attempted::NotGrpc(StatusCode::OK))
+        }
+    }
+
+    fn hedged(safe: bool) -> Routed {
+        let mut r = routed(safe, Duration::from_millis(1), None);
+        Arc::get_mut(&mut r.route).unwrap().hedge = Some(Hedge {
+            delay: Duration::from_millis(50),
+            max_attempts: 3,
+        });
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_safe_call_is_hedged_elsewhere_after_the_delay_and_the_first_answer_wins() {
+        let stall = Arc::new(Stall::default());
+        let layer = Retry::new(
+            Arc::new(MeshView::default()),
+            RetryLimits::default(),
+            stall.clone(),
+        );
+        let started = Instant::now();
+        let answer = layer.handle(hedged(true)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        let message = grpc::message_of(answer.headers());
+        assert!(message.contains("127.0.0.1:9101"), "{message}");
+        let seen = stall.seen.lock().unwrap();
+        assert_eq!(
+            seen.iter().map(|(port, _)| *port).collect::<Vec<_>>(),
+            [9100, 9101],
+            "the second copy went elsewhere, and its answer ended the call"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsafe_call_is_never_hedged() {
+        let stall = Arc::new(Stall::default());
+        let layer = Retry::new(
+            Arc::new(MeshView::default()),
+            RetryLimits::default(),
+            stall.clone(),
+        );
+        let started = Instant::now();
+        layer.handle(hedged(false)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert_eq!(stall.seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hedges_are_paid_from_the_retry_budget() {
+        let stall = Arc::new(Stall::default());
+        let layer = Retry::new(
+            Arc::new(MeshView::default()),
+            RetryLimits::default(),
+            stall.clone(),
+        );
+        let budget = layer.view.budgets.get("a.v1.S", 0.0);
+        while retry::withdraw(&budget) {}
+        let mut r = hedged(true);
+        Arc::get_mut(&mut r.route).unwrap().retry.budget_ratio = 0.0;
+        let started = Instant::now();
+        layer.handle(r).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(10),
+            "no budget, no hedge"
+        );
+        assert_eq!(stall.seen.lock().unwrap().len(), 1);
+    }
 }
