@@ -7,8 +7,9 @@
 //! version and bumps the revision, which every watcher then receives. A file
 //! that is not valid is rejected whole, with its file, line and reason
 //! reported by GetConfigStatus and logged, and its last good version stays
-//! in force. Rules naming methods that no registered contract defines are
-//! reported the same way (the rule stays, since the contract may register
+//! in force. Rules naming methods that no registered contract defines, and
+//! version splits naming versions no instance serves, are reported the same
+//! way (the entry stays, since the contract or the instances may register
 //! later).
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,7 +33,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// The file holding mesh-wide defaults.
 pub const DEFAULTS_FILE: &str = "defaults.toml";
 
-/// Built-in route values, used where no file sets a field.
+/// Built-in values, used where no file sets a field (of a route, or of a
+/// table a file gives).
 mod builtin {
     use std::time::Duration;
     pub const MAX_ATTEMPTS: u32 = 3;
@@ -41,6 +43,30 @@ mod builtin {
     pub const MAX_BACKOFF: Duration = Duration::from_millis(250);
     pub const BUDGET_RATIO: f64 = 0.2;
     pub const MAX_BUFFERED_BYTES: u32 = 64 * 1024;
+    pub const HEDGE_ATTEMPTS: u32 = 2;
+    pub const MAX_QUEUED: u32 = 0;
+    pub const CONSECUTIVE_FAILURES: u32 = 5;
+    pub const FAILURE_RATE: f64 = 0.5;
+    pub const MINIMUM_CALLS: u32 = 20;
+    pub const WINDOW: Duration = Duration::from_secs(10);
+    pub const OPEN_FOR: Duration = Duration::from_secs(5);
+    pub const HALF_OPEN_CALLS: u32 = 1;
+}
+
+/// Bounds on traffic-management values. Each is far beyond what one
+/// sidecar can use (a hedge past five copies multiplies load rather than
+/// cutting latency; a hundred thousand calls in flight exhausts any
+/// service), so a value over it is a typo reported with its line.
+mod bounds {
+    use std::ops::RangeInclusive;
+    /// Copies of a hedged call in all, the first included.
+    pub const HEDGE_ATTEMPTS: RangeInclusive<u32> = 2..=5;
+    /// Most calls a concurrency limit lets through at once.
+    pub const MAX_CONCURRENT: u32 = 100_000;
+    /// Most calls a concurrency limit lets wait.
+    pub const MAX_QUEUED: u32 = 10_000;
+    /// Most probe calls a half-open circuit lets through.
+    pub const HALF_OPEN_CALLS: u32 = 100;
 }
 
 /// The longest duration a config file may give. Durations are sent as
@@ -189,12 +215,33 @@ impl<'de> Deserialize<'de> for Caller {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// How proxies pick an instance, as a file names it.
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Balance {
     RoundRobin,
-    Random,
     LeastRequest,
+    PeakEwma,
+    /// No longer supported: read so that the refusal can name its line and
+    /// say what to use instead (see [`check_route`]).
+    Random,
+}
+
+const BALANCE_CHOICES: &str =
+    "use \"peak_ewma\" (the default), \"least_request\" or \"round_robin\"";
+
+impl<'de> Deserialize<'de> for Balance {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "round_robin" => Ok(Self::RoundRobin),
+            "least_request" => Ok(Self::LeastRequest),
+            "peak_ewma" => Ok(Self::PeakEwma),
+            "random" => Ok(Self::Random),
+            _ => Err(serde::de::Error::custom(format!(
+                "{text:?} is not a load balancing policy: {BALANCE_CHOICES}"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -213,6 +260,60 @@ struct RetryFile {
     max_backoff: Option<Dur>,
     budget_ratio: Option<f64>,
     max_buffered_bytes: Option<u32>,
+    per_try_timeout: Option<Spanned<Dur>>,
+}
+
+/// `[routes.hedge]`: copies of a slow call to other instances.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HedgeFile {
+    /// Required; optional here so its absence is refused with a rule path.
+    delay: Option<Spanned<Dur>>,
+    max_attempts: Option<Spanned<u32>>,
+}
+
+/// `[routes.limit]` and `[caller_limit]`: calls in flight, and waiting.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitFile {
+    /// Required; optional here so its absence is refused with a rule path.
+    max_concurrent: Option<Spanned<u32>>,
+    max_queued: Option<Spanned<u32>>,
+}
+
+/// `[circuit_breaker]`: when callers stop calling the service for a while.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakerFile {
+    consecutive_failures: Option<Spanned<u32>>,
+    failure_rate: Option<Spanned<f64>>,
+    minimum_calls: Option<Spanned<u32>>,
+    window: Option<Spanned<Dur>>,
+    open_for: Option<Spanned<Dur>>,
+    half_open_calls: Option<Spanned<u32>>,
+}
+
+/// `[traffic]`: which versions get the calls, and who may pick one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrafficFile {
+    split: Option<Spanned<Vec<Spanned<WeightFile>>>>,
+    #[serde(default)]
+    version_header_callers: Vec<Caller>,
+}
+
+impl TrafficFile {
+    fn split(&self) -> &[Spanned<WeightFile>] {
+        self.split.as_ref().map_or(&[], |s| s.get_ref())
+    }
+}
+
+/// One `{ version = "v2", weight = 10 }` of a split.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightFile {
+    version: Spanned<String>,
+    weight: Spanned<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -220,9 +321,11 @@ struct RetryFile {
 struct RouteFile {
     method: Spanned<MethodMatch>,
     timeout: Option<Dur>,
-    load_balancing: Option<Balance>,
+    load_balancing: Option<Spanned<Balance>>,
     idempotent: Option<bool>,
     retry: Option<RetryFile>,
+    hedge: Option<Spanned<HedgeFile>>,
+    limit: Option<Spanned<LimitFile>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -249,6 +352,12 @@ struct ConfigFile {
     authorization: Option<Vec<RuleFile>>,
     #[serde(default)]
     settings: toml::Table,
+    /// Replaces the defaults' table as a whole.
+    circuit_breaker: Option<Spanned<BreakerFile>>,
+    /// Replaces the defaults' table as a whole.
+    caller_limit: Option<Spanned<LimitFile>>,
+    /// A service's own: refused in defaults.toml.
+    traffic: Option<Spanned<TrafficFile>>,
 }
 
 impl ConfigFile {
@@ -345,7 +454,283 @@ fn parse_file(name: &str, text: &str) -> Result<ConfigFile, pb::ConfigProblem> {
             });
         }
     }
+    check_traffic_management(name, &file).map_err(|fault| pb::ConfigProblem {
+        rule: fault.rule,
+        ..problem(line_of(text, fault.at), fault.message)
+    })?;
     Ok(file)
+}
+
+/// Why a parsed file is refused: where the entry at fault starts (a byte
+/// offset, for its line), the entry as a rule path, and what to do.
+#[derive(Debug)]
+struct Fault {
+    at: usize,
+    rule: String,
+    message: String,
+}
+
+impl Fault {
+    fn new<T>(at: &Spanned<T>, rule: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            at: at.span().start,
+            rule: rule.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The value of an optional spanned field.
+fn value<T: Copy>(field: &Option<Spanned<T>>) -> Option<T> {
+    field.as_ref().map(|f| *f.get_ref())
+}
+
+/// Checks the traffic-management entries of file `name`: route balancing,
+/// per-try timeouts, hedging and limits, the circuit breaker, the caller
+/// limit and the version split.
+fn check_traffic_management(name: &str, file: &ConfigFile) -> Result<(), Fault> {
+    for (i, route) in file.routes.iter().enumerate() {
+        check_route(&format!("routes[{i}]"), route)?;
+    }
+    if let Some(breaker) = &file.circuit_breaker {
+        check_breaker(breaker)?;
+    }
+    if let Some(limit) = &file.caller_limit {
+        check_limit("caller_limit", limit)?;
+    }
+    if let Some(traffic) = &file.traffic {
+        if name == DEFAULTS_FILE {
+            return Err(Fault::new(
+                traffic,
+                "traffic",
+                format!(
+                    "a traffic split belongs to one service's file (<service>.toml), not {DEFAULTS_FILE}: versions are each service's own"
+                ),
+            ));
+        }
+        check_traffic(traffic.get_ref())?;
+    }
+    Ok(())
+}
+
+fn check_route(rule: &str, route: &RouteFile) -> Result<(), Fault> {
+    if let Some(balance) = &route.load_balancing
+        && *balance.get_ref() == Balance::Random
+    {
+        return Err(Fault::new(
+            balance,
+            format!("{rule}.load_balancing"),
+            format!("random is not supported; {BALANCE_CHOICES}"),
+        ));
+    }
+    if let Some(t) = route
+        .retry
+        .as_ref()
+        .and_then(|r| r.per_try_timeout.as_ref())
+    {
+        positive(
+            t,
+            format!("{rule}.retry.per_try_timeout"),
+            "leave it out for no per-try timeout",
+        )?;
+    }
+    if let Some(hedge) = &route.hedge {
+        let rule = format!("{rule}.hedge");
+        match &hedge.get_ref().delay {
+            None => {
+                return Err(Fault::new(
+                    hedge,
+                    format!("{rule}.delay"),
+                    "is required: how long to wait for an answer before sending the next copy, e.g. delay = \"50ms\"",
+                ));
+            }
+            Some(delay) => positive(
+                delay,
+                format!("{rule}.delay"),
+                "it is how long to wait for an answer before sending the next copy, e.g. \"50ms\"",
+            )?,
+        }
+        if let Some(n) = &hedge.get_ref().max_attempts
+            && !bounds::HEDGE_ATTEMPTS.contains(n.get_ref())
+        {
+            return Err(Fault::new(
+                n,
+                format!("{rule}.max_attempts"),
+                format!(
+                    "must be {} to {} (copies in all, the first included); remove the table for no hedging",
+                    bounds::HEDGE_ATTEMPTS.start(),
+                    bounds::HEDGE_ATTEMPTS.end()
+                ),
+            ));
+        }
+    }
+    if let Some(limit) = &route.limit {
+        check_limit(&format!("{rule}.limit"), limit)?;
+    }
+    Ok(())
+}
+
+/// Refuses a zero duration, with `hint` saying what to write instead.
+fn positive(d: &Spanned<Dur>, rule: String, hint: &str) -> Result<(), Fault> {
+    if d.get_ref().0.is_zero() {
+        return Err(Fault::new(
+            d,
+            rule,
+            format!("must be longer than 0; {hint}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_limit(rule: &str, limit: &Spanned<LimitFile>) -> Result<(), Fault> {
+    let Some(max) = &limit.get_ref().max_concurrent else {
+        return Err(Fault::new(
+            limit,
+            format!("{rule}.max_concurrent"),
+            format!(
+                "is required: the most calls in flight at once, 1 to {}; remove the table for no limit",
+                bounds::MAX_CONCURRENT
+            ),
+        ));
+    };
+    let rule_max = format!("{rule}.max_concurrent");
+    match *max.get_ref() {
+        0 => {
+            return Err(Fault::new(
+                max,
+                rule_max,
+                "a limit of 0 would refuse every call; remove the table for no limit",
+            ));
+        }
+        n if n > bounds::MAX_CONCURRENT => {
+            return Err(Fault::new(
+                max,
+                rule_max,
+                format!(
+                    "{n} is more than the most allowed, {}",
+                    bounds::MAX_CONCURRENT
+                ),
+            ));
+        }
+        _ => {}
+    }
+    if let Some(queued) = &limit.get_ref().max_queued
+        && *queued.get_ref() > bounds::MAX_QUEUED
+    {
+        return Err(Fault::new(
+            queued,
+            format!("{rule}.max_queued"),
+            format!(
+                "{} is more than the most allowed, {} (0 fails every call over the limit at once)",
+                queued.get_ref(),
+                bounds::MAX_QUEUED
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_breaker(breaker: &Spanned<BreakerFile>) -> Result<(), Fault> {
+    let b = breaker.get_ref();
+    if let Some(rate) = &b.failure_rate
+        && !(0.0..=1.0).contains(rate.get_ref())
+    {
+        return Err(Fault::new(
+            rate,
+            "circuit_breaker.failure_rate",
+            "must be between 0 and 1 (0: only consecutive failures open the circuit)",
+        ));
+    }
+    let consecutive = value(&b.consecutive_failures).unwrap_or(builtin::CONSECUTIVE_FAILURES);
+    let rate = value(&b.failure_rate).unwrap_or(builtin::FAILURE_RATE);
+    if consecutive == 0 && rate == 0.0 {
+        return Err(Fault::new(
+            breaker,
+            "circuit_breaker",
+            "consecutive_failures and failure_rate are both 0, so nothing would open the circuit; set one of them, or remove the table for no circuit breaking",
+        ));
+    }
+    if let Some(n) = &b.minimum_calls
+        && *n.get_ref() == 0
+    {
+        return Err(Fault::new(
+            n,
+            "circuit_breaker.minimum_calls",
+            "must be at least 1: the fewest calls within window before failure_rate applies",
+        ));
+    }
+    if let Some(window) = &b.window {
+        positive(
+            window,
+            "circuit_breaker.window".into(),
+            "it is how far back failure_rate looks, e.g. \"10s\"",
+        )?;
+    }
+    if let Some(open_for) = &b.open_for {
+        positive(
+            open_for,
+            "circuit_breaker.open_for".into(),
+            "it is how long the circuit stays open before probing, e.g. \"5s\"",
+        )?;
+    }
+    if let Some(n) = &b.half_open_calls
+        && !(1..=bounds::HALF_OPEN_CALLS).contains(n.get_ref())
+    {
+        return Err(Fault::new(
+            n,
+            "circuit_breaker.half_open_calls",
+            format!(
+                "must be 1 to {}: the probe calls let through while half-open",
+                bounds::HALF_OPEN_CALLS
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_traffic(traffic: &TrafficFile) -> Result<(), Fault> {
+    let split = traffic.split();
+    for (i, entry) in split.iter().enumerate() {
+        let WeightFile { version, weight } = entry.get_ref();
+        let rule = format!("traffic.split[{i}]");
+        validate::version(version.get_ref())
+            .map_err(|e| Fault::new(version, format!("{rule}.version"), e))?;
+        if split[..i]
+            .iter()
+            .any(|other| other.get_ref().version.get_ref() == version.get_ref())
+        {
+            return Err(Fault::new(
+                version,
+                format!("{rule}.version"),
+                format!("{} is listed twice", version.get_ref()),
+            ));
+        }
+        if *weight.get_ref() > 100 {
+            return Err(Fault::new(
+                weight,
+                format!("{rule}.weight"),
+                format!(
+                    "{} is over 100: a weight is the version's share of calls, in percent",
+                    weight.get_ref()
+                ),
+            ));
+        }
+    }
+    let total: u64 = split
+        .iter()
+        .map(|e| u64::from(*e.get_ref().weight.get_ref()))
+        .sum();
+    if let Some(list) = &traffic.split
+        && !split.is_empty()
+        && total != 100
+    {
+        return Err(Fault::new(
+            list,
+            "traffic.split",
+            format!("weights add up to {total}; they must add up to exactly 100 (percent)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a parsed file against what is already in force: `previous`, the
@@ -440,6 +825,8 @@ struct Reader {
     rejected: BTreeMap<String, pb::ConfigProblem>,
     /// Contract problems last logged.
     unknown_logged: Vec<pb::ConfigProblem>,
+    /// Split versions without a serving instance last logged.
+    unserved_logged: Vec<pb::ConfigProblem>,
 }
 
 /// The configuration store: the accepted snapshot, the problems, and the
@@ -582,6 +969,7 @@ impl ConfigStore {
         }
         drop(reader);
         self.check_contracts();
+        self.check_versions();
         changed
     }
 
@@ -635,26 +1023,103 @@ impl ConfigStore {
         reader.unknown_logged = problems;
     }
 
-    /// Re-reads the directory every [`POLL_INTERVAL`] and re-checks rules
-    /// when contracts change, until the store is dropped.
+    /// Problems with version splits naming versions that no serving
+    /// instance of the service registers: not refusals, since proxies give
+    /// such a version's share to the others and an instance may register.
+    fn version_problems(&self) -> Vec<pb::ConfigProblem> {
+        let snapshot = self.snapshot.borrow().clone();
+        let mut problems = Vec::new();
+        for (name, (text, file)) in &snapshot.files {
+            let Some(traffic) = &file.traffic else {
+                continue;
+            };
+            let split = traffic.get_ref().split();
+            // defaults.toml cannot have a split; a file's name is its service.
+            let Some(service) = name.strip_suffix(".toml") else {
+                continue;
+            };
+            if split.is_empty() {
+                continue;
+            }
+            let serving = self.registry.serving_versions(service);
+            let none_served = split
+                .iter()
+                .all(|w| !serving.contains(w.get_ref().version.get_ref()));
+            for (i, w) in split.iter().enumerate() {
+                let version = &w.get_ref().version;
+                if serving.contains(version.get_ref()) {
+                    continue;
+                }
+                let message = if none_served {
+                    format!(
+                        "version {} of {service} has no serving instance, nor has any other version in the split; until one has, calls go to any instance of {service}",
+                        version.get_ref()
+                    )
+                } else {
+                    format!(
+                        "version {} of {service} has no serving instance; its share goes to the other versions",
+                        version.get_ref()
+                    )
+                };
+                problems.push(pb::ConfigProblem {
+                    file: name.clone(),
+                    line: line_of(text, version.span().start),
+                    rule: format!("traffic.split[{i}].version"),
+                    message,
+                    rejected: false,
+                });
+            }
+        }
+        problems
+    }
+
+    /// Logs split versions without a serving instance, once per change of
+    /// that list.
+    pub fn check_versions(&self) {
+        let problems = self.version_problems();
+        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        if reader.unserved_logged == problems {
+            return;
+        }
+        for p in problems
+            .iter()
+            .filter(|p| !reader.unserved_logged.contains(p))
+        {
+            tracing::warn!(file = %p.file, line = p.line, rule = %p.rule, reason = %p.message, "config split names a version with no serving instance");
+        }
+        reader.unserved_logged = problems;
+    }
+
+    /// Re-reads the directory every [`POLL_INTERVAL`], re-checks rules
+    /// when contracts change and splits when a version gains its first
+    /// serving instance or loses its last, until the store is dropped.
     pub fn spawn_watcher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        enum Wake {
+            Tick,
+            Contracts,
+            Versions,
+        }
         let weak = Arc::downgrade(self);
         let mut contracts = self.registry.contracts_changes();
+        let mut versions = self.registry.serving_versions_changes();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(POLL_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let contracts_changed = tokio::select! {
-                    _ = tick.tick() => false,
-                    r = contracts.changed() => r.is_ok(),
+                let wake = tokio::select! {
+                    _ = tick.tick() => Wake::Tick,
+                    r = contracts.changed() => if r.is_ok() { Wake::Contracts } else { Wake::Tick },
+                    r = versions.changed() => if r.is_ok() { Wake::Versions } else { Wake::Tick },
                 };
                 let Some(store) = weak.upgrade() else { return };
-                if contracts_changed {
-                    store.check_contracts();
-                } else {
-                    // File I/O is small but blocking; keep it off the reactor.
-                    let s = store.clone();
-                    let _ = tokio::task::spawn_blocking(move || s.reload()).await;
+                match wake {
+                    Wake::Contracts => store.check_contracts(),
+                    Wake::Versions => store.check_versions(),
+                    Wake::Tick => {
+                        // File I/O is small but blocking; keep it off the reactor.
+                        let s = store.clone();
+                        let _ = tokio::task::spawn_blocking(move || s.reload()).await;
+                    }
                 }
             }
         })
@@ -672,6 +1137,7 @@ impl ConfigStore {
             .cloned()
             .collect();
         problems.extend(self.contract_problems());
+        problems.extend(self.version_problems());
         pb::GetConfigStatusResponse {
             revision: snapshot.revision,
             loaded_at: snapshot.loaded_at.map(prost_types::Timestamp::from),
@@ -725,11 +1191,42 @@ impl ConfigStore {
                 settings.insert(k.clone(), v.clone());
             }
         }
+        // Whole tables: the service's own replaces the defaults'.
+        let circuit_breaker = own
+            .and_then(|f| f.circuit_breaker.as_ref())
+            .or_else(|| defaults.and_then(|f| f.circuit_breaker.as_ref()))
+            .map(|b| breaker_policy(b.get_ref()));
+        let caller_limit = own
+            .and_then(|f| f.caller_limit.as_ref())
+            .or_else(|| defaults.and_then(|f| f.caller_limit.as_ref()))
+            .map(|l| limit_policy(l.get_ref()));
+        let traffic = own
+            .and_then(|f| f.traffic.as_ref())
+            .map(|t| pb::TrafficPolicy {
+                split: t
+                    .get_ref()
+                    .split()
+                    .iter()
+                    .map(|w| pb::VersionWeight {
+                        version: w.get_ref().version.get_ref().clone(),
+                        weight: *w.get_ref().weight.get_ref(),
+                    })
+                    .collect(),
+                version_header_callers: t
+                    .get_ref()
+                    .version_header_callers
+                    .iter()
+                    .map(|c| c.0.clone())
+                    .collect(),
+            });
         let config = pb::ServiceConfig {
             service: service.to_owned(),
             routes,
             authorization,
             settings: Some(to_struct(&settings)),
+            circuit_breaker,
+            caller_limit,
+            traffic,
         };
         let source = if own.is_some() {
             own_name
@@ -789,7 +1286,8 @@ impl ConfigStore {
 
 /// The route for `key`: each field from the most specific place that sets
 /// it (the service's file, from `key` up to `*`, then the defaults' file
-/// the same way), else the built-in value.
+/// the same way), else the built-in value; `hedge` and `limit` the same
+/// way but each as a whole table, and unset if no place sets them.
 fn resolve_route(layers: &[&ConfigFile], key: &MethodMatch) -> pb::RoutePolicy {
     let mut chain: Vec<&RouteFile> = Vec::new();
     for layer in layers {
@@ -808,9 +1306,11 @@ fn resolve_route(layers: &[&ConfigFile], key: &MethodMatch) -> pb::RoutePolicy {
         chain.iter().find_map(|r| r.retry.as_ref().and_then(&f))
     }
     let timeout = pick(&chain, |r| r.timeout);
-    let balance = pick(&chain, |r| r.load_balancing);
+    let balance = pick(&chain, |r| value(&r.load_balancing));
     let idempotent = pick(&chain, |r| r.idempotent);
     let codes = retry(&chain, |r| r.retryable_status_codes.clone());
+    let hedge = chain.iter().find_map(|r| r.hedge.as_ref());
+    let limit = chain.iter().find_map(|r| r.limit.as_ref());
     pb::RoutePolicy {
         method_match: key.0.clone(),
         timeout: timeout.map(|d| proto_duration(d.0)),
@@ -828,13 +1328,49 @@ fn resolve_route(layers: &[&ConfigFile], key: &MethodMatch) -> pb::RoutePolicy {
             budget_ratio: retry(&chain, |r| r.budget_ratio).unwrap_or(builtin::BUDGET_RATIO),
             max_buffered_bytes: retry(&chain, |r| r.max_buffered_bytes)
                 .unwrap_or(builtin::MAX_BUFFERED_BYTES),
+            per_try_timeout: retry(&chain, |r| value(&r.per_try_timeout))
+                .map(|d| proto_duration(d.0)),
         }),
-        load_balancing: match balance.unwrap_or(Balance::RoundRobin) {
+        load_balancing: match balance.unwrap_or(Balance::PeakEwma) {
             Balance::RoundRobin => pb::LoadBalancing::RoundRobin,
-            Balance::Random => pb::LoadBalancing::Random,
             Balance::LeastRequest => pb::LoadBalancing::LeastRequest,
+            // Refused when a file is read; never in force.
+            Balance::PeakEwma | Balance::Random => pb::LoadBalancing::PeakEwma,
         } as i32,
         idempotent: idempotent.unwrap_or(false),
+        hedge: hedge.map(|h| {
+            let h = h.get_ref();
+            pb::HedgePolicy {
+                delay: value(&h.delay).map(|d| proto_duration(d.0)),
+                max_attempts: value(&h.max_attempts).unwrap_or(builtin::HEDGE_ATTEMPTS),
+            }
+        }),
+        limit: limit.map(|l| limit_policy(l.get_ref())),
+    }
+}
+
+/// A limit as served: `max_concurrent` is required when a file is read.
+fn limit_policy(limit: &LimitFile) -> pb::ConcurrencyLimit {
+    pb::ConcurrencyLimit {
+        max_concurrent: value(&limit.max_concurrent).unwrap_or_default(),
+        max_queued: value(&limit.max_queued).unwrap_or(builtin::MAX_QUEUED),
+    }
+}
+
+/// A circuit breaker as served, its unset fields built in.
+fn breaker_policy(b: &BreakerFile) -> pb::CircuitBreaker {
+    pb::CircuitBreaker {
+        consecutive_failures: value(&b.consecutive_failures)
+            .unwrap_or(builtin::CONSECUTIVE_FAILURES),
+        failure_rate: value(&b.failure_rate).unwrap_or(builtin::FAILURE_RATE),
+        minimum_calls: value(&b.minimum_calls).unwrap_or(builtin::MINIMUM_CALLS),
+        window: Some(proto_duration(
+            value(&b.window).map_or(builtin::WINDOW, |d| d.0),
+        )),
+        open_for: Some(proto_duration(
+            value(&b.open_for).map_or(builtin::OPEN_FOR, |d| d.0),
+        )),
+        half_open_calls: value(&b.half_open_calls).unwrap_or(builtin::HALF_OPEN_CALLS),
     }
 }
 
@@ -1038,6 +1574,532 @@ currency = "EUR"
             "[[routes]]\nmethod = \"*\"\ntimeout = \"24h\"\n",
         );
         assert!(file.is_ok(), "{file:?}");
+    }
+
+    /// Each refusal of a traffic-management entry: (file text, line, rule
+    /// path, part of the message).
+    const REFUSED: &[(&str, u32, &str, &str)] = &[
+        (
+            "[[routes]]\nmethod = \"*\"\nload_balancing = \"random\"\n",
+            3,
+            "routes[0].load_balancing",
+            "random is not supported; use \"peak_ewma\" (the default), \"least_request\" or \"round_robin\"",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\nload_balancing = \"fastest\"\n",
+            3,
+            "",
+            "\"fastest\" is not a load balancing policy: use \"peak_ewma\"",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[routes.retry]\nper_try_timeout = \"0s\"\n",
+            5,
+            "routes[0].retry.per_try_timeout",
+            "must be longer than 0; leave it out for no per-try timeout",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\nretry = { per_try_timeout = \"-1s\" }\n",
+            3,
+            "",
+            "not a duration",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[routes.hedge]\nmax_attempts = 3\n",
+            4,
+            "routes[0].hedge.delay",
+            "is required",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[routes.hedge]\ndelay = \"0ms\"\n",
+            5,
+            "routes[0].hedge.delay",
+            "must be longer than 0",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[routes.hedge]\ndelay = \"50ms\"\nmax_attempts = 1\n",
+            6,
+            "routes[0].hedge.max_attempts",
+            "must be 2 to 5",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\nhedge = { delay = \"50ms\", max_attempts = 6 }\n",
+            3,
+            "routes[0].hedge.max_attempts",
+            "must be 2 to 5",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[routes.hedge]\ndelya = \"50ms\"\n",
+            5,
+            "",
+            "unknown field `delya`",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[[routes]]\nmethod = \"a.B/*\"\n\n[routes.limit]\nmax_concurrent = 0\n",
+            8,
+            "routes[1].limit.max_concurrent",
+            "a limit of 0 would refuse every call; remove the table for no limit",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[routes.limit]\nmax_concurrent = 100001\n",
+            5,
+            "routes[0].limit.max_concurrent",
+            "100001 is more than the most allowed, 100000",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[routes.limit]\nmax_concurrent = 10\nmax_queued = 10001\n",
+            6,
+            "routes[0].limit.max_queued",
+            "10001 is more than the most allowed, 10000",
+        ),
+        (
+            "[[routes]]\nmethod = \"*\"\n\n[routes.limit]\nmax_queued = 10\n",
+            4,
+            "routes[0].limit.max_concurrent",
+            "is required",
+        ),
+        (
+            "[caller_limit]\nmax_concurrent = 0\n",
+            2,
+            "caller_limit.max_concurrent",
+            "a limit of 0 would refuse every call; remove the table for no limit",
+        ),
+        ("[caller_limit]\nmax_concurrent = -1\n", 2, "", ""),
+        (
+            "\n[circuit_breaker]\nconsecutive_failures = 0\nfailure_rate = 0\n",
+            2,
+            "circuit_breaker",
+            "nothing would open the circuit",
+        ),
+        (
+            "[circuit_breaker]\nconsecutive_failures = 0\nfailure_rate = 0.0\n",
+            1,
+            "circuit_breaker",
+            "nothing would open the circuit",
+        ),
+        (
+            "[circuit_breaker]\nfailure_rate = 1.5\n",
+            2,
+            "circuit_breaker.failure_rate",
+            "must be between 0 and 1",
+        ),
+        (
+            "[circuit_breaker]\nfailure_rate = -0.1\n",
+            2,
+            "circuit_breaker.failure_rate",
+            "must be between 0 and 1",
+        ),
+        (
+            "[circuit_breaker]\nfailure_rate = nan\n",
+            2,
+            "circuit_breaker.failure_rate",
+            "must be between 0 and 1",
+        ),
+        (
+            "[circuit_breaker]\nminimum_calls = 0\n",
+            2,
+            "circuit_breaker.minimum_calls",
+            "must be at least 1",
+        ),
+        (
+            "[circuit_breaker]\nwindow = \"0s\"\n",
+            2,
+            "circuit_breaker.window",
+            "must be longer than 0",
+        ),
+        (
+            "[circuit_breaker]\nopen_for = \"0ms\"\n",
+            2,
+            "circuit_breaker.open_for",
+            "must be longer than 0",
+        ),
+        (
+            "[circuit_breaker]\nhalf_open_calls = 0\n",
+            2,
+            "circuit_breaker.half_open_calls",
+            "must be 1 to 100",
+        ),
+        (
+            "[circuit_breaker]\nhalf_open_calls = 101\n",
+            2,
+            "circuit_breaker.half_open_calls",
+            "must be 1 to 100",
+        ),
+        (
+            "[circuit_breaker]\nopen_after = 3\n",
+            2,
+            "",
+            "unknown field `open_after`",
+        ),
+        (
+            "[traffic]\nsplit = [\n  { version = \"v1\", weight = 90 },\n  { version = \"\", weight = 10 },\n]\n",
+            4,
+            "traffic.split[1].version",
+            "must not be empty",
+        ),
+        (
+            "[traffic]\nsplit = [{ version = \"v 2\", weight = 100 }]\n",
+            2,
+            "traffic.split[0].version",
+            "1 to 64 printable ASCII characters without spaces",
+        ),
+        (
+            "[traffic]\nsplit = [\n  { version = \"v1\", weight = 50 },\n  { version = \"v1\", weight = 50 },\n]\n",
+            4,
+            "traffic.split[1].version",
+            "v1 is listed twice",
+        ),
+        (
+            "[traffic]\nsplit = [\n  { version = \"v1\", weight = 101 },\n]\n",
+            3,
+            "traffic.split[0].weight",
+            "101 is over 100",
+        ),
+        (
+            "[traffic]\nsplit = [\n  { version = \"v1\", weight = 90 },\n  { version = \"v2\", weight = 5 },\n]\n",
+            2,
+            "traffic.split",
+            "weights add up to 95; they must add up to exactly 100",
+        ),
+        (
+            "[traffic]\nsplit = [{ version = \"v1\", weight = 100, zone = \"a\" }]\n",
+            2,
+            "",
+            "unknown field `zone`",
+        ),
+        (
+            "[traffic]\nversion_header_callers = [\"Edge Proxy\"]\n",
+            2,
+            "",
+            "not a caller",
+        ),
+    ];
+
+    #[test]
+    fn refuses_traffic_management_mistakes_with_file_line_and_rule() {
+        for (text, line, rule, reason) in REFUSED {
+            let problem = parse_file("echo.toml", text).unwrap_err();
+            assert_eq!(problem.file, "echo.toml");
+            assert_eq!(problem.line, *line, "{text}: {problem:?}");
+            assert_eq!(problem.rule, *rule, "{text}: {problem:?}");
+            assert!(problem.message.contains(reason), "{text}: {problem:?}");
+            assert!(problem.rejected);
+        }
+        let problem = parse_file(
+            "defaults.toml",
+            "[[routes]]\nmethod = \"*\"\n\n[traffic]\nsplit = [{ version = \"v1\", weight = 100 }]\n",
+        )
+        .unwrap_err();
+        assert_eq!((problem.line, problem.rule.as_str()), (4, "traffic"));
+        assert!(
+            problem
+                .message
+                .contains("a traffic split belongs to one service's file"),
+            "{problem:?}"
+        );
+    }
+
+    #[test]
+    fn accepts_the_edges_of_each_range() {
+        for text in [
+            "[[routes]]\nmethod = \"*\"\nload_balancing = \"peak_ewma\"\nhedge = { delay = \"1ms\", max_attempts = 5 }\nlimit = { max_concurrent = 100000, max_queued = 10000 }\n",
+            "[[routes]]\nmethod = \"*\"\nload_balancing = \"round_robin\"\nlimit = { max_concurrent = 1 }\nretry = { per_try_timeout = \"24h\" }\n",
+            "[circuit_breaker]\nconsecutive_failures = 0\n",
+            "[circuit_breaker]\nfailure_rate = 0\nhalf_open_calls = 100\n",
+            "[circuit_breaker]\nfailure_rate = 1\nminimum_calls = 1\n",
+            "[circuit_breaker]\n",
+            "[traffic]\nsplit = []\nversion_header_callers = [\"edge\", \"*\"]\n",
+            "[traffic]\nsplit = [{ version = \"v1\", weight = 100 }, { version = \"v2\", weight = 0 }]\n",
+        ] {
+            let file = parse_file("echo.toml", text);
+            assert!(file.is_ok(), "{text}: {file:?}");
+        }
+    }
+
+    fn snapshot(files: &[(&str, &str)]) -> Snapshot {
+        Snapshot {
+            revision: 1,
+            loaded_at: None,
+            files: files
+                .iter()
+                .map(|(name, text)| {
+                    let file = parse_file(name, text).unwrap();
+                    ((*name).to_owned(), ((*text).to_owned(), file))
+                })
+                .collect(),
+        }
+    }
+
+    fn route<'a>(config: &'a pb::ServiceConfig, method_match: &str) -> &'a pb::RoutePolicy {
+        config
+            .routes
+            .iter()
+            .find(|r| r.method_match == method_match)
+            .unwrap_or_else(|| panic!("no route {method_match} in {config:?}"))
+    }
+
+    fn ms(d: Option<prost_types::Duration>) -> u128 {
+        let d = d.expect("a duration");
+        Duration::new(d.seconds as u64, d.nanos as u32).as_millis()
+    }
+
+    const DEFAULTS: &str = r#"
+[[routes]]
+method = "*"
+load_balancing = "least_request"
+
+[routes.retry]
+per_try_timeout = "1s"
+
+[routes.hedge]
+delay = "100ms"
+
+[routes.limit]
+max_concurrent = 50
+
+[circuit_breaker]
+consecutive_failures = 3
+
+[caller_limit]
+max_concurrent = 200
+max_queued = 10
+"#;
+
+    const ECHO: &str = r#"
+[[routes]]
+method = "trellis.echo.v1.EchoService/*"
+
+[routes.retry]
+per_try_timeout = "300ms"
+
+[[routes]]
+method = "trellis.echo.v1.EchoService/Echo"
+load_balancing = "round_robin"
+
+[routes.hedge]
+delay = "20ms"
+max_attempts = 3
+
+[circuit_breaker]
+failure_rate = 0.25
+
+[traffic]
+split = [{ version = "v1", weight = 90 }, { version = "v2", weight = 10 }]
+version_header_callers = ["usage", "edge"]
+"#;
+
+    #[test]
+    fn traffic_management_is_inherited_field_by_field_and_table_by_table() {
+        let snapshot = snapshot(&[("defaults.toml", DEFAULTS), ("echo.toml", ECHO)]);
+        let (echo, _) = ConfigStore::effective(&snapshot, "echo");
+
+        let all = route(&echo, "*");
+        assert_eq!(all.load_balancing(), pb::LoadBalancing::LeastRequest);
+        assert_eq!(ms(all.retry.as_ref().unwrap().per_try_timeout), 1000);
+        let hedge = all.hedge.unwrap();
+        assert_eq!((ms(hedge.delay), hedge.max_attempts), (100, 2));
+        let limit = all.limit.unwrap();
+        assert_eq!((limit.max_concurrent, limit.max_queued), (50, 0));
+
+        // Own per-try timeout; balancing, hedge and limit from the defaults.
+        let service = route(&echo, "trellis.echo.v1.EchoService/*");
+        assert_eq!(service.load_balancing(), pb::LoadBalancing::LeastRequest);
+        assert_eq!(ms(service.retry.as_ref().unwrap().per_try_timeout), 300);
+        assert_eq!(ms(service.hedge.unwrap().delay), 100);
+        assert_eq!(service.limit.unwrap().max_concurrent, 50);
+
+        // Own balancing and hedge (whole: max_attempts is its own, not
+        // inherited), per-try timeout from the service's wildcard.
+        let method = route(&echo, "trellis.echo.v1.EchoService/Echo");
+        assert_eq!(method.load_balancing(), pb::LoadBalancing::RoundRobin);
+        assert_eq!(ms(method.retry.as_ref().unwrap().per_try_timeout), 300);
+        let hedge = method.hedge.unwrap();
+        assert_eq!((ms(hedge.delay), hedge.max_attempts), (20, 3));
+        assert_eq!(method.limit.unwrap().max_concurrent, 50);
+
+        // The service's breaker replaces the defaults' whole: its unset
+        // fields are built in, not the defaults' consecutive_failures = 3.
+        let breaker = echo.circuit_breaker.unwrap();
+        assert_eq!(breaker.consecutive_failures, 5);
+        assert_eq!(breaker.failure_rate, 0.25);
+        assert_eq!(breaker.minimum_calls, 20);
+        assert_eq!(ms(breaker.window), 10_000);
+        assert_eq!(ms(breaker.open_for), 5_000);
+        assert_eq!(breaker.half_open_calls, 1);
+        let caller_limit = echo.caller_limit.unwrap();
+        assert_eq!(
+            (caller_limit.max_concurrent, caller_limit.max_queued),
+            (200, 10)
+        );
+        let traffic = echo.traffic.unwrap();
+        let split: Vec<_> = traffic
+            .split
+            .iter()
+            .map(|w| (w.version.as_str(), w.weight))
+            .collect();
+        assert_eq!(split, [("v1", 90), ("v2", 10)]);
+        assert_eq!(traffic.version_header_callers, ["usage", "edge"]);
+
+        // A service without a file gets the defaults' tables, and no split.
+        let (usage, _) = ConfigStore::effective(&snapshot, "usage");
+        assert_eq!(usage.circuit_breaker.unwrap().consecutive_failures, 3);
+        assert_eq!(usage.caller_limit.unwrap().max_concurrent, 200);
+        assert!(usage.traffic.is_none());
+
+        // Nothing set anywhere: peak-EWMA, and no per-try timeout, hedge,
+        // limit, breaker or split.
+        let (bare, _) = ConfigStore::effective(&Snapshot::default(), "echo");
+        let all = route(&bare, "*");
+        assert_eq!(all.load_balancing(), pb::LoadBalancing::PeakEwma);
+        assert!(all.retry.as_ref().unwrap().per_try_timeout.is_none());
+        assert!(all.hedge.is_none() && all.limit.is_none());
+        assert!(bare.circuit_breaker.is_none() && bare.caller_limit.is_none());
+        assert!(bare.traffic.is_none());
+    }
+
+    #[test]
+    fn the_shipped_defaults_file_is_accepted() {
+        let text = include_str!("../../../config/defaults.toml");
+        let snapshot = snapshot(&[("defaults.toml", text)]);
+        let (config, _) = ConfigStore::effective(&snapshot, "echo");
+        assert_eq!(
+            route(&config, "*").load_balancing(),
+            pb::LoadBalancing::PeakEwma
+        );
+    }
+
+    fn echo_instance(
+        version: &str,
+        port: u16,
+    ) -> trellis::pb::trellis::registry::v1::RegisterRequest {
+        use trellis::pb::trellis::registry::v1 as reg;
+        reg::RegisterRequest {
+            service: "echo".into(),
+            version: version.into(),
+            address: format!("127.0.0.1:{port}"),
+            health: reg::ServingStatus::Serving as i32,
+            ..Default::default()
+        }
+    }
+
+    /// A store over a directory holding `echo.toml` (with a 90/10 split of
+    /// v1 and v2), its registry, and echo's identity.
+    fn store_with_split() -> (
+        tempfile::TempDir,
+        Arc<ConfigStore>,
+        Arc<Registry>,
+        trellis::SpiffeId,
+    ) {
+        use crate::quota::Quotas;
+        use crate::registry::MeshScope;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("echo.toml"), ECHO).unwrap();
+        let scope = MeshScope {
+            trust_domain: "trellis.local".into(),
+            namespace: "default".into(),
+        };
+        let registry = Registry::new(scope, [], Quotas::UNLIMITED);
+        let store = ConfigStore::open(dir.path(), registry.clone()).unwrap();
+        let echo = trellis::SpiffeId::parse("spiffe://trellis.local/ns/default/sa/echo").unwrap();
+        (dir, store, registry, echo)
+    }
+
+    /// The split problems GetConfigStatus reports (ECHO's methods are
+    /// unknown too, with no contract registered).
+    fn unserved(store: &ConfigStore) -> Vec<(String, u32, String)> {
+        store
+            .status()
+            .problems
+            .into_iter()
+            .filter(|p| p.rule.starts_with("traffic"))
+            .inspect(|p| assert!(!p.rejected, "{p:?}"))
+            .map(|p| (p.rule, p.line, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_split_version_without_a_serving_instance_is_reported_not_refused() {
+        use trellis::pb::trellis::registry::v1::ServingStatus;
+        let (_dir, store, registry, echo) = store_with_split();
+        let split_line = ECHO.lines().position(|l| l.starts_with("split")).unwrap() as u32 + 1;
+
+        let problems = unserved(&store);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].2.contains("nor has any other version"),
+            "{problems:?}"
+        );
+
+        let v1 = registry.register(&echo, echo_instance("v1", 9001)).unwrap();
+        assert_eq!(
+            unserved(&store),
+            [(
+                "traffic.split[1].version".to_owned(),
+                split_line,
+                "version v2 of echo has no serving instance; its share goes to the other versions"
+                    .to_owned()
+            )]
+        );
+        // An instance of v2 that is not serving does not count.
+        let mut v2 = echo_instance("v2", 9002);
+        v2.health = ServingStatus::NotServing as i32;
+        let v2 = registry.register(&echo, v2).unwrap();
+        assert_eq!(unserved(&store).len(), 1);
+        registry
+            .set_health(&echo, &v2.instance_id, ServingStatus::Serving)
+            .unwrap();
+        assert!(unserved(&store).is_empty());
+        registry
+            .set_health(&echo, &v1.instance_id, ServingStatus::NotServing)
+            .unwrap();
+        assert_eq!(unserved(&store)[0].0, "traffic.split[0].version");
+        registry.deregister(&echo, &v2.instance_id).unwrap();
+        assert_eq!(unserved(&store).len(), 2);
+    }
+
+    #[test]
+    fn only_a_versions_first_and_last_serving_instance_signal_a_change() {
+        use trellis::pb::trellis::registry::v1::ServingStatus;
+        let (_dir, _store, registry, echo) = store_with_split();
+        let mut changes = registry.serving_versions_changes();
+        let first = registry.register(&echo, echo_instance("v1", 9001)).unwrap();
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        let second = registry.register(&echo, echo_instance("v1", 9002)).unwrap();
+        registry.deregister(&echo, &first.instance_id).unwrap();
+        assert!(!changes.has_changed().unwrap());
+        registry
+            .set_health(&echo, &second.instance_id, ServingStatus::NotServing)
+            .unwrap();
+        assert!(changes.has_changed().unwrap());
+        assert!(registry.serving_versions("echo").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_watcher_rechecks_splits_when_instances_come_and_go() {
+        let (_dir, store, registry, echo) = store_with_split();
+        let logged = || {
+            store
+                .reader
+                .lock()
+                .unwrap()
+                .unserved_logged
+                .iter()
+                .map(|p| p.rule.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(logged().len(), 2);
+        let _watcher = store.spawn_watcher();
+        let v1 = registry.register(&echo, echo_instance("v1", 9001)).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while logged() != ["traffic.split[1].version"] {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", logged());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        registry.deregister(&echo, &v1.instance_id).unwrap();
+        while logged().len() != 2 {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", logged());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]

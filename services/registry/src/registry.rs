@@ -146,6 +146,9 @@ struct State {
     /// registry runs, and kept across restarts with a state directory: a
     /// name whose owner has no instance right now is not up for grabs.
     claims: HashMap<String, String>,
+    /// Serving instances per mesh service and version: what config's
+    /// version splits are checked against.
+    serving: HashMap<String, HashMap<String, usize>>,
 }
 
 impl State {
@@ -170,6 +173,45 @@ impl State {
             // The registration was allowed, so its service owns the name.
             self.claims.insert(g.clone(), instance.service.clone());
         }
+    }
+
+    /// Counts `instance` among its version's serving instances, if it is
+    /// serving; true if its version had none until now.
+    fn serve(&mut self, instance: &pb::Instance) -> bool {
+        if instance.health() != ServingStatus::Serving {
+            return false;
+        }
+        let count = self
+            .serving
+            .entry(instance.service.clone())
+            .or_default()
+            .entry(instance.version.clone())
+            .or_default();
+        *count += 1;
+        *count == 1
+    }
+
+    /// Stops counting `instance` among its version's serving instances, if
+    /// it was serving; true if it was its version's last.
+    fn unserve(&mut self, instance: &pb::Instance) -> bool {
+        if instance.health() != ServingStatus::Serving {
+            return false;
+        }
+        let Some(versions) = self.serving.get_mut(&instance.service) else {
+            return false;
+        };
+        let Some(count) = versions.get_mut(&instance.version) else {
+            return false;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return false;
+        }
+        versions.remove(&instance.version);
+        if versions.is_empty() {
+            self.serving.remove(&instance.service);
+        }
+        true
     }
 
     /// Forgets an instance in the indexes; true if it was its service's last.
@@ -204,6 +246,9 @@ pub struct Registry {
     changes: broadcast::Sender<Arc<Change>>,
     /// Bumped whenever the set of registered contracts changes.
     contracts_version: watch::Sender<u64>,
+    /// Bumped whenever a version of some mesh service gains its first
+    /// serving instance or loses its last.
+    serving_version: watch::Sender<u64>,
     read_only: HashSet<String>,
     scope: MeshScope,
     quotas: Quotas,
@@ -305,10 +350,12 @@ impl Registry {
     ) -> Self {
         let (changes, _) = broadcast::channel(WATCH_BUFFER);
         let (contracts_version, _) = watch::channel(0);
+        let (serving_version, _) = watch::channel(0);
         Self {
             state: Mutex::new(State::default()),
             changes,
             contracts_version,
+            serving_version,
             read_only: read_only.into_iter().collect(),
             scope,
             quotas,
@@ -351,6 +398,7 @@ impl Registry {
                 .leases
                 .insert(s.lease_id.clone(), instance.instance_id.clone());
             state.index(&instance);
+            state.serve(&instance);
             state.instances.insert(
                 instance.instance_id.clone(),
                 Entry {
@@ -548,6 +596,27 @@ impl Registry {
     /// Follows changes to the set of registered contracts.
     pub fn contracts_changes(&self) -> watch::Receiver<u64> {
         self.contracts_version.subscribe()
+    }
+
+    /// Follows changes to which versions of mesh services have a serving
+    /// instance (not every registration: only a version's first serving
+    /// instance and its last).
+    pub fn serving_versions_changes(&self) -> watch::Receiver<u64> {
+        self.serving_version.subscribe()
+    }
+
+    /// The versions of mesh service `service` that have at least one
+    /// serving instance now.
+    pub fn serving_versions(&self, service: &str) -> HashSet<String> {
+        self.lock()
+            .serving
+            .get(service)
+            .map(|versions| versions.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn serving_changed(&self) {
+        self.serving_version.send_modify(|v| *v += 1);
     }
 
     /// Whether gRPC service `service` (and `method`, when given) is defined
@@ -819,6 +888,9 @@ impl Registry {
         );
         state.leases.insert(lease_id.clone(), instance_id.clone());
         state.index(&instance);
+        if state.serve(&instance) {
+            self.serving_changed();
+        }
         let revision = self.publish(
             &mut state,
             WatchEventKind::Upsert,
@@ -922,8 +994,14 @@ impl Registry {
         if entry.instance.health() == health {
             return Ok(state.revision);
         }
+        let before = entry.instance.clone();
         entry.instance.set_health(health);
         let instance = entry.instance.clone();
+        let left = state.unserve(&before);
+        let joined = state.serve(&instance);
+        if left || joined {
+            self.serving_changed();
+        }
         let revision = self.publish(
             &mut state,
             WatchEventKind::Upsert,
@@ -939,6 +1017,9 @@ impl Registry {
             return state.revision;
         };
         state.leases.remove(&entry.lease_id);
+        if state.unserve(&entry.instance) {
+            self.serving_changed();
+        }
         let last = state.unindex(&entry.instance);
         if last && state.contracts.remove(&entry.instance.service).is_some() {
             self.contracts_version.send_modify(|v| *v += 1);

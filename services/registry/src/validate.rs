@@ -96,6 +96,23 @@ pub fn routable_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A version as a traffic split names it (and instances should register
+/// it to be picked by one): 1 to [`MAX_LABEL`] printable ASCII characters
+/// without spaces, so that it reads the same in a file, a header and a log.
+pub fn version(version: &str) -> Result<(), String> {
+    if version.is_empty() {
+        return Err(
+            "must not be empty: name the version as its instances register it (e.g. \"v2\")".into(),
+        );
+    }
+    if version.len() > MAX_LABEL || !version.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{version:?} is not a version: use 1 to {MAX_LABEL} printable ASCII characters without spaces, as instances register it (e.g. \"v2\")"
+        ));
+    }
+    Ok(())
+}
+
 /// A `host:port` address: an IP address or a DNS host name, and a port
 /// other than 0.
 pub fn address(addr: &str) -> Result<(), String> {
@@ -164,6 +181,23 @@ mod tests {
         assert!(routable_name("telco.usage.v1.UsageService").is_ok());
         assert!(routable_name("trellis.events.v1.Example").is_ok());
         assert!(routable_name("grpc.healthy.v1.Health").is_ok());
+    }
+
+    #[test]
+    fn versions() {
+        for good in [
+            "v2",
+            "1.0.0",
+            "canary-2024.06+build.7",
+            &"v".repeat(MAX_LABEL),
+        ] {
+            assert!(version(good).is_ok(), "{good}");
+        }
+        assert!(version("").unwrap_err().contains("must not be empty"));
+        for bad in ["v 2", "v2\n", "\tv2", "v\u{e9}", &"v".repeat(MAX_LABEL + 1)] {
+            let e = version(bad).unwrap_err();
+            assert!(e.contains("printable ASCII"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

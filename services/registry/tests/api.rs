@@ -780,6 +780,171 @@ async fn rules_naming_unknown_methods_are_reported_until_a_contract_defines_them
     }
 }
 
+/// echo.toml with every traffic-management table, as config/README.md
+/// documents them.
+const ECHO_TRAFFIC: &str = r#"
+[[routes]]
+method = "trellis.echo.v1.EchoService/Echo"
+load_balancing = "least_request"
+
+[routes.retry]
+per_try_timeout = "500ms"
+
+[routes.hedge]
+delay = "50ms"
+
+[routes.limit]
+max_concurrent = 10
+
+[circuit_breaker]
+failure_rate = 0.25
+
+[caller_limit]
+max_concurrent = 100
+max_queued = 100
+
+[traffic]
+split = [ { version = "v1", weight = 90 }, { version = "v2", weight = 10 } ]
+version_header_callers = ["usage", "edge"]
+"#;
+
+#[tokio::test]
+async fn traffic_management_is_served_and_an_unserved_split_version_reported() {
+    let mesh = Mesh::start();
+    let dir = mesh.config_dir.path();
+    write(dir, "echo.toml", ECHO_TRAFFIC);
+    let mut config = mesh.config_as("usage");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let echo = loop {
+        let current = config
+            .get_config(cfg::GetConfigRequest {
+                service: "echo".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if current.source == "echo.toml" {
+            break current.config.unwrap();
+        }
+        assert!(Instant::now() < deadline, "echo.toml never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let route = echo
+        .routes
+        .iter()
+        .find(|r| r.method_match.ends_with("/Echo"))
+        .unwrap();
+    assert_eq!(route.load_balancing(), cfg::LoadBalancing::LeastRequest);
+    let per_try = route.retry.as_ref().unwrap().per_try_timeout.unwrap();
+    assert_eq!((per_try.seconds, per_try.nanos), (0, 500_000_000));
+    let hedge = route.hedge.unwrap();
+    assert_eq!(hedge.max_attempts, 2);
+    assert_eq!(hedge.delay.unwrap().nanos, 50_000_000);
+    assert_eq!(route.limit.unwrap().max_concurrent, 10);
+    let everything = echo.routes.iter().find(|r| r.method_match == "*").unwrap();
+    assert_eq!(everything.load_balancing(), cfg::LoadBalancing::PeakEwma);
+    assert!(everything.hedge.is_none() && everything.limit.is_none());
+    let breaker = echo.circuit_breaker.unwrap();
+    assert_eq!(
+        (breaker.consecutive_failures, breaker.failure_rate),
+        (5, 0.25)
+    );
+    assert_eq!(echo.caller_limit.unwrap().max_queued, 100);
+    let traffic = echo.traffic.unwrap();
+    assert_eq!(traffic.split.len(), 2);
+    assert_eq!(traffic.version_header_callers, ["usage", "edge"]);
+
+    // Reported, not rejected, until an instance of the version serves.
+    let unserved = |status: &cfg::GetConfigStatusResponse| {
+        status
+            .problems
+            .iter()
+            .filter(|p| p.rule.starts_with("traffic"))
+            .map(|p| {
+                assert!(!p.rejected, "{p:?}");
+                (p.rule.clone(), p.line)
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut registry = mesh.registry_as("echo");
+    let mut v1 = usage_instance(9001, Duration::from_secs(30));
+    v1.service = "echo".into();
+    v1.version = "v1".into();
+    v1.grpc_services = Vec::new();
+    registry.register(v1).await.unwrap();
+    let status = config
+        .get_config_status(cfg::GetConfigStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        unserved(&status),
+        [("traffic.split[1].version".to_owned(), 23)]
+    );
+    let problem = status
+        .problems
+        .iter()
+        .find(|p| p.rule == "traffic.split[1].version")
+        .unwrap();
+    assert_eq!(
+        problem.message,
+        "version v2 of echo has no serving instance; its share goes to the other versions"
+    );
+    // Logged when the instance registered, not only when a file changed.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !mesh
+        .registry
+        .process
+        .output()
+        .contains("version v2 of echo has no serving instance; its share")
+    {
+        assert!(Instant::now() < deadline, "unserved version was not logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A refused value keeps the last good version, with file, line, rule.
+    write(
+        dir,
+        "echo.toml",
+        &ECHO_TRAFFIC.replace("\"least_request\"", "\"random\""),
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let problem = loop {
+        let status = config
+            .get_config_status(cfg::GetConfigStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(p) = status.problems.into_iter().find(|p| p.rejected) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "random was not refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (problem.file.as_str(), problem.line, problem.rule.as_str()),
+        ("echo.toml", 4, "routes[0].load_balancing")
+    );
+    assert!(
+        problem.message.starts_with("random is not supported"),
+        "{problem:?}"
+    );
+    let current = config
+        .get_config(cfg::GetConfigRequest {
+            service: "echo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let kept = current.config.unwrap();
+    let route = kept
+        .routes
+        .iter()
+        .find(|r| r.method_match.ends_with("/Echo"))
+        .unwrap();
+    assert_eq!(route.load_balancing(), cfg::LoadBalancing::LeastRequest);
+}
+
 #[tokio::test]
 async fn a_grpc_service_moves_to_another_mesh_service_only_by_declaration() {
     let mesh = Mesh::start();

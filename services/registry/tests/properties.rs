@@ -217,6 +217,18 @@ fn config_line() -> impl Strategy<Value = String> {
         Just("methods"),
         Just("action"),
         Just("max_page_size"),
+        Just("per_try_timeout"),
+        Just("delay"),
+        Just("max_concurrent"),
+        Just("max_queued"),
+        Just("consecutive_failures"),
+        Just("failure_rate"),
+        Just("minimum_calls"),
+        Just("window"),
+        Just("open_for"),
+        Just("half_open_calls"),
+        Just("split"),
+        Just("version_header_callers"),
         Just("unknown"),
     ];
     let duration = prop_oneof![
@@ -239,6 +251,13 @@ fn config_line() -> impl Strategy<Value = String> {
             Just("\"allow\""),
             Just("\"deny\""),
             Just("\"round_robin\""),
+            Just("\"peak_ewma\""),
+            Just("\"random\""),
+            Just("0"),
+            Just("100001"),
+            Just("[{ version = \"v1\", weight = 90 }, { version = \"v2\", weight = 10 }]"),
+            Just("[{ version = \"v 1\", weight = 100 }]"),
+            Just("[{ version = \"v1\", weight = 4294967295 }, { version = \"v2\", weight = 1 }]"),
             Just("true"),
             Just("1e308"),
             Just("nan"),
@@ -255,6 +274,11 @@ fn config_line() -> impl Strategy<Value = String> {
         1 => prop_oneof![
             Just("[[routes]]"),
             Just("[routes.retry]"),
+            Just("[routes.hedge]"),
+            Just("[routes.limit]"),
+            Just("[circuit_breaker]"),
+            Just("[caller_limit]"),
+            Just("[traffic]"),
             Just("[[authorization]]"),
             Just("[settings]"),
             Just("[settings.subscribers]"),
@@ -302,9 +326,25 @@ proptest! {
         };
         for route in &config.routes {
             prop_assert!(within(&route.timeout), "{:?}", route);
+            prop_assert!(route.load_balancing() != trellis::pb::trellis::config::v1::LoadBalancing::Random);
             if let Some(retry) = &route.retry {
                 prop_assert!(within(&retry.initial_backoff) && within(&retry.max_backoff), "{:?}", route);
+                prop_assert!(within(&retry.per_try_timeout), "{:?}", route);
             }
+            if let Some(hedge) = &route.hedge {
+                prop_assert!(within(&hedge.delay) && (2..=5).contains(&hedge.max_attempts), "{:?}", route);
+            }
+            if let Some(limit) = &route.limit {
+                prop_assert!((1..=100_000).contains(&limit.max_concurrent), "{:?}", route);
+            }
+        }
+        if let Some(breaker) = &config.circuit_breaker {
+            prop_assert!(within(&breaker.window) && within(&breaker.open_for), "{:?}", breaker);
+            prop_assert!(breaker.consecutive_failures > 0 || breaker.failure_rate > 0.0, "{:?}", breaker);
+        }
+        if let Some(traffic) = &config.traffic {
+            let total: u32 = traffic.split.iter().map(|w| w.weight).sum();
+            prop_assert!(traffic.split.is_empty() || total == 100, "{:?}", traffic);
         }
     }
 }
