@@ -215,3 +215,135 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+impl RunningProxy {
+    /// The value of metric `name` on the admin port's `/metrics`, summed
+    /// over its series whose labels include every one of `labels`; `None`
+    /// if no series matches.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let (_, body) = self.admin_get("/metrics");
+        metric_value(&body, name, labels)
+    }
+}
+
+/// In a Prometheus text exposition, the sum of the samples of metric
+/// `name` (the full sample name, e.g. `trellis_proxy_shed_total`) whose
+/// labels include every one of `labels`; `None` if no sample matches.
+pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (series, value) = match rest.strip_prefix('{') {
+            Some(rest) => {
+                let Some((series, value)) = parse_labels(rest) else {
+                    continue;
+                };
+                (series, value)
+            }
+            // Another metric whose name starts with this one's.
+            None if !rest.starts_with(' ') => continue,
+            None => (Vec::new(), rest),
+        };
+        let matches = labels
+            .iter()
+            .all(|(k, v)| series.iter().any(|(sk, sv)| sk == k && sv == v));
+        let value = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok());
+        if let (true, Some(value)) = (matches, value) {
+            *sum.get_or_insert(0.0) += value;
+        }
+    }
+    sum
+}
+
+/// Parses `k="v",k2="v2"} rest` into the labels (values unescaped) and
+/// what follows the closing brace.
+fn parse_labels(text: &str) -> Option<(Vec<(String, String)>, &str)> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    loop {
+        rest = rest.trim_start_matches(',');
+        if let Some(after) = rest.strip_prefix('}') {
+            return Some((labels, after));
+        }
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((key.trim().to_owned(), value));
+        rest = &after[end + 1..];
+    }
+}
+
+/// Writes `text` to `dir/name` atomically: to a hidden temporary file in
+/// the same directory, then renamed over `name`, so a process polling the
+/// directory (the registry's config reader) never sees half a file.
+pub fn write_atomically(dir: &Path, name: &str, text: &str) {
+    let temporary = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&temporary, text)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", temporary.display()));
+    std::fs::rename(&temporary, dir.join(name))
+        .unwrap_or_else(|e| panic!("renaming {} to {name}: {e}", temporary.display()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_value_sums_the_series_with_the_labels_asked() {
+        let text = "# HELP trellis_proxy_shed Calls shed.\n\
+            # TYPE trellis_proxy_shed counter\n\
+            trellis_proxy_shed_total{direction=\"inbound\",service=\"a.v1.S\"} 4\n\
+            trellis_proxy_shed_total{direction=\"outbound\",service=\"a.v1.S\"} 2\n\
+            trellis_proxy_shed_total{direction=\"outbound\",service=\"b.v1.T\"} 1\n\
+            trellis_proxy_circuit_state{service=\"say \\\"hi\\\", twice\"} 2\n\
+            trellis_proxy_circuit_state_other{service=\"echo\"} 7\n\
+            trellis_proxy_up 1\n";
+        let shed = "trellis_proxy_shed_total";
+        assert_eq!(
+            metric_value(text, shed, &[("direction", "inbound")]),
+            Some(4.0)
+        );
+        assert_eq!(
+            metric_value(text, shed, &[("service", "a.v1.S")]),
+            Some(6.0)
+        );
+        assert_eq!(metric_value(text, shed, &[]), Some(7.0));
+        assert_eq!(metric_value(text, shed, &[("service", "c.v1.U")]), None);
+        let state = "trellis_proxy_circuit_state";
+        assert_eq!(
+            metric_value(text, state, &[("service", "say \"hi\", twice")]),
+            Some(2.0)
+        );
+        assert_eq!(metric_value(text, state, &[("service", "echo")]), None);
+        assert_eq!(metric_value(text, "trellis_proxy_up", &[]), Some(1.0));
+    }
+
+    #[test]
+    fn write_atomically_replaces_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomically(dir.path(), "echo.toml", "a = 1\n");
+        write_atomically(dir.path(), "echo.toml", "a = 2\n");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["echo.toml"]);
+        let text = std::fs::read_to_string(dir.path().join("echo.toml")).unwrap();
+        assert_eq!(text, "a = 2\n");
+    }
+}

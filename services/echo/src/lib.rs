@@ -4,11 +4,14 @@
 //! It holds no data. It echoes, sleeps, streams and fails on request, and
 //! counts what reached it, so that tests can check what the mesh delivered
 //! (retries, cancellations, load balancing) and benchmarks can measure the
-//! mesh rather than a service.
+//! mesh rather than a service. Faults injected per instance (a delay, a
+//! share of failures) make it a slow or failing instance on demand.
+
+mod faults;
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -20,6 +23,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use trellis::pb::trellis::echo::v1 as pb;
 
+pub use faults::{Faults, InvalidFaults, MAX_DELAY, Violation};
 pub use pb::echo_service_server::EchoServiceServer;
 
 /// The fully qualified gRPC name of the service, as health checks and
@@ -48,10 +52,11 @@ enum Method {
     Chat,
     Record,
     Fail,
+    Inject,
 }
 
 impl Method {
-    const ALL: [Method; 7] = [
+    const ALL: [Method; 8] = [
         Method::Echo,
         Method::Sleep,
         Method::Count,
@@ -59,6 +64,7 @@ impl Method {
         Method::Chat,
         Method::Record,
         Method::Fail,
+        Method::Inject,
     ];
 
     fn name(self) -> &'static str {
@@ -70,6 +76,7 @@ impl Method {
             Method::Chat => "Chat",
             Method::Record => "Record",
             Method::Fail => "Fail",
+            Method::Inject => "Inject",
         }
     }
 }
@@ -82,6 +89,9 @@ struct Stats {
     calls_by_method: [AtomicU64; Method::ALL.len()],
     cancelled: AtomicU64,
     records: AtomicU64,
+    /// Calls in progress (see [`InFlight`]) and the most there have been.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
 }
 
 impl Stats {
@@ -90,27 +100,103 @@ impl Stats {
     }
 }
 
-/// The EchoService implementation. Clones share the instance name and the
-/// counters.
+/// One call in progress, from its arrival until the guard is dropped: when
+/// the handler returns, when tonic drops its future because the call was
+/// cancelled, or, for a response stream, when the stream ends or is
+/// dropped. The peak is what `GetStats` reports as `peak_in_flight`, so
+/// tests can check a concurrency limit held in front of the instance.
+#[derive(Debug)]
+struct InFlight {
+    stats: Arc<Stats>,
+}
+
+impl InFlight {
+    fn enter(stats: &Arc<Stats>) -> Self {
+        let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.peak_in_flight.fetch_max(now, Ordering::Relaxed);
+        Self {
+            stats: stats.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The EchoService implementation. Clones share the instance name, the
+/// counters and the faults in force.
 #[derive(Clone, Debug)]
 pub struct EchoServer {
     instance: Arc<str>,
     stats: Arc<Stats>,
+    faults: Arc<RwLock<Faults>>,
 }
 
 impl EchoServer {
-    /// A server whose responses name it `instance`, with zeroed counters.
+    /// A server whose responses name it `instance`, with zeroed counters
+    /// and no faults.
     pub fn new(instance: impl Into<String>) -> Self {
         Self {
             instance: Arc::from(instance.into()),
             stats: Arc::default(),
+            faults: Arc::default(),
         }
+    }
+
+    /// The same server with `faults` in force from the start (until an
+    /// `Inject` call replaces them).
+    pub fn with_faults(self, faults: Faults) -> Self {
+        self.set_faults(faults);
+        self
     }
 
     /// The instance name responses carry.
     pub fn instance(&self) -> &str {
         &self.instance
     }
+
+    /// The faults in force.
+    pub fn faults(&self) -> Faults {
+        // Faults is plain data, replaced whole: a panic elsewhere cannot
+        // leave it half-written, so a poisoned lock is still good.
+        *self.faults.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_faults(&self, faults: Faults) {
+        *self.faults.write().unwrap_or_else(PoisonError::into_inner) = faults;
+    }
+
+    /// Counts a call of `method` and marks it in progress until the
+    /// returned guard is dropped.
+    fn arrive(&self, method: Method) -> InFlight {
+        self.stats.count_call(method);
+        InFlight::enter(&self.stats)
+    }
+
+    /// Applies the faults in force when the call arrived: their delay,
+    /// then maybe a failure.
+    async fn inject_faults(&self) -> Result<(), Status> {
+        let faults = self.faults();
+        if faults.is_none() {
+            return Ok(());
+        }
+        faults.apply(&self.instance).await
+    }
+}
+
+/// `stream`, holding `in_flight` until it ends or is dropped: a streaming
+/// call is in progress for as long as its responses are being sent.
+fn holding<S>(stream: S, in_flight: InFlight) -> impl Stream<Item = S::Item> + Send + 'static
+where
+    S: Stream + Send + 'static,
+{
+    stream.map(move |item| {
+        let _held = &in_flight;
+        item
+    })
 }
 
 /// Counts a cancelled `Sleep` when dropped before [`SleepGuard::finish`]:
@@ -175,7 +261,8 @@ impl pb::echo_service_server::EchoService for EchoServer {
         &self,
         request: Request<pb::EchoRequest>,
     ) -> Result<Response<pb::EchoResponse>, Status> {
-        self.stats.count_call(Method::Echo);
+        let _in_flight = self.arrive(Method::Echo);
+        self.inject_faults().await?;
         let caller = request
             .metadata()
             .get(CALLER_HEADER)
@@ -197,14 +284,22 @@ impl pb::echo_service_server::EchoService for EchoServer {
         &self,
         request: Request<pb::SleepRequest>,
     ) -> Result<Response<pb::SleepResponse>, Status> {
-        self.stats.count_call(Method::Sleep);
-        let duration = duration("duration", request.into_inner().duration)?;
+        let _in_flight = self.arrive(Method::Sleep);
+        // A call dropped during the injected delay is cancelled too; one
+        // that fails (fault or bad duration) is not.
         let guard = SleepGuard {
             cancelled: &self.stats.cancelled,
             finished: false,
         };
-        tokio::time::sleep(duration).await;
+        let slept = async {
+            self.inject_faults().await?;
+            let duration = duration("duration", request.into_inner().duration)?;
+            tokio::time::sleep(duration).await;
+            Ok::<_, Status>(())
+        }
+        .await;
         guard.finish();
+        slept?;
         Ok(Response::new(pb::SleepResponse {
             instance: self.instance.to_string(),
         }))
@@ -216,7 +311,8 @@ impl pb::echo_service_server::EchoService for EchoServer {
         &self,
         request: Request<pb::CountRequest>,
     ) -> Result<Response<Self::CountStream>, Status> {
-        self.stats.count_call(Method::Count);
+        let in_flight = self.arrive(Method::Count);
+        self.inject_faults().await?;
         let request = request.into_inner();
         let interval = duration("interval", request.interval)?;
         if request.payload_size > MAX_PAYLOAD_SIZE {
@@ -241,14 +337,15 @@ impl pb::echo_service_server::EchoService for EchoServer {
                 Ok(response)
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(holding(stream, in_flight))))
     }
 
     async fn collect(
         &self,
         request: Request<Streaming<pb::CollectRequest>>,
     ) -> Result<Response<pb::CollectResponse>, Status> {
-        self.stats.count_call(Method::Collect);
+        let _in_flight = self.arrive(Method::Collect);
+        self.inject_faults().await?;
         let mut stream = request.into_inner();
         let (mut messages, mut bytes) = (0u64, 0u64);
         while let Some(message) = stream.message().await? {
@@ -268,7 +365,8 @@ impl pb::echo_service_server::EchoService for EchoServer {
         &self,
         request: Request<Streaming<pb::ChatRequest>>,
     ) -> Result<Response<Self::ChatStream>, Status> {
-        self.stats.count_call(Method::Chat);
+        let in_flight = self.arrive(Method::Chat);
+        self.inject_faults().await?;
         let instance = self.instance.to_string();
         let replies = request.into_inner().map(move |message| {
             message.map(|pb::ChatRequest { message, payload }| pb::ChatResponse {
@@ -277,15 +375,19 @@ impl pb::echo_service_server::EchoService for EchoServer {
                 instance: instance.clone(),
             })
         });
-        Ok(Response::new(Box::pin(replies)))
+        Ok(Response::new(Box::pin(holding(replies, in_flight))))
     }
 
     async fn record(
         &self,
         _request: Request<pb::RecordRequest>,
     ) -> Result<Response<pb::RecordResponse>, Status> {
-        self.stats.count_call(Method::Record);
+        let _in_flight = self.arrive(Method::Record);
+        // Counted on arrival, before any fault: `records` says how many
+        // Record calls reached the instance (what a mesh must not
+        // duplicate), whether or not they were answered.
         let sequence = self.stats.records.fetch_add(1, Ordering::Relaxed) + 1;
+        self.inject_faults().await?;
         Ok(Response::new(pb::RecordResponse {
             instance: self.instance.to_string(),
             sequence,
@@ -296,7 +398,8 @@ impl pb::echo_service_server::EchoService for EchoServer {
         &self,
         request: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
-        self.stats.count_call(Method::Fail);
+        let _in_flight = self.arrive(Method::Fail);
+        self.inject_faults().await?;
         let request = request.into_inner();
         // `Code::from_i32` maps unknown numbers to UNKNOWN; only a real
         // failure code is honoured.
@@ -320,6 +423,29 @@ impl pb::echo_service_server::EchoService for EchoServer {
         Err(Status::with_metadata(code, request.message, trailers))
     }
 
+    async fn inject(
+        &self,
+        request: Request<pb::InjectRequest>,
+    ) -> Result<Response<pb::InjectResponse>, Status> {
+        // Counted in `calls`, but neither delayed, failed nor in flight:
+        // faults must always be removable, and must not skew what they
+        // are meant to measure.
+        self.stats.count_call(Method::Inject);
+        let faults = Faults::try_from(request.into_inner())?;
+        self.set_faults(faults);
+        let (fail_code, fail_ratio) = faults.failure().map_or((0, 0.0), |(c, r)| (c as i32, r));
+        tracing::info!(
+            instance = %self.instance,
+            delay = ?faults.delay(),
+            fail_code,
+            fail_ratio,
+            "faults injected"
+        );
+        Ok(Response::new(pb::InjectResponse {
+            instance: self.instance.to_string(),
+        }))
+    }
+
     async fn get_stats(
         &self,
         _request: Request<pb::GetStatsRequest>,
@@ -337,6 +463,7 @@ impl pb::echo_service_server::EchoService for EchoServer {
             cancelled: self.stats.cancelled.load(Ordering::Relaxed),
             records: self.stats.records.load(Ordering::Relaxed),
             calls_by_method,
+            peak_in_flight: self.stats.peak_in_flight.load(Ordering::Relaxed),
         }))
     }
 }
@@ -356,3 +483,6 @@ pub async fn router(echo: EchoServer) -> (Router, HealthReporter) {
         .await;
     (router.add_service(EchoServiceServer::new(echo)), reporter)
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use trellis::cli::exit_with;
-use trellis_echo::{EchoServer, EchoServiceServer};
+use trellis_echo::{EchoServer, EchoServiceServer, Faults};
 
 /// The Trellis echo service, a test and benchmark workload.
 #[derive(Debug, Parser)]
@@ -30,16 +30,39 @@ struct Args {
     /// health-based routing. Unset, they stay SERVING.
     #[arg(long, env = "TRELLIS_ECHO_NOT_SERVING_AFTER", value_parser = trellis::cli::parse_duration)]
     not_serving_after: Option<Duration>,
+    /// Fault at start: delay added before every call answers (e.g.
+    /// `200ms`), at most `1h`. Inject calls replace the faults later.
+    #[arg(long, env = "TRELLIS_ECHO_DELAY", default_value = "0s", value_parser = trellis::cli::parse_duration)]
+    delay: Duration,
+    /// Fault at start: the gRPC status code (1 to 16, e.g. 14 for
+    /// UNAVAILABLE) the failing share of calls fails with; 0 fails none.
+    #[arg(long, env = "TRELLIS_ECHO_FAIL_CODE", default_value_t = 0)]
+    fail_code: i32,
+    /// Fault at start: the share of calls (0 to 1) that fail with
+    /// `--fail-code`; 1 fails every call.
+    #[arg(long, env = "TRELLIS_ECHO_FAIL_RATIO", default_value_t = 0.0)]
+    fail_ratio: f64,
 }
 
 #[tokio::main]
 async fn main() {
     trellis::telemetry::init("warn,trellis=info,trellis_echo=info");
     let args = Args::parse();
+    let faults =
+        Faults::new(args.delay, args.fail_code, args.fail_ratio).unwrap_or_else(|invalid| {
+            // Every bad value at once, by the flag that set it.
+            let problems: Vec<String> = invalid
+                .0
+                .iter()
+                .map(|v| format!("--{}: {}", v.field.replace('_', "-"), v.description))
+                .collect();
+            exit_with("trellis-echo", &problems.join("; "))
+        });
     let name = args.name.unwrap_or_else(|| args.listen.to_string());
-    tracing::info!(instance = %name, "starting echo service");
+    tracing::info!(instance = %name, ?faults, "starting echo service");
 
-    let (router, health) = trellis_echo::router(EchoServer::new(name)).await;
+    let echo = EchoServer::new(name).with_faults(faults);
+    let (router, health) = trellis_echo::router(echo).await;
     if let Some(after) = args.not_serving_after {
         tokio::spawn(async move {
             tokio::time::sleep(after).await;

@@ -317,3 +317,97 @@ async fn drains_on_sigterm() {
     assert!(exit.success(), "{exit:?}: {output}");
     assert!(output.contains("drained cleanly"), "{output}");
 }
+
+#[tokio::test]
+async fn fault_flags_apply_from_start_until_inject_replaces_them() {
+    let echo = Echo::start(
+        "echo-f",
+        &["--delay", "300ms", "--fail-code", "14", "--fail-ratio", "1"],
+    );
+    let mut client = EchoServiceClient::new(echo.channel().await);
+
+    let started = Instant::now();
+    let status = client.echo(pb::EchoRequest::default()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("echo-f"), "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // Streaming calls fail before their first response.
+    let (_tx, rx) = tokio::sync::mpsc::channel::<pb::ChatRequest>(1);
+    let status = client
+        .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = client
+        .collect(futures::stream::iter([pb::CollectRequest::default()]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // GetStats and Inject are spared; an empty Inject clears the faults.
+    let started = Instant::now();
+    client.get_stats(pb::GetStatsRequest {}).await.unwrap();
+    let reply = client
+        .inject(pb::InjectRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.instance, "echo-f");
+    client.echo(pb::EchoRequest::default()).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Half the calls fail, at random.
+    client
+        .inject(pb::InjectRequest {
+            delay: None,
+            fail_code: 8,
+            fail_ratio: 0.5,
+        })
+        .await
+        .unwrap();
+    let mut failed = 0;
+    for _ in 0..200 {
+        if let Err(status) = client.echo(pb::EchoRequest::default()).await {
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            failed += 1;
+        }
+    }
+    assert!((60..140).contains(&failed), "{failed} of 200 failed");
+
+    let status = client
+        .inject(pb::InjectRequest {
+            delay: None,
+            fail_code: 99,
+            fail_ratio: 0.5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("fail_code"), "{status:?}");
+}
+
+#[test]
+fn bad_fault_flags_are_all_named_and_the_process_exits_2() {
+    let output = Command::new(env!("CARGO_BIN_EXE_trellis-echo"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--delay",
+            "2h",
+            "--fail-code",
+            "17",
+        ])
+        .env("TRELLIS_ECHO_FAIL_RATIO", "1.5")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for flag in ["--delay", "--fail-code", "--fail-ratio"] {
+        assert!(stderr.contains(flag), "{flag} not named: {stderr}");
+    }
+}
