@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use trellis::up::mesh::MeshFile;
+use trellis::up::mesh::{MeshFile, ServiceSpec};
 use trellis::up::plan::{InstancePlan, Placeholders, Plan};
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -92,6 +92,15 @@ fn a_drifted_compose_file_is_reported_by_container() {
         "a sidecar's identity",
         &format!("{sidecar}: --cert is /certs/edge.pem;"),
         &|c| set_flag(&mut c["services"][sidecar], "--cert", "/certs/edge.pem"),
+    );
+    reported(
+        "a zone trellis.toml does not give",
+        &format!("{sidecar}: --zone is a; trellis.toml's entry (line"),
+        &|c| {
+            if let Yaml::Array(args) = &mut c["services"][sidecar]["command"] {
+                args.extend(["--zone", "a"].map(|a| Yaml::String(a.to_owned())));
+            }
+        },
     );
     reported(
         "a sidecar's network namespace",
@@ -283,7 +292,8 @@ fn check(mesh: &MeshFile, compose: &Yaml) -> Vec<String> {
     let subnet = mesh_subnet(compose);
     let mut sidecars = Vec::new();
     for instance in &plan.instances {
-        let spec = mesh.service(&instance.service).expect("planned from it");
+        // Its own `[[service]]` entry: a service run in two versions has two.
+        let spec = &mesh.services[instance.entry];
         let app = instance.name.as_str();
         let sidecar = format!("{app}-proxy");
         known.insert(app.to_owned());
@@ -426,16 +436,7 @@ fn check(mesh: &MeshFile, compose: &Yaml) -> Vec<String> {
                 describe(&side["network_mode"])
             ));
         }
-        check_sidecar(
-            &sidecar,
-            side,
-            instance,
-            ip,
-            registry,
-            &spec.name,
-            &spec.sidecar_args,
-            &mut problems,
-        );
+        check_sidecar(&sidecar, side, instance, ip, registry, spec, &mut problems);
         let want: BTreeMap<String, &str> = [
             (app.to_owned(), "service_started"),
             (REGISTRY.to_owned(), "service_healthy"),
@@ -553,10 +554,10 @@ fn check_sidecar(
     instance: &InstancePlan,
     ip: Option<Ipv4Addr>,
     registry: SocketAddr,
-    identity: &str,
-    extra: &[String],
+    spec: &ServiceSpec,
     problems: &mut Vec<String>,
 ) {
+    let (identity, extra) = (spec.name.as_str(), spec.sidecar_args.as_slice());
     let flags = Flags::of(name, sidecar, "mesh-proxy", problems);
     flags.expect("--app", &instance.listen.to_string(), problems);
     flags.port(
@@ -576,6 +577,17 @@ fn check_sidecar(
     flags.expect("--admin", &instance.admin.to_string(), problems);
     flags.expect("--registry", &registry.to_string(), problems);
     flags.identity(identity, problems);
+    // The labels of the entry's version and zone, when it has them.
+    for (flag, value) in [("--service-version", &spec.version), ("--zone", &spec.zone)] {
+        match (value, flags.get(flag)) {
+            (Some(want), _) => flags.expect(flag, want, problems),
+            (None, Some(got)) => problems.push(format!(
+                "{name}: {flag} is {got}; trellis.toml's entry (line {}) sets none",
+                spec.line
+            )),
+            (None, None) => {}
+        }
+    }
     let mut allowed = vec![
         "--app",
         "--inbound",
@@ -586,6 +598,8 @@ fn check_sidecar(
         "--cert",
         "--key",
         "--ca",
+        "--service-version",
+        "--zone",
     ];
     allowed.extend(
         extra

@@ -371,3 +371,105 @@ fn a_private_postgresql_is_made_under_the_state_directory_and_kept() {
         assert!(left.is_empty(), "run {run} left {left:?}");
     }
 }
+
+/// A canary: `echo` in two versions side by side, v1 in two instances in
+/// zone a, v2 in one with its own arguments. Every instance is named for
+/// its version, shown with it, and its sidecar registers the version and
+/// zone with the registry.
+#[test]
+fn two_versions_of_one_service_run_side_by_side() {
+    let (dir, path) = mesh_file(
+        "[[service]]\nname = \"echo\"\nversion = \"v1\"\nzone = \"a\"\ninstances = 2\n\
+         command = [\"{bin}/trellis-echo\", \"--listen\", \"{listen}\"]\n\n\
+         [[service]]\nname = \"echo\"\nversion = \"v2\"\n\
+         command = [\"{bin}/trellis-echo\", \"--listen\", \"{listen}\", \"--name\", \"{instance}\"]\n",
+    );
+    let mut up = Running::start(&path, &[]);
+    up.wait_for("\nedge: ", Duration::from_secs(90));
+    let all = up.output();
+    assert!(
+        all.contains("The mesh is up (3 instances of 1 services"),
+        "{all}"
+    );
+    for (instance, label) in [
+        ("echo-v1-1", "version v1, zone a"),
+        ("echo-v1-2", "version v1, zone a"),
+        ("echo-v2", "version v2"),
+    ] {
+        assert!(
+            all.lines()
+                .any(|l| l.trim_start().starts_with(instance) && l.contains(label)),
+            "{instance} with {label}:\n{all}"
+        );
+    }
+
+    let state = dir.path().join(".trellis");
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("run/up.json")).unwrap()).unwrap();
+    let planned: Vec<(String, serde_json::Value, serde_json::Value)> = run["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["instance"].as_str().unwrap().to_owned(),
+                i["version"].clone(),
+                i["zone"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        planned,
+        [
+            ("echo-v1-1".to_owned(), "v1".into(), "a".into()),
+            ("echo-v1-2".to_owned(), "v1".into(), "a".into()),
+            ("echo-v2".to_owned(), "v2".into(), serde_json::Value::Null),
+        ]
+    );
+
+    // What the registry has: each instance with its entry's labels.
+    let status = Command::new(trellis())
+        .args(["status", "--json", "--registry"])
+        .arg(run["registry"].as_str().unwrap())
+        .arg("--certs")
+        .arg(state.join("certs"))
+        .output()
+        .unwrap();
+    // (It exits 1 here: the repository's config/ names services this mesh
+    // does not run.)
+    let registered: serde_json::Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&status)));
+    assert!(registered["error"].is_null(), "{registered}");
+    let mut labels: Vec<(String, String, String)> = registered["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            assert_eq!(i["service"], "echo", "{i}");
+            (
+                i["metadata"]["instance"].as_str().unwrap_or("?").to_owned(),
+                i["version"].as_str().unwrap_or("?").to_owned(),
+                i["zone"].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect();
+    labels.sort();
+    let label = |i: &str, v: &str, z: &str| (i.to_owned(), v.to_owned(), z.to_owned());
+    assert_eq!(
+        labels,
+        [
+            label("echo-v1-1", "v1", "a"),
+            label("echo-v1-2", "v1", "a"),
+            label("echo-v2", "v2", ""),
+        ],
+        "{registered}"
+    );
+
+    up.interrupt();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        processes_under(dir.path()).is_empty(),
+        "{:?}",
+        processes_under(dir.path())
+    );
+}

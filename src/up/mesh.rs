@@ -3,6 +3,12 @@
 //! Parsed once, strictly: an unknown key, a missing command, a dependency
 //! on a service that is not listed or a dependency cycle is refused with
 //! the file, the line and the reason, before anything starts.
+//!
+//! One mesh service may have several `[[service]]` entries, one per
+//! `version`, to run a canary beside the release it replaces. They share
+//! everything that belongs to the service (its identity, its config file,
+//! its database) and differ in what belongs to a build: the command, the
+//! number of instances, the environment, the sidecars' flags.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -17,6 +23,8 @@ use toml::Spanned;
 pub const MAX_INSTANCES: u32 = 32;
 /// Most services one mesh file may list.
 pub const MAX_SERVICES: usize = 64;
+/// Longest `version` or `zone`: the registry's limit on both labels.
+pub const MAX_LABEL: usize = 64;
 
 /// A parsed, checked mesh file.
 #[derive(Debug, Clone)]
@@ -33,8 +41,9 @@ pub struct MeshFile {
     pub postgres: PostgresSection,
     /// `[edge]`.
     pub edge: EdgeSection,
-    /// `[[service]]`, in dependency order (a service after everything it
-    /// depends on; otherwise in file order).
+    /// `[[service]]` entries, in dependency order (an entry after every
+    /// entry of each service it depends on; otherwise in file order). A
+    /// service run in several versions has an entry per version.
     pub services: Vec<ServiceSpec>,
     /// `[banner] text`: printed once the mesh is up (calls to try).
     pub banner: Option<String>,
@@ -106,21 +115,29 @@ pub struct EdgeSection {
     pub tls_listen: Option<Spanned<String>>,
 }
 
-/// One `[[service]]`.
+/// One `[[service]]` entry.
 #[derive(Debug, Clone)]
 pub struct ServiceSpec {
     /// The mesh service name: its identity, its config file, its
-    /// databases' suffix.
+    /// databases' suffix. Entries with the same name are one service.
     pub name: String,
+    /// The version its sidecars register (`--service-version`), which
+    /// traffic splits name. Set, and distinct, on every entry when a name
+    /// has several.
+    pub version: Option<String>,
+    /// The zone its sidecars register (`--zone`).
+    pub zone: Option<String>,
     /// How many instances, each with its own sidecar.
     pub instances: u32,
     /// Program and arguments, placeholders expanded per instance.
     pub command: Vec<String>,
     /// Extra environment, placeholders expanded per instance.
     pub env: BTreeMap<String, String>,
-    /// Whether it gets `TRELLIS_DATABASE_URL`.
+    /// Whether it gets `TRELLIS_DATABASE_URL` (the same on every entry of
+    /// a name: they share the database).
     pub database: bool,
-    /// Services that must be serving before this one starts.
+    /// Services (every entry of each) that must be serving before this
+    /// entry starts.
     pub depends_on: Vec<String>,
     /// Extra flags for each of its sidecars.
     pub sidecar_args: Vec<String>,
@@ -156,17 +173,19 @@ struct Banner {
 #[serde(deny_unknown_fields)]
 struct RawService {
     name: Spanned<String>,
+    version: Option<Spanned<String>>,
+    zone: Option<Spanned<String>>,
     #[serde(default = "one")]
     instances: Spanned<u32>,
     command: Spanned<Vec<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
-    #[serde(default)]
-    database: bool,
+    #[serde(default = "no_database")]
+    database: Spanned<bool>,
     #[serde(default = "no_dependencies")]
     depends_on: Spanned<Vec<String>>,
-    #[serde(default)]
-    sidecar_args: Vec<String>,
+    #[serde(default = "no_sidecar_args")]
+    sidecar_args: Spanned<Vec<String>>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -208,6 +227,12 @@ fn default_edge() -> EdgeSection {
 }
 fn no_dependencies() -> Spanned<Vec<String>> {
     Spanned::new(0..0, Vec::new())
+}
+fn no_sidecar_args() -> Spanned<Vec<String>> {
+    Spanned::new(0..0, Vec::new())
+}
+fn no_database() -> Spanned<bool> {
+    Spanned::new(0..0, false)
 }
 fn one() -> Spanned<u32> {
     Spanned::new(0..0, 1)
@@ -311,12 +336,17 @@ impl MeshFile {
             ));
         }
 
-        let mut services = Vec::with_capacity(raw.service.len());
-        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut services: Vec<ServiceSpec> = Vec::with_capacity(raw.service.len());
+        // Each name's entries so far, as indices into `services`.
+        let mut entries: HashMap<String, Vec<usize>> = HashMap::new();
         for spanned in &raw.service {
             let service = spanned.get_ref();
             let name = service.name.get_ref();
             let line = line_of(text, spanned.span().start);
+            // A key left out has no span of its own: point at its entry.
+            let or_entry = |span: Range<usize>| {
+                if span == (0..0) { spanned.span() } else { span }
+            };
             if !valid_name(name) {
                 return Err(error(
                     Some(service.name.span()),
@@ -333,11 +363,64 @@ impl MeshFile {
                     ),
                 ));
             }
-            if let Some(first) = seen.insert(name.clone(), line) {
-                return Err(error(
-                    Some(service.name.span()),
-                    format!("service {name:?} is listed twice (first on line {first})"),
-                ));
+            let label = |key: &str, value: &Option<Spanned<String>>| {
+                let Some(value) = value else {
+                    return Ok(None);
+                };
+                check_label(value.get_ref())
+                    .map(|()| Some(value.get_ref().clone()))
+                    .map_err(|m| error(Some(value.span()), format!("service {name:?}: {key} {m}")))
+            };
+            let version = label("version", &service.version)?;
+            let zone = label("zone", &service.zone)?;
+            let database = *service.database.get_ref();
+            // Entries of one name are one service: versions tell them
+            // apart, and what belongs to the service must agree.
+            for earlier in entries.get(name).into_iter().flatten() {
+                let earlier = &services[*earlier];
+                match (&earlier.version, &version, &service.version) {
+                    (Some(_), Some(_), Some(spanned_version)) if earlier.version == version => {
+                        return Err(error(
+                            Some(spanned_version.span()),
+                            format!(
+                                "service {name:?} has version {:?} twice (first on line {}); give each entry of {name:?} a distinct `version`",
+                                spanned_version.get_ref(),
+                                earlier.line
+                            ),
+                        ));
+                    }
+                    (Some(_), Some(_), _) => {}
+                    _ => {
+                        return Err(error(
+                            Some(service.name.span()),
+                            format!(
+                                "service {name:?} is listed twice (first on line {}); to run two versions of it side by side, give each entry a distinct `version` (e.g. version = \"v1\" and version = \"v2\")",
+                                earlier.line
+                            ),
+                        ));
+                    }
+                }
+                if earlier.database != database {
+                    return Err(error(
+                        Some(or_entry(service.database.span())),
+                        format!(
+                            "service {name:?} has database = {database} here but database = {} on line {}; its entries share one database, so give each the same `database`",
+                            earlier.database, earlier.line
+                        ),
+                    ));
+                }
+            }
+            for arg in service.sidecar_args.get_ref() {
+                for (flag, key) in [("--service-version", "version"), ("--zone", "zone")] {
+                    if arg == flag || arg.starts_with(&format!("{flag}=")) {
+                        return Err(error(
+                            Some(or_entry(service.sidecar_args.span())),
+                            format!(
+                                "service {name:?}: sidecar_args gives {flag}; set `{key} = \"...\"` in the [[service]] entry instead (trellis up passes it to each of the entry's sidecars)"
+                            ),
+                        ));
+                    }
+                }
             }
             let instances = *service.instances.get_ref();
             if instances == 0 || instances > MAX_INSTANCES {
@@ -357,20 +440,28 @@ impl MeshFile {
                     ),
                 ));
             }
+            entries
+                .entry(name.clone())
+                .or_default()
+                .push(services.len());
             services.push(ServiceSpec {
                 name: name.clone(),
+                version,
+                zone,
                 instances,
                 command: command.clone(),
                 env: service.env.clone(),
-                database: service.database,
+                database,
                 depends_on: service.depends_on.get_ref().clone(),
-                sidecar_args: service.sidecar_args.clone(),
+                sidecar_args: service.sidecar_args.get_ref().clone(),
                 line,
             });
         }
+        check_process_names(&services)
+            .map_err(|(i, message)| error(Some(raw.service[i].get_ref().name.span()), message))?;
         for (spanned, spec) in raw.service.iter().zip(&services) {
             for dep in &spec.depends_on {
-                if !seen.contains_key(dep) {
+                if !entries.contains_key(dep) {
                     return Err(error(
                         Some(spanned.get_ref().depends_on.span()),
                         format!(
@@ -448,9 +539,76 @@ impl MeshFile {
         }
     }
 
-    /// The service named `name`.
+    /// The first entry of the service named `name`: enough for what its
+    /// entries share (the identity, `database`); [`Self::entries`] gives
+    /// them all.
     pub fn service(&self, name: &str) -> Option<&ServiceSpec> {
         self.services.iter().find(|s| s.name == name)
+    }
+
+    /// Every entry of the service named `name` (one per version).
+    pub fn entries<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a ServiceSpec> {
+        self.services.iter().filter(move |s| s.name == name)
+    }
+
+    /// Each service's name once, in the order of [`Self::services`].
+    pub fn service_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::with_capacity(self.services.len());
+        for service in &self.services {
+            if !names.contains(&service.name.as_str()) {
+                names.push(&service.name);
+            }
+        }
+        names
+    }
+}
+
+impl ServiceSpec {
+    /// How the launcher's log names this entry: `echo`, or `echo v2`.
+    pub fn label(&self) -> String {
+        match &self.version {
+            Some(version) => format!("{} {version}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// How messages name this entry: `service "echo"`, or
+    /// `service "echo" version "v2"`.
+    pub fn describe(&self) -> String {
+        match &self.version {
+            Some(version) => format!("service {:?} version {version:?}", self.name),
+            None => format!("service {:?}", self.name),
+        }
+    }
+
+    /// Its instances' names: `user`, or `usage-1`, `usage-2` when there
+    /// are several; with a version, `echo-v2`, or `echo-v1-1`, `echo-v1-2`.
+    /// They name processes, log and pid files, so in the version anything
+    /// but letters, digits, `.`, `-` and `_` becomes `_`.
+    pub fn instance_names(&self) -> Vec<String> {
+        let base = match &self.version {
+            Some(version) => {
+                let version: String = version
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                format!("{}-{version}", self.name)
+            }
+            None => self.name.clone(),
+        };
+        if self.instances == 1 {
+            vec![base]
+        } else {
+            (1..=self.instances)
+                .map(|i| format!("{base}-{i}"))
+                .collect()
+        }
     }
 }
 
@@ -488,25 +646,89 @@ fn valid_name(name: &str) -> bool {
         && name.as_bytes()[0].is_ascii_lowercase()
 }
 
+/// A `version` or `zone`: what the registry takes as a label.
+fn check_label(label: &str) -> Result<(), String> {
+    if label.is_empty() || label.len() > MAX_LABEL || !label.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{label:?} must be 1 to {MAX_LABEL} printable ASCII characters without spaces (e.g. \"v2\")"
+        ));
+    }
+    Ok(())
+}
+
+/// The processes `trellis up` runs besides instances and their sidecars:
+/// their names are taken (log and pid files are named after processes).
+const OWN_PROCESSES: [&str; 5] = ["registry", "edge", "edge-tls", "postgres", "trellis-up"];
+
+/// Every instance and its sidecar (`<instance>-proxy`) need a process name
+/// of their own; otherwise the entry (its index) whose instance would
+/// take a name already taken, and why.
+fn check_process_names(services: &[ServiceSpec]) -> Result<(), (usize, String)> {
+    let mut taken: HashMap<String, String> = OWN_PROCESSES
+        .iter()
+        .map(|p| ((*p).to_owned(), format!("the mesh's own {p} process")))
+        .collect();
+    for (i, service) in services.iter().enumerate() {
+        for instance in service.instance_names() {
+            let sidecar = format!("{instance}-proxy");
+            for (process, what) in [
+                (&instance, "an instance"),
+                (&sidecar, "the sidecar of an instance"),
+            ] {
+                if let Some(holder) = taken.get(process) {
+                    return Err((
+                        i,
+                        format!(
+                            "{}: {what} would be named {process:?}, as {holder} is; rename a service or change a version so their names differ",
+                            service.describe()
+                        ),
+                    ));
+                }
+                taken.insert(
+                    process.clone(),
+                    format!("{what} of {} (line {})", service.describe(), service.line),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// Orders services so each comes after its dependencies (stable: file
-/// order otherwise), or names a cycle.
+/// Orders entries so each comes after every entry of the services it
+/// depends on (stable: file order otherwise), or names a cycle.
 fn dependency_order(services: Vec<ServiceSpec>) -> Result<Vec<ServiceSpec>, (usize, String)> {
     let mut placed: Vec<ServiceSpec> = Vec::with_capacity(services.len());
+    // Entries of each name not placed yet.
+    let mut unplaced: HashMap<String, usize> = HashMap::new();
+    for s in &services {
+        *unplaced.entry(s.name.clone()).or_default() += 1;
+    }
     let mut left = services;
     while !left.is_empty() {
         let ready = left.iter().position(|s| {
             s.depends_on
                 .iter()
-                .all(|d| placed.iter().any(|p| &p.name == d))
+                .all(|d| unplaced.get(d).is_none_or(|n| *n == 0))
         });
         match ready {
-            Some(i) => placed.push(left.remove(i)),
+            Some(i) => {
+                let service = left.remove(i);
+                if let Some(n) = unplaced.get_mut(&service.name) {
+                    *n -= 1;
+                }
+                placed.push(service);
+            }
             None => {
-                let names: Vec<&str> = left.iter().map(|s| s.name.as_str()).collect();
+                let mut names: Vec<&str> = Vec::new();
+                for s in &left {
+                    if !names.contains(&s.name.as_str()) {
+                        names.push(&s.name);
+                    }
+                }
                 return Err((left[0].line, names.join(", ")));
             }
         }
@@ -515,115 +737,4 @@ fn dependency_order(services: Vec<ServiceSpec>) -> Result<Vec<ServiceSpec>, (usi
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<MeshFile, MeshFileError> {
-        MeshFile::parse(Path::new("trellis.toml"), text)
-    }
-
-    const GOOD: &str = r#"
-[mesh]
-ports = "7100-7299"
-
-[[service]]
-name = "usage"
-instances = 2
-command = ["{bin}/trellis-usage"]
-database = true
-depends_on = ["user"]
-
-[[service]]
-name = "user"
-command = ["{bin}/trellis-user"]
-database = true
-"#;
-
-    #[test]
-    fn orders_services_after_their_dependencies() {
-        let file = parse(GOOD).unwrap();
-        let names: Vec<&str> = file.services.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["user", "usage"]);
-        assert_eq!(file.services[1].instances, 2);
-        assert_eq!(file.services[1].line, 5);
-        assert_eq!(file.port_range(), PortRange::Range(7100, 7299));
-        assert_eq!(
-            file.edge_listen(),
-            PortSpec::Fixed("127.0.0.1:8080".parse().unwrap())
-        );
-        assert_eq!(file.edge_tls_listen(), None);
-    }
-
-    #[test]
-    fn the_repository_mesh_file_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("trellis.toml");
-        let file = MeshFile::load(&path).unwrap();
-        assert!(file.service("usage").is_some_and(|s| s.instances == 2));
-    }
-
-    fn refused(text: &str) -> String {
-        parse(text).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn refuses_bad_files_with_line_and_reason() {
-        let typo = refused("[[service]]\nname = \"a\"\ncommand = [\"x\"]\ninstancs = 2\n");
-        assert!(
-            typo.starts_with("trellis.toml:4: unknown field `instancs`"),
-            "{typo}"
-        );
-
-        let syntax = refused("[[service]\nname = \"a\"\n");
-        assert!(syntax.starts_with("trellis.toml:1:"), "{syntax}");
-
-        let dep =
-            refused("[[service]]\nname = \"a\"\ncommand = [\"x\"]\ndepends_on = [\"nope\"]\n");
-        assert!(dep.contains(":4:") && dep.contains("\"nope\""), "{dep}");
-
-        let cycle = refused(
-            "[[service]]\nname = \"a\"\ncommand = [\"x\"]\ndepends_on = [\"b\"]\n\
-             [[service]]\nname = \"b\"\ncommand = [\"x\"]\ndepends_on = [\"a\"]\n",
-        );
-        assert!(cycle.contains("cycle: a, b"), "{cycle}");
-
-        let twice = refused(
-            "[[service]]\nname = \"a\"\ncommand = [\"x\"]\n[[service]]\nname = \"a\"\ncommand = [\"y\"]\n",
-        );
-        assert!(
-            twice.contains(":5:") && twice.contains("first on line 1"),
-            "{twice}"
-        );
-
-        let empty = refused("[[service]]\nname = \"a\"\ncommand = []\n");
-        assert!(
-            empty.contains(":3:") && empty.contains("command is empty"),
-            "{empty}"
-        );
-
-        let many = refused("[[service]]\nname = \"a\"\ncommand = [\"x\"]\ninstances = 500\n");
-        assert!(many.contains(":4:") && many.contains("1 to 32"), "{many}");
-
-        let ports =
-            refused("[mesh]\nports = \"9000\"\n[[service]]\nname = \"a\"\ncommand = [\"x\"]\n");
-        assert!(
-            ports.contains(":2:") && ports.contains("not a range"),
-            "{ports}"
-        );
-
-        let edge = refused(
-            "[edge]\nlisten = \"localhost\"\n[[service]]\nname = \"a\"\ncommand = [\"x\"]\n",
-        );
-        assert!(
-            edge.contains(":2:") && edge.contains("not an address"),
-            "{edge}"
-        );
-
-        let reserved = refused("[[service]]\nname = \"edge\"\ncommand = [\"x\"]\n");
-        assert!(reserved.contains("taken by the mesh"), "{reserved}");
-
-        let upper = refused("[[service]]\nname = \"User\"\ncommand = [\"x\"]\n");
-        assert!(upper.contains("lowercase"), "{upper}");
-
-        assert!(refused("").contains("no [[service]]"));
-    }
-}
+mod tests;

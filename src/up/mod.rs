@@ -5,9 +5,12 @@
 //! free); certificates; PostgreSQL (found, or a private cluster started);
 //! the registry; the services by dependency level, each instance with its
 //! own sidecar, a level waiting for the one before it to be ready; the
-//! edges. Then it prints how to call the mesh and supervises: a process
-//! that exits is restarted with backoff, one that keeps crashing is given
-//! up on, and the rest keep serving. Ctrl-C or SIGTERM stops everything in
+//! edges. A service listed once per `version` (a canary beside the
+//! release) runs every entry's instances, each sidecar registering its
+//! entry's version and zone; what depends on it starts once all are ready.
+//! Then it prints how to call the mesh and supervises: a process that
+//! exits is restarted with backoff, one that keeps crashing is given up
+//! on, and the rest keep serving. Ctrl-C or SIGTERM stops everything in
 //! reverse order (edges, sidecars, services, registry, PostgreSQL), each
 //! draining within its grace period. If anything fails while starting,
 //! what was started is stopped and the failure is shown with the
@@ -290,7 +293,8 @@ async fn prepare(
     run_builds(args, file, root)?;
     let plan = Plan::new(file)?;
     let mut workloads = vec!["registry".to_owned(), "edge".to_owned(), "cli".to_owned()];
-    workloads.extend(file.services.iter().map(|s| s.name.clone()));
+    // One identity per service, however many entries (versions) it has.
+    workloads.extend(file.service_names().into_iter().map(str::to_owned));
     crate::certs::write_dev_certs(
         &state.join("certs"),
         crate::identity::DEFAULT_TRUST_DOMAIN,
@@ -564,8 +568,8 @@ async fn start(
         let mut apps = Vec::new();
         let mut sidecars = Vec::new();
         let mut admins = Vec::new();
-        for service in &level {
-            for instance in plan.instances_of(&service.name) {
+        for &(entry, service) in &level {
+            for instance in plan.instances_of_entry(entry) {
                 let app = app_spec(cx, service, instance, server.as_ref()).map_err(fail)?;
                 apps.push(cx.supervisor.spawn(app));
                 sidecars.push(cx.supervisor.spawn(sidecar_spec(
@@ -577,7 +581,7 @@ async fn start(
                 admins.push((instance.name.clone(), instance.admin));
             }
         }
-        let names: Vec<&str> = level.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<String> = level.iter().map(|(_, s)| s.label()).collect();
         cx.logs.launcher(format!(
             "starting {} ({} instance(s), each with its sidecar)",
             names.join(", "),
@@ -665,24 +669,28 @@ async fn start_postgres(
     Ok(server)
 }
 
-/// Services grouped by dependency level: a level's services depend only
-/// on earlier levels, so a level starts once the one before is ready.
-fn levels(services: &[ServiceSpec]) -> Vec<Vec<&ServiceSpec>> {
+/// `[[service]]` entries (with their index) grouped by dependency level:
+/// a level's entries depend only on earlier levels, so a level starts once
+/// the one before is ready. What depends on a service comes after the
+/// highest level of its entries: it waits for every version of it.
+fn levels(services: &[ServiceSpec]) -> Vec<Vec<(usize, &ServiceSpec)>> {
     let mut level_of: HashMap<&str, usize> = HashMap::new();
-    let mut levels: Vec<Vec<&ServiceSpec>> = Vec::new();
-    // Services come in dependency order, so every dependency is placed.
-    for service in services {
+    let mut levels: Vec<Vec<(usize, &ServiceSpec)>> = Vec::new();
+    // Entries come in dependency order, so every entry of a dependency is
+    // placed.
+    for (entry, service) in services.iter().enumerate() {
         let level = service
             .depends_on
             .iter()
             .map(|d| level_of.get(d.as_str()).map_or(0, |l| l + 1))
             .max()
             .unwrap_or(0);
-        level_of.insert(&service.name, level);
+        let highest = level_of.entry(&service.name).or_insert(level);
+        *highest = (*highest).max(level);
         if levels.len() <= level {
             levels.resize_with(level + 1, Vec::new);
         }
-        levels[level].push(service);
+        levels[level].push((entry, service));
     }
     levels
 }
@@ -766,6 +774,23 @@ fn sidecar_spec(
     instance: &InstancePlan,
     registry: SocketAddr,
 ) -> ProcessSpec {
+    cx.spec(
+        &format!("{}-proxy", instance.name),
+        cx.binary("mesh-proxy"),
+        sidecar_args(service, instance, registry, cx.identity(&service.name)),
+        Duration::from_secs(15),
+    )
+}
+
+/// An instance's sidecar flags: its addresses, the labels it registers
+/// (the instance name, the entry's version and zone), its identity, and
+/// last the entry's own `sidecar_args`.
+fn sidecar_args(
+    service: &ServiceSpec,
+    instance: &InstancePlan,
+    registry: SocketAddr,
+    identity: Vec<String>,
+) -> Vec<String> {
     let mut args = flags(&[
         ("--app", instance.listen),
         ("--inbound", instance.inbound),
@@ -777,14 +802,15 @@ fn sidecar_spec(
         "--metadata".to_owned(),
         format!("instance={}", instance.name),
     ]);
-    args.extend(cx.identity(&service.name));
+    if let Some(version) = &service.version {
+        args.extend(["--service-version".to_owned(), version.clone()]);
+    }
+    if let Some(zone) = &service.zone {
+        args.extend(["--zone".to_owned(), zone.clone()]);
+    }
+    args.extend(identity);
     args.extend(service.sidecar_args.iter().cloned());
-    cx.spec(
-        &format!("{}-proxy", instance.name),
-        cx.binary("mesh-proxy"),
-        args,
-        Duration::from_secs(15),
-    )
+    args
 }
 
 fn edge_spec(cx: &Launch<'_>, edge: &EdgePlan, registry: SocketAddr) -> ProcessSpec {
@@ -1001,17 +1027,7 @@ fn write_run_file(
     plan: &Plan,
     server: Option<&postgres::Server>,
 ) -> std::io::Result<()> {
-    let instances: Vec<serde_json::Value> = plan
-        .instances
-        .iter()
-        .map(|i| {
-            serde_json::json!({
-                "service": i.service, "instance": i.name, "listen": i.listen.to_string(),
-                "inbound": i.inbound.to_string(), "outbound": i.outbound.to_string(),
-                "admin": i.admin.to_string(),
-            })
-        })
-        .collect();
+    let instances: Vec<serde_json::Value> = plan.instances.iter().map(run_file_instance).collect();
     let edges: Vec<serde_json::Value> = plan
         .edges
         .iter()
@@ -1031,6 +1047,15 @@ fn write_run_file(
     std::fs::rename(tmp, path)
 }
 
+/// One instance in `up.json`; `version` and `zone` are null when unset.
+fn run_file_instance(i: &InstancePlan) -> serde_json::Value {
+    serde_json::json!({
+        "service": i.service, "instance": i.name, "version": i.version, "zone": i.zone,
+        "listen": i.listen.to_string(), "inbound": i.inbound.to_string(),
+        "outbound": i.outbound.to_string(), "admin": i.admin.to_string(),
+    })
+}
+
 /// What to print once the mesh is up: the edge on a line of its own, then
 /// commands to paste.
 fn banner(
@@ -1043,7 +1068,7 @@ fn banner(
     let edge = &plan.edges[0];
     let e = format!("http://{}", edge.listen);
     let certs = cx.certs.display();
-    let services = cx.file.services.len();
+    let services = cx.file.service_names().len();
     let mut out = format!(
         "\nThe mesh is up ({} instances of {services} services, each with its sidecar) in {:.0}s.\n\n\
          edge: {}\n",
@@ -1062,13 +1087,7 @@ fn banner(
         plan.registry
     ));
     if let Some(server) = server {
-        let names: Vec<String> = cx
-            .file
-            .services
-            .iter()
-            .filter(|s| s.database)
-            .map(|s| format!("{}_{}", database_prefix(cx.file), s.name.replace('-', "_")))
-            .collect();
+        let names: Vec<String> = databases(cx.file).map(|(_, database)| database).collect();
         out.push_str(&format!(
             "databases: {} on {} (they belong to {}: remove both to start afresh)\n",
             names.join(", "),
@@ -1081,12 +1100,7 @@ fn banner(
         cx.state.join("logs").display()
     ));
     out.push_str("instances:\n");
-    for i in &plan.instances {
-        out.push_str(&format!(
-            "  {:<14} service {}  sidecar inbound {}  outbound {}  admin http://{}\n",
-            i.name, i.listen, i.inbound, i.outbound, i.admin
-        ));
-    }
+    out.push_str(&instance_lines(plan));
     let host = edge.listen.to_string();
     let status_flags = status_flags(cx, plan);
     let trellis = trellis_command(cx.root);
@@ -1117,6 +1131,60 @@ fn banner(
     }
     out.push_str("\nCtrl-C stops everything.\n");
     out
+}
+
+/// The instance list of the banner, a line each: its name, version and
+/// zone (when the mesh has any), and its addresses.
+fn instance_lines(plan: &Plan) -> String {
+    let labels: Vec<String> = plan
+        .instances
+        .iter()
+        .map(|i| {
+            let mut label = Vec::new();
+            if let Some(version) = &i.version {
+                label.push(format!("version {version}"));
+            }
+            if let Some(zone) = &i.zone {
+                label.push(format!("zone {zone}"));
+            }
+            label.join(", ")
+        })
+        .collect();
+    let name_width = plan
+        .instances
+        .iter()
+        .map(|i| i.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
+    let label_width = labels.iter().map(String::len).max().unwrap_or(0);
+    let mut out = String::new();
+    for (i, label) in plan.instances.iter().zip(&labels) {
+        let label = if label_width == 0 {
+            String::new()
+        } else {
+            format!("{label:<label_width$}  ")
+        };
+        out.push_str(&format!(
+            "  {:<name_width$} {label}service {}  sidecar inbound {}  outbound {}  admin http://{}\n",
+            i.name, i.listen, i.inbound, i.outbound, i.admin
+        ));
+    }
+    out
+}
+
+/// Each service with a database, once however many entries it has, and
+/// the database's name.
+fn databases<'a>(file: &'a MeshFile) -> impl Iterator<Item = (&'a str, String)> + 'a {
+    file.service_names()
+        .into_iter()
+        .filter(|name| file.service(name).is_some_and(|s| s.database))
+        .map(|name| {
+            (
+                name,
+                format!("{}_{}", database_prefix(file), name.replace('-', "_")),
+            )
+        })
 }
 
 /// How to run this `trellis` binary from the mesh file's directory:
@@ -1159,15 +1227,10 @@ fn banner_text(
         out = out.replace("${edge_tls}", &tls.listen.to_string());
     }
     if let Some(server) = server {
-        for service in cx.file.services.iter().filter(|s| s.database) {
-            let name = format!(
-                "{}_{}",
-                database_prefix(cx.file),
-                service.name.replace('-', "_")
-            );
+        for (service, database) in databases(cx.file) {
             out = out.replace(
-                &format!("${{database:{}}}", service.name),
-                &server.database_url(&name),
+                &format!("${{database:{service}}}"),
+                &server.database_url(&database),
             );
         }
     }
@@ -1185,4 +1248,142 @@ fn status_flags(cx: &Launch<'_>, plan: &Plan) -> String {
         flags.push_str(&format!(" --certs {}", cx.certs.display()));
     }
     flags
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(text: &str) -> MeshFile {
+        let mut file = MeshFile::parse(Path::new("trellis.toml"), text).unwrap();
+        file.use_any_free_ports();
+        file
+    }
+
+    /// echo in two versions (v1 in zone a), and a client of echo listed
+    /// between them.
+    const CANARY: &str = "[[service]]\nname = \"echo\"\nversion = \"v1\"\nzone = \"a\"\ninstances = 2\ncommand = [\"x\"]\n\
+        [[service]]\nname = \"client\"\ncommand = [\"x\"]\ndepends_on = [\"echo\"]\n\
+        [[service]]\nname = \"echo\"\nversion = \"v2\"\ncommand = [\"y\"]\nsidecar_args = [\"--grpc-services\", \"a.B\"]\n";
+
+    fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+        args.iter()
+            .position(|a| a == name)
+            .map(|i| args[i + 1].as_str())
+    }
+
+    #[test]
+    fn sidecars_register_their_entrys_version_and_zone() {
+        let file = mesh(CANARY);
+        let plan = Plan::new(&file).unwrap();
+        let identity = vec!["--cert".to_owned(), "echo.pem".to_owned()];
+        let args_of = |name: &str| {
+            let instance = plan.instances.iter().find(|i| i.name == name).unwrap();
+            let service = &file.services[instance.entry];
+            sidecar_args(service, instance, plan.registry, identity.clone())
+        };
+
+        let v1 = args_of("echo-v1-2");
+        assert_eq!(flag(&v1, "--service-version"), Some("v1"));
+        assert_eq!(flag(&v1, "--zone"), Some("a"));
+        assert_eq!(flag(&v1, "--metadata"), Some("instance=echo-v1-2"));
+        assert_eq!(flag(&v1, "--cert"), Some("echo.pem"));
+
+        let v2 = args_of("echo-v2");
+        assert_eq!(flag(&v2, "--service-version"), Some("v2"));
+        assert_eq!(flag(&v2, "--zone"), None);
+        // The entry's own sidecar_args stay last.
+        assert!(v2.ends_with(&["--grpc-services".to_owned(), "a.B".to_owned()]));
+
+        let client = args_of("client");
+        assert!(
+            !client
+                .iter()
+                .any(|a| a == "--service-version" || a == "--zone"),
+            "{client:?}"
+        );
+    }
+
+    #[test]
+    fn a_dependent_starts_after_every_version_of_what_it_depends_on() {
+        let file = mesh(CANARY);
+        let labels: Vec<Vec<String>> = levels(&file.services)
+            .into_iter()
+            .map(|level| level.into_iter().map(|(_, s)| s.label()).collect())
+            .collect();
+        assert_eq!(labels, [vec!["echo v1", "echo v2"], vec!["client"]]);
+
+        // v2 waits for user; client, depending on echo, waits for v2.
+        let file = mesh(
+            "[[service]]\nname = \"user\"\ncommand = [\"x\"]\n\
+             [[service]]\nname = \"echo\"\nversion = \"v1\"\ncommand = [\"x\"]\n\
+             [[service]]\nname = \"echo\"\nversion = \"v2\"\ncommand = [\"x\"]\ndepends_on = [\"user\"]\n\
+             [[service]]\nname = \"client\"\ncommand = [\"x\"]\ndepends_on = [\"echo\"]\n",
+        );
+        let labels: Vec<Vec<String>> = levels(&file.services)
+            .into_iter()
+            .map(|level| level.into_iter().map(|(_, s)| s.label()).collect())
+            .collect();
+        assert_eq!(
+            labels,
+            [vec!["user", "echo v1"], vec!["echo v2"], vec!["client"]]
+        );
+    }
+
+    #[test]
+    fn the_instance_list_and_run_file_show_versions_and_zones() {
+        let file = mesh(CANARY);
+        let plan = Plan::new(&file).unwrap();
+        let lines = instance_lines(&plan);
+        let line = |name: &str| {
+            lines
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} in {lines}"))
+                .to_owned()
+        };
+        assert!(line("echo-v1-1").contains(" version v1, zone a  service 127.0.0.1:"));
+        assert!(line("echo-v2").contains(" version v2  "));
+        assert!(!line("client").contains("version"));
+        // The columns line up.
+        let at = |l: String| l.find(" service 127.").unwrap();
+        assert_eq!(at(line("echo-v2")), at(line("echo-v1-1")));
+        assert_eq!(at(line("client")), at(line("echo-v1-1")));
+
+        let v1 = plan
+            .instances
+            .iter()
+            .find(|i| i.name == "echo-v1-1")
+            .unwrap();
+        let json = run_file_instance(v1);
+        assert_eq!(json["service"], "echo");
+        assert_eq!(json["version"], "v1");
+        assert_eq!(json["zone"], "a");
+        let client = plan.instances.iter().find(|i| i.name == "client").unwrap();
+        assert!(run_file_instance(client)["version"].is_null());
+
+        // Without versions, the list is as it was.
+        let plain = Plan::new(&mesh("[[service]]\nname = \"a\"\ncommand = [\"x\"]\n")).unwrap();
+        let i = &plain.instances[0];
+        assert_eq!(
+            instance_lines(&plain),
+            format!(
+                "  a              service {}  sidecar inbound {}  outbound {}  admin http://{}\n",
+                i.listen, i.inbound, i.outbound, i.admin
+            )
+        );
+    }
+
+    #[test]
+    fn a_service_in_two_versions_has_one_database() {
+        let file = mesh(
+            "[postgres]\ndatabase_prefix = \"t\"\n\
+             [[service]]\nname = \"bill-ing\"\nversion = \"v1\"\ncommand = [\"x\"]\ndatabase = true\n\
+             [[service]]\nname = \"bill-ing\"\nversion = \"v2\"\ncommand = [\"x\"]\ndatabase = true\n\
+             [[service]]\nname = \"echo\"\ncommand = [\"x\"]\n",
+        );
+        let all: Vec<(&str, String)> = databases(&file).collect();
+        assert_eq!(all, [("bill-ing", "t_bill_ing".to_owned())]);
+        assert_eq!(file.service_names(), ["bill-ing", "echo"]);
+    }
 }

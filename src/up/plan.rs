@@ -17,7 +17,15 @@ use super::mesh::{MeshFile, PortRange, PortSpec, ServiceSpec};
 pub struct InstancePlan {
     /// The mesh service.
     pub service: String,
-    /// `user`, or `usage-1`, `usage-2` when there are several.
+    /// Its `[[service]]` entry: the index in [`MeshFile::services`].
+    pub entry: usize,
+    /// The entry's version, registered by its sidecar.
+    pub version: Option<String>,
+    /// The entry's zone, registered by its sidecar.
+    pub zone: Option<String>,
+    /// `user`, or `usage-1`, `usage-2` when there are several; with a
+    /// version, `echo-v2` or `echo-v1-1` (see
+    /// [`ServiceSpec::instance_names`]).
     pub name: String,
     /// Where the service listens (plaintext, loopback).
     pub listen: SocketAddr,
@@ -197,15 +205,10 @@ fn fixed_or_free(
     }
 }
 
-/// The instance names of a service: `user`, or `usage-1`, `usage-2`.
+/// The instance names of a `[[service]]` entry: `user`, or `usage-1`,
+/// `usage-2`; with a version, `echo-v2`, or `echo-v1-1`, `echo-v1-2`.
 pub fn instance_names(service: &ServiceSpec) -> Vec<String> {
-    if service.instances == 1 {
-        vec![service.name.clone()]
-    } else {
-        (1..=service.instances)
-            .map(|i| format!("{}-{i}", service.name))
-            .collect()
-    }
+    service.instance_names()
 }
 
 impl Plan {
@@ -259,7 +262,7 @@ impl Plan {
             check,
         };
         let mut instances = Vec::new();
-        for service in &file.services {
+        for (entry, service) in file.services.iter().enumerate() {
             for name in instance_names(service) {
                 let mut take = |what: &str| ports.take(&format!("{name} {what}"), path);
                 let listen = take("service")?;
@@ -268,6 +271,9 @@ impl Plan {
                 let admin = take("sidecar admin")?;
                 instances.push(InstancePlan {
                     service: service.name.clone(),
+                    entry,
+                    version: service.version.clone(),
+                    zone: service.zone.clone(),
                     name,
                     listen,
                     inbound,
@@ -305,9 +311,15 @@ impl Plan {
         self.ports.take(wanted_by, file)
     }
 
-    /// The instances of `service`.
+    /// The instances of `service`, of every entry (version) of it.
     pub fn instances_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a InstancePlan> {
         self.instances.iter().filter(move |i| i.service == service)
+    }
+
+    /// The instances of one `[[service]]` entry (its index in
+    /// [`MeshFile::services`]).
+    pub fn instances_of_entry(&self, entry: usize) -> impl Iterator<Item = &InstancePlan> {
+        self.instances.iter().filter(move |i| i.entry == entry)
     }
 }
 
@@ -405,6 +417,55 @@ mod tests {
     }
 
     #[test]
+    fn every_version_of_a_service_has_its_own_instances() {
+        let mut mesh = file(
+            "[[service]]\nname = \"echo\"\nversion = \"v1\"\nzone = \"a\"\ninstances = 2\ncommand = [\"x\"]\n\
+             [[service]]\nname = \"user\"\ncommand = [\"x\"]\n\
+             [[service]]\nname = \"echo\"\nversion = \"v2\"\ncommand = [\"y\"]\n",
+        );
+        mesh.use_any_free_ports();
+        let plan = Plan::new(&mesh).unwrap();
+        let names: Vec<(&str, &str, Option<&str>, Option<&str>)> = plan
+            .instances
+            .iter()
+            .map(|i| {
+                (
+                    i.service.as_str(),
+                    i.name.as_str(),
+                    i.version.as_deref(),
+                    i.zone.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("echo", "echo-v1-1", Some("v1"), Some("a")),
+                ("echo", "echo-v1-2", Some("v1"), Some("a")),
+                ("user", "user", None, None),
+                ("echo", "echo-v2", Some("v2"), None),
+            ]
+        );
+        // By name, every version; by entry, that entry's alone.
+        let of = |it: Vec<&InstancePlan>| it.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            of(plan.instances_of("echo").collect()),
+            ["echo-v1-1", "echo-v1-2", "echo-v2"]
+        );
+        let v2 = mesh
+            .services
+            .iter()
+            .position(|s| s.version.as_deref() == Some("v2"))
+            .unwrap();
+        assert_eq!(of(plan.instances_of_entry(v2).collect()), ["echo-v2"]);
+        assert!(
+            plan.instances
+                .iter()
+                .all(|i| mesh.services[i.entry].instance_names().contains(&i.name))
+        );
+    }
+
+    #[test]
     fn a_taken_port_is_named_with_what_wanted_it() {
         let holder = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = holder.local_addr().unwrap().port();
@@ -438,6 +499,9 @@ mod tests {
     fn placeholders_expand_and_unknown_ones_are_named() {
         let instance = InstancePlan {
             service: "usage".into(),
+            entry: 0,
+            version: None,
+            zone: None,
             name: "usage-2".into(),
             listen: "127.0.0.1:7104".parse().unwrap(),
             inbound: "127.0.0.1:7105".parse().unwrap(),
