@@ -157,8 +157,11 @@ pub struct InFlight {
 
 impl InFlight {
     /// The attempt answered (its response headers came): its latency
-    /// feeds the endpoint's estimate.
-    pub fn answered(self) {
+    /// feeds the endpoint's estimate, if `measured`.
+    pub fn answered(self, measured: bool) {
+        if !measured {
+            return;
+        }
         let now = Instant::now();
         self.endpoint
             .latency
@@ -238,6 +241,11 @@ impl Endpoint {
             endpoint: self.clone(),
             started: Instant::now(),
         }
+    }
+
+    /// Whether a pooled connection is open for new calls.
+    pub fn connected(&self) -> bool {
+        self.pooled().is_some()
     }
 
     /// Attempts in flight through the endpoint now.

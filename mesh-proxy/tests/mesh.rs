@@ -160,6 +160,10 @@ impl Mesh {
     }
 }
 
+/// A config file for `echo` that balances round robin (the default is
+/// peak EWMA).
+const ROUND_ROBIN: &str = "[[routes]]\nmethod = \"*\"\nload_balancing = \"round_robin\"\n";
+
 fn client(proxy: &RunningProxy) -> EchoServiceClient<Channel> {
     let channel = Channel::from_shared(format!("http://{}", proxy.outbound))
         .unwrap()
@@ -305,7 +309,7 @@ async fn calls_cross_two_sidecars_with_the_callers_verified_identity() {
 
 #[tokio::test]
 async fn three_instances_share_calls_round_robin() {
-    let mesh = Mesh::start(&[]);
+    let mesh = Mesh::start(&[("echo.toml", ROUND_ROBIN)]);
     let (_instances, _caller, mut client) = mesh.pool(&["r1", "r2", "r3"]).await;
 
     let mut counts: HashMap<String, i64> = HashMap::new();
@@ -323,7 +327,10 @@ async fn three_instances_share_calls_round_robin() {
 
 #[tokio::test]
 async fn killed_instance_and_stopped_registry_lose_no_idempotent_call() {
-    let mut mesh = Mesh::start(&[]);
+    // Round robin, so that calls keep meeting the killed instance until
+    // the caller learns it is gone (peak EWMA could have steered clear
+    // of it before it died).
+    let mut mesh = Mesh::start(&[("echo.toml", ROUND_ROBIN)]);
     let (mut instances, caller, mut client) = mesh.pool(&["k1", "k2", "k3"]).await;
 
     let mut answered_by: HashMap<String, u32> = HashMap::new();

@@ -187,6 +187,10 @@ where
                 &attempt.upstream.labels[i].version,
             );
         }
+        // An attempt that has to connect first says more about the
+        // handshake than about how fast the endpoint answers: it does not
+        // feed the latency estimate.
+        let warm = endpoint.connected();
         let in_flight = endpoint.begin();
         let dispatch = self.inner.handle(Dispatch {
             endpoint: endpoint.clone(),
@@ -203,14 +207,14 @@ where
                 None => {
                     // Slow is not unwell: no ejection, but the estimate
                     // learns how slow.
-                    in_flight.answered();
+                    in_flight.answered(true);
                     metrics::get().per_try_timeout(attempt.method.service());
                     return Balanced::TimedOut(endpoint, per_try);
                 }
             },
         };
         if matches!(attempted, Attempted::Answered(_) | Attempted::NotGrpc(_)) {
-            in_flight.answered();
+            in_flight.answered(warm);
         }
         if endpoint.record(outcome(&attempted)) {
             metrics::get().ejected(attempt.method.service());
@@ -456,7 +460,7 @@ mod tests {
         for (i, ms) in [1u64, 1, 200].into_iter().enumerate() {
             let guard = u.endpoints[i].begin();
             tokio::time::advance(std::time::Duration::from_millis(ms)).await;
-            guard.answered();
+            guard.answered(true);
         }
         let layer = Balance::new(None, Inner::new(ok));
         let counts = spread(
@@ -488,7 +492,7 @@ mod tests {
         for i in 0..2 {
             let guard = u.endpoints[i].begin();
             tokio::time::advance(std::time::Duration::from_millis(1)).await;
-            guard.answered();
+            guard.answered(true);
         }
         let counts = spread(
             &layer,
