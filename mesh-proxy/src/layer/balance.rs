@@ -200,18 +200,15 @@ where
             deadline: attempt.deadline,
             peek: attempt.peek,
         });
-        let attempted = match attempt.per_try {
-            None => dispatch.await,
-            Some(per_try) => match within(Some(Instant::now() + per_try), dispatch).await {
-                Some(attempted) => attempted,
-                None => {
-                    // Slow is not unwell: no ejection, but the estimate
-                    // learns how slow.
-                    in_flight.answered(true);
-                    metrics::get().per_try_timeout(attempt.method.service());
-                    return Balanced::TimedOut(endpoint, per_try);
-                }
-            },
+        // One await for both cases (see [`within`]).
+        let per_try = attempt.per_try;
+        let Some(attempted) = within(per_try.map(|t| Instant::now() + t), dispatch).await else {
+            // Slow is not unwell: no ejection, but the estimate learns
+            // how slow.
+            in_flight.answered(true);
+            metrics::get().per_try_timeout(attempt.method.service());
+            let per_try = per_try.expect("only a per-try timeout runs out");
+            return Balanced::TimedOut(endpoint, per_try);
         };
         if matches!(attempted, Attempted::Answered(_) | Attempted::NotGrpc(_)) {
             in_flight.answered(warm);

@@ -262,27 +262,20 @@ where
     type Answer = Answer;
 
     async fn handle(&self, routed: Routed) -> Answer {
-        let Some(breaker) = routed.policy.breaker else {
-            return self.inner.handle(routed).await;
-        };
-        let service = &routed.upstream.mesh_service;
-        let circuit = match self.view.circuits.get(
-            service,
-            |c| *c.breaker() == breaker,
-            || Circuit::new(service, breaker),
-        ) {
-            Ok(circuit) => circuit,
-            Err(full) => return grpc::status_response(Code::ResourceExhausted, &full.to_string()),
-        };
-        let admission = match circuit.admit(Instant::now()) {
-            Ok(admission) => admission,
-            Err(why) => {
-                metrics::get().circuit_rejected(service);
-                return grpc::status_response(Code::Unavailable, &why);
-            }
+        // One await of the inner future on every path: a second would
+        // make this layer's future carry (and copy) room for it twice.
+        let admitted = match routed.policy.breaker {
+            None => None,
+            Some(breaker) => match self.admit(&routed, breaker) {
+                Ok(admitted) => Some(admitted),
+                Err(refusal) => return *refusal,
+            },
         };
         let started = routed.call.started;
         let answer = self.inner.handle(routed).await;
+        let Some((circuit, admission)) = admitted else {
+            return answer;
+        };
         match grpc::status_of(answer.headers()) {
             Some(code) => {
                 circuit.record(admission, Some(code), Instant::now());
@@ -294,6 +287,39 @@ where
                     started,
                 ))
             }),
+        }
+    }
+}
+
+impl<S> CircuitLayer<S> {
+    /// Lets a call to `routed`'s upstream through its circuit, or the
+    /// refusal.
+    fn admit(
+        &self,
+        routed: &Routed,
+        breaker: Breaker,
+    ) -> Result<(Arc<Circuit>, Admission), Box<Answer>> {
+        let service = &routed.upstream.mesh_service;
+        let circuit = self
+            .view
+            .circuits
+            .get(
+                service,
+                |c| *c.breaker() == breaker,
+                || Circuit::new(service, breaker),
+            )
+            .map_err(|full| {
+                Box::new(grpc::status_response(
+                    Code::ResourceExhausted,
+                    &full.to_string(),
+                ))
+            })?;
+        match circuit.admit(Instant::now()) {
+            Ok(admission) => Ok((circuit, admission)),
+            Err(why) => {
+                metrics::get().circuit_rejected(service);
+                Err(Box::new(grpc::status_response(Code::Unavailable, &why)))
+            }
         }
     }
 }

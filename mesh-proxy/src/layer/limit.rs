@@ -87,12 +87,11 @@ impl CallObserver for Release {
     }
 }
 
-/// Runs `inner` holding `place` until its answer ends.
-async fn holding<F>(place: OwnedSemaphorePermit, started: Instant, inner: F) -> Answer
-where
-    F: std::future::Future<Output = Answer>,
-{
-    let answer = inner.await;
+/// Keeps `place` (if any) until `answer` ends.
+fn hold(place: Option<OwnedSemaphorePermit>, started: Instant, answer: Answer) -> Answer {
+    let Some(place) = place else {
+        return answer;
+    };
     if grpc::status_of(answer.headers()).is_some() {
         return answer;
     }
@@ -125,34 +124,49 @@ where
     type Answer = Answer;
 
     async fn handle(&self, routed: Routed) -> Answer {
-        let Some(limit) = routed.policy.caller_limit else {
-            return self.inner.handle(routed).await;
+        // One await of the inner future on every path: a second would
+        // make this layer's future carry (and copy) room for it twice.
+        let place = match routed.policy.caller_limit {
+            None => None,
+            Some(limit) => match self.place(&routed, limit).await {
+                Ok(place) => Some(place),
+                Err(refusal) => return *refusal,
+            },
         };
-        let service = routed.upstream.mesh_service.clone();
-        let limiter = match self.view.caller_limits.get(
-            &service,
-            |l| l.limit() == limit,
-            || Limiter::new(limit),
-        ) {
-            Ok(limiter) => limiter,
-            Err(full) => return grpc::status_response(Code::ResourceExhausted, &full.to_string()),
-        };
-        match limiter.acquire().await {
-            Ok(place) => {
-                let started = routed.call.started;
-                holding(place, started, self.inner.handle(routed)).await
-            }
-            Err(Shed { limit }) => {
-                metrics::get().shed("outbound", routed.call.method.service());
-                grpc::status_response(
+        let started = routed.call.started;
+        hold(place, started, self.inner.handle(routed).await)
+    }
+}
+
+impl<S> CallerLimit<S> {
+    /// A place for a call to `routed`'s upstream under `limit`, or the
+    /// refusal.
+    async fn place(
+        &self,
+        routed: &Routed,
+        limit: Limit,
+    ) -> Result<OwnedSemaphorePermit, Box<Answer>> {
+        let service = &routed.upstream.mesh_service;
+        let limiter = self
+            .view
+            .caller_limits
+            .get(service, |l| l.limit() == limit, || Limiter::new(limit))
+            .map_err(|full| {
+                Box::new(grpc::status_response(
                     Code::ResourceExhausted,
-                    &format!(
-                        "this sidecar already has {} calls in flight to {service} and {} waiting, the most its caller_limit allows; try again later",
-                        limit.max_concurrent, limit.max_queued
-                    ),
-                )
-            }
-        }
+                    &full.to_string(),
+                ))
+            })?;
+        limiter.acquire().await.map_err(|Shed { limit }| {
+            metrics::get().shed("outbound", routed.call.method.service());
+            Box::new(grpc::status_response(
+                Code::ResourceExhausted,
+                &format!(
+                    "this sidecar already has {} calls in flight to {service} and {} waiting, the most its caller_limit allows; try again later",
+                    limit.max_concurrent, limit.max_queued
+                ),
+            ))
+        })
     }
 }
 
@@ -177,14 +191,32 @@ where
     type Answer = Answer;
 
     async fn handle(&self, authorized: Authorized) -> Answer {
-        if !authorized.policy.limited() {
-            return self.inner.handle(authorized).await;
-        }
+        // One await of the inner future on every path (see CallerLimit).
+        let place = if authorized.policy.limited() {
+            match self.place(&authorized).await {
+                Ok(place) => place,
+                Err(refusal) => return *refusal,
+            }
+        } else {
+            None
+        };
+        let started = authorized.call().started;
+        hold(place, started, self.inner.handle(authorized).await)
+    }
+}
+
+impl<S> MethodLimit<S> {
+    /// A place for `authorized` under its route's limit (none if the
+    /// route has none), or the refusal.
+    async fn place(
+        &self,
+        authorized: &Authorized,
+    ) -> Result<Option<OwnedSemaphorePermit>, Box<Answer>> {
         let method = &authorized.call().method;
         let (service, name) = (method.service(), method.method());
         let route = authorized.policy.route(service, name);
         let Some(limit) = route.limit else {
-            return self.inner.handle(authorized).await;
+            return Ok(None);
         };
         // Each method of the contract has its own place count; paths the
         // contract does not name share their route's, so that made-up
@@ -200,31 +232,27 @@ where
         } else {
             route.method_match.clone()
         };
-        let limiter =
-            match self
-                .view
-                .method_limits
-                .get(&key, |l| l.limit() == limit, || Limiter::new(limit))
-            {
-                Ok(limiter) => limiter,
-                Err(full) => {
-                    return grpc::status_response(Code::ResourceExhausted, &full.to_string());
-                }
-            };
+        let limiter = self
+            .view
+            .method_limits
+            .get(&key, |l| l.limit() == limit, || Limiter::new(limit))
+            .map_err(|full| {
+                Box::new(grpc::status_response(
+                    Code::ResourceExhausted,
+                    &full.to_string(),
+                ))
+            })?;
         match limiter.acquire().await {
-            Ok(place) => {
-                let started = authorized.call().started;
-                holding(place, started, self.inner.handle(authorized)).await
-            }
+            Ok(place) => Ok(Some(place)),
             Err(Shed { limit }) => {
                 metrics::get().shed("inbound", if known { service } else { metrics::UNKNOWN });
-                grpc::status_response(
+                Err(Box::new(grpc::status_response(
                     Code::ResourceExhausted,
                     &format!(
                         "{} already has {} calls of {key} in flight and {} waiting, the most its route limit allows; try again later",
                         authorized.service, limit.max_concurrent, limit.max_queued
                     ),
-                )
+                )))
             }
         }
     }

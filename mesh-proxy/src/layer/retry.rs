@@ -267,16 +267,18 @@ where
                 budget,
                 deadline,
             };
-            return self
-                .hedged(
-                    hedging,
-                    service,
-                    &upstream.mesh_service,
-                    headers,
-                    body,
-                    attempt,
-                )
-                .await;
+            // Boxed: the hedged path's state (copies in flight, their
+            // timers) would otherwise be carried and copied with every
+            // call's future, hedged or not.
+            return Box::pin(self.hedged(
+                hedging,
+                service,
+                &upstream.mesh_service,
+                headers,
+                body,
+                attempt,
+            ))
+            .await;
         }
         let mut body = BodySlot::new(body, policy);
         // Headers for an attempt after one that was sent (which took its
