@@ -13,8 +13,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Code;
 
+use std::future::Future;
+
+use futures::future::{Either, ready};
+
 use super::route::Routed;
-use super::{Answer, Handle};
+use super::{Answer, Ending, Handle};
 use crate::body::{CallEnd, CallObserver};
 use crate::discovery::MeshView;
 use crate::grpc;
@@ -261,33 +265,18 @@ where
 {
     type Answer = Answer;
 
-    async fn handle(&self, routed: Routed) -> Answer {
-        // One await of the inner future on every path: a second would
-        // make this layer's future carry (and copy) room for it twice.
-        let admitted = match routed.policy.breaker {
+    fn handle(&self, routed: Routed) -> impl Future<Output = Answer> + Send {
+        let end = match routed.policy.breaker {
             None => None,
             Some(breaker) => match self.admit(&routed, breaker) {
-                Ok(admitted) => Some(admitted),
-                Err(refusal) => return *refusal,
+                Ok((circuit, admission)) => Some(CallEnd::new(
+                    Arc::new(Outcome { circuit, admission }),
+                    routed.call.started,
+                )),
+                Err(refusal) => return Either::Left(ready(*refusal)),
             },
         };
-        let started = routed.call.started;
-        let answer = self.inner.handle(routed).await;
-        let Some((circuit, admission)) = admitted else {
-            return answer;
-        };
-        match grpc::status_of(answer.headers()) {
-            Some(code) => {
-                circuit.record(admission, Some(code), Instant::now());
-                answer
-            }
-            None => answer.map(|body| {
-                body.with_another_end(CallEnd::new(
-                    Arc::new(Outcome { circuit, admission }),
-                    started,
-                ))
-            }),
-        }
+        Either::Right(Ending::new(self.inner.handle(routed), end))
     }
 }
 

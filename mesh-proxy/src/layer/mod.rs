@@ -102,6 +102,49 @@ impl<F: Future> Future for Within<F> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// `inner`'s answer, with `end` (if any) told when the call ends: at
+    /// once for a status-only answer, else when the response body does.
+    /// For layers that add something to a call's end (a circuit's
+    /// outcome, a limit's place): polling the inner future in place, it
+    /// adds a few bytes to the call's future where an `async fn` would
+    /// add room for the request and the answer too.
+    pub struct Ending<F> {
+        #[pin]
+        inner: F,
+        end: Option<crate::body::CallEnd>,
+    }
+}
+
+impl<F> Ending<F> {
+    /// `inner`, reporting its end to `end`.
+    pub fn new(inner: F, end: Option<crate::body::CallEnd>) -> Self {
+        Self { inner, end }
+    }
+}
+
+impl<F: Future<Output = Answer>> Future for Ending<F> {
+    type Output = Answer;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Answer> {
+        let this = self.project();
+        let answer = std::task::ready!(this.inner.poll(cx));
+        let Some(mut end) = this.end.take() else {
+            return std::task::Poll::Ready(answer);
+        };
+        std::task::Poll::Ready(match crate::grpc::status_of(answer.headers()) {
+            Some(code) => {
+                end.finish(code);
+                answer
+            }
+            None => answer.map(|body| body.with_another_end(end)),
+        })
+    }
+}
+
 /// What every call ends in: a gRPC response whose body reports the call's
 /// end (see [`ResponseBody`]).
 pub type Answer = Response<ResponseBody>;
