@@ -19,6 +19,16 @@ pub struct Full {
     key: String,
 }
 
+impl Full {
+    /// The answer to a call that needed a place in the table.
+    pub fn answer(&self) -> Box<crate::layer::Answer> {
+        Box::new(crate::grpc::status_response(
+            tonic::Code::ResourceExhausted,
+            &self.to_string(),
+        ))
+    }
+}
+
 /// State of type `T` per name.
 #[derive(Debug)]
 pub struct Keyed<T> {

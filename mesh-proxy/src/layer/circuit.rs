@@ -297,12 +297,7 @@ impl<S> CircuitLayer<S> {
                 |c| *c.breaker() == breaker,
                 || Circuit::new(service, breaker),
             )
-            .map_err(|full| {
-                Box::new(grpc::status_response(
-                    Code::ResourceExhausted,
-                    &full.to_string(),
-                ))
-            })?;
+            .map_err(|full| full.answer())?;
         match circuit.admit(Instant::now()) {
             Ok(admission) => Ok((circuit, admission)),
             Err(why) => {

@@ -184,10 +184,7 @@ where
                 || Limiter::new(limit),
             ) {
                 Ok(limiter) => admit(limiter, |shed| caller_shed(&called, shed)),
-                Err(full) => Admission::Refused(Box::new(grpc::status_response(
-                    Code::ResourceExhausted,
-                    &full.to_string(),
-                ))),
+                Err(full) => Admission::Refused(full.answer()),
             };
             names = Some(called);
             admission
@@ -327,12 +324,7 @@ impl<S> MethodLimit<S> {
                 .method_limits
                 .get(&names.key, |l| l.limit() == limit, || Limiter::new(limit))
                 .map(|limiter| (limiter, names))
-                .map_err(|full| {
-                    Box::new(grpc::status_response(
-                        Code::ResourceExhausted,
-                        &full.to_string(),
-                    ))
-                }),
+                .map_err(|full| full.answer()),
         )
     }
 }
