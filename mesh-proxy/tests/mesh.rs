@@ -15,8 +15,8 @@ use trellis::pb::trellis::echo::v1 as echo;
 use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
 use trellis_test_support::{
-    ProxyOptions, RunningEcho, RunningProxy, RunningRegistry, TestPki, sibling_binary, spawn_echo,
-    spawn_proxy, spawn_registry, spawn_registry_at,
+    ProxyOptions, RunningEcho, RunningProxy, TestMesh, TestPki, sibling_binary, spawn_echo,
+    spawn_proxy, spawn_registry_at,
 };
 
 use echo::echo_service_client::EchoServiceClient;
@@ -34,10 +34,19 @@ fn echo_bin() -> PathBuf {
 }
 
 /// A registry and a CA; instances and callers are added per test.
-struct Mesh {
-    pki: TestPki,
-    registry: RunningRegistry,
-    config: tempfile::TempDir,
+struct Mesh(TestMesh);
+
+impl std::ops::Deref for Mesh {
+    type Target = TestMesh;
+    fn deref(&self) -> &TestMesh {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Mesh {
+    fn deref_mut(&mut self) -> &mut TestMesh {
+        &mut self.0
+    }
 }
 
 /// One echo instance and its sidecar.
@@ -48,30 +57,7 @@ struct Instance {
 
 impl Mesh {
     fn start(config: &[(&str, &str)]) -> Self {
-        let pki = TestPki::new("trellis.local");
-        let dir = tempfile::tempdir().unwrap();
-        for (name, text) in config {
-            std::fs::write(dir.path().join(name), text).unwrap();
-        }
-        let registry_bin = sibling_binary(PROXY, "trellis-registry");
-        let registry = spawn_registry(
-            registry_bin.to_str().unwrap(),
-            &pki.issue("registry", "registry"),
-            dir.path(),
-        );
-        Self {
-            pki,
-            registry,
-            config: dir,
-        }
-    }
-
-    fn identity(&self, service: &str) -> IdentityPaths {
-        let paths = IdentityPaths::in_dir(self.pki.dir(), service);
-        if paths.cert.exists() {
-            return paths;
-        }
-        self.pki.issue(service, service)
+        Self(TestMesh::start(PROXY, config))
     }
 
     /// An echo instance named `name` behind a sidecar of mesh service `echo`.
@@ -104,43 +90,12 @@ impl Mesh {
     }
 
     fn registry_client(&self) -> RegistryServiceClient<Channel> {
-        let workload = Workload::load(&self.identity("observer")).unwrap();
-        RegistryServiceClient::new(
-            channel(
-                &workload,
-                self.registry.addr,
-                ExpectedPeer::Exactly(self.pki.id("registry")),
-            )
-            .unwrap(),
-        )
+        self.0.registry_client("observer")
     }
 
     /// Waits until the registry lists `n` serving instances of `echo`.
     async fn wait_serving(&self, n: usize) {
-        let mut client = self.registry_client();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let resolved = client
-                .resolve(reg::ResolveRequest {
-                    target: "echo".into(),
-                })
-                .await;
-            let serving = resolved.map_or(0, |r| {
-                r.into_inner()
-                    .instances
-                    .iter()
-                    .filter(|i| i.health() == reg::ServingStatus::Serving)
-                    .count()
-            });
-            if serving == n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{serving} serving echo instances, expected {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.0.wait_serving("echo", n).await;
     }
 }
 

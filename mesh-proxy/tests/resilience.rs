@@ -10,20 +10,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
-use trellis::identity::{IdentityPaths, Workload};
 use trellis::pb::telco::profile::v1 as profile;
 use trellis::pb::trellis::echo::v1 as echo;
 use trellis::pb::trellis::registry::v1 as reg;
-use trellis::tls::{ExpectedPeer, channel};
 use trellis_test_support::{
-    ProxyOptions, RunningEcho, RunningProxy, RunningRegistry, TestPki, sibling_binary, spawn_echo,
-    spawn_proxy, spawn_registry, spawn_registry_at,
+    ProxyOptions, RunningEcho, RunningProxy, TestMesh, sibling_binary, spawn_echo, spawn_proxy,
+    spawn_registry_at,
 };
 
 use echo::echo_service_client::EchoServiceClient;
 use profile::profile_service_client::ProfileServiceClient;
 use profile::profile_service_server::{ProfileService, ProfileServiceServer};
-use reg::registry_service_client::RegistryServiceClient;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_mesh-proxy");
 const ECHO: &str = "trellis.echo.v1.EchoService";
@@ -34,35 +31,24 @@ fn proxy_bin() -> PathBuf {
 }
 
 /// A registry and a CA; instances and callers are added per test.
-struct Mesh {
-    pki: TestPki,
-    registry: RunningRegistry,
-    config: tempfile::TempDir,
+struct Mesh(TestMesh);
+
+impl std::ops::Deref for Mesh {
+    type Target = TestMesh;
+    fn deref(&self) -> &TestMesh {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Mesh {
+    fn deref_mut(&mut self) -> &mut TestMesh {
+        &mut self.0
+    }
 }
 
 impl Mesh {
     fn start() -> Self {
-        let pki = TestPki::new("trellis.local");
-        let config = tempfile::tempdir().unwrap();
-        let registry_bin = sibling_binary(PROXY, "trellis-registry");
-        let registry = spawn_registry(
-            registry_bin.to_str().unwrap(),
-            &pki.issue("registry", "registry"),
-            config.path(),
-        );
-        Self {
-            pki,
-            registry,
-            config,
-        }
-    }
-
-    fn identity(&self, service: &str) -> IdentityPaths {
-        let paths = IdentityPaths::in_dir(self.pki.dir(), service);
-        if paths.cert.exists() {
-            return paths;
-        }
-        self.pki.issue(service, service)
+        Self(TestMesh::start(PROXY, &[]))
     }
 
     /// An echo instance named `name` behind a sidecar of mesh service
@@ -96,47 +82,6 @@ impl Mesh {
             service,
             ProxyOptions::new(&identity, None, Some(self.registry.addr)).args(extra),
         )
-    }
-
-    /// A Registry API client under `service`'s identity.
-    fn registry_client(&self, service: &str) -> RegistryServiceClient<Channel> {
-        let workload = Workload::load(&self.identity(service)).unwrap();
-        RegistryServiceClient::new(
-            channel(
-                &workload,
-                self.registry.addr,
-                ExpectedPeer::Exactly(self.pki.id("registry")),
-            )
-            .unwrap(),
-        )
-    }
-
-    /// Waits until the registry lists `n` serving instances of `service`.
-    async fn wait_serving(&self, service: &str, n: usize) {
-        let mut client = self.registry_client("observer");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let resolved = client
-                .resolve(reg::ResolveRequest {
-                    target: service.into(),
-                })
-                .await;
-            let serving = resolved.map_or(0, |r| {
-                r.into_inner()
-                    .instances
-                    .iter()
-                    .filter(|i| i.health() == reg::ServingStatus::Serving)
-                    .count()
-            });
-            if serving == n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{serving} serving {service} instances, expected {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 

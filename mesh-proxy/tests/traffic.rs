@@ -17,19 +17,15 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use trellis::identity::{IdentityPaths, Workload};
 use trellis::pb::trellis::config::v1 as cfg;
 use trellis::pb::trellis::echo::v1 as echo;
-use trellis::pb::trellis::registry::v1 as reg;
-use trellis::tls::{ExpectedPeer, channel};
 use trellis_test_support::{
-    ProxyOptions, RunningEcho, RunningProxy, RunningRegistry, TestPki, sibling_binary, spawn_echo,
-    spawn_proxy, spawn_registry, write_atomically,
+    ProxyOptions, RunningEcho, RunningProxy, TestMesh, sibling_binary, spawn_echo, spawn_proxy,
+    write_atomically,
 };
 
 use cfg::config_service_client::ConfigServiceClient;
 use echo::echo_service_client::EchoServiceClient;
-use reg::registry_service_client::RegistryServiceClient;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_mesh-proxy");
 const ECHO: &str = "trellis.echo.v1.EchoService";
@@ -41,10 +37,13 @@ fn proxy_bin() -> PathBuf {
 
 /// A registry reading a config directory of its own, and a CA; instances
 /// and callers are added per test.
-struct Mesh {
-    pki: TestPki,
-    registry: RunningRegistry,
-    config: tempfile::TempDir,
+struct Mesh(TestMesh);
+
+impl std::ops::Deref for Mesh {
+    type Target = TestMesh;
+    fn deref(&self) -> &TestMesh {
+        &self.0
+    }
 }
 
 /// One echo instance and its sidecar.
@@ -57,28 +56,7 @@ impl Mesh {
     /// A mesh whose `echo.toml` holds `echo_toml` from the start, so the
     /// sidecars have the policy before the first call.
     fn start(echo_toml: &str) -> Self {
-        let pki = TestPki::new("trellis.local");
-        let config = tempfile::tempdir().unwrap();
-        write_atomically(config.path(), "echo.toml", echo_toml);
-        let registry_bin = sibling_binary(PROXY, "trellis-registry");
-        let registry = spawn_registry(
-            registry_bin.to_str().unwrap(),
-            &pki.issue("registry", "registry"),
-            config.path(),
-        );
-        Self {
-            pki,
-            registry,
-            config,
-        }
-    }
-
-    fn identity(&self, service: &str) -> IdentityPaths {
-        let paths = IdentityPaths::in_dir(self.pki.dir(), service);
-        if paths.cert.exists() {
-            return paths;
-        }
-        self.pki.issue(service, service)
+        Self(TestMesh::start(PROXY, &[("echo.toml", echo_toml)]))
     }
 
     /// An echo instance named `name` behind a sidecar of mesh service
@@ -108,47 +86,13 @@ impl Mesh {
         )
     }
 
-    /// A channel to the registry under the identity `observer`.
-    fn control_channel(&self) -> Channel {
-        let workload = Workload::load(&self.identity("observer")).unwrap();
-        channel(
-            &workload,
-            self.registry.addr,
-            ExpectedPeer::Exactly(self.pki.id("registry")),
-        )
-        .unwrap()
-    }
-
     fn config_client(&self) -> ConfigServiceClient<Channel> {
-        ConfigServiceClient::new(self.control_channel())
+        ConfigServiceClient::new(self.control_channel("observer"))
     }
 
     /// Waits until the registry lists `n` serving instances of `echo`.
     async fn wait_serving(&self, n: usize) {
-        let mut client = RegistryServiceClient::new(self.control_channel());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let resolved = client
-                .resolve(reg::ResolveRequest {
-                    target: "echo".into(),
-                })
-                .await;
-            let serving = resolved.map_or(0, |r| {
-                r.into_inner()
-                    .instances
-                    .iter()
-                    .filter(|i| i.health() == reg::ServingStatus::Serving)
-                    .count()
-            });
-            if serving == n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{serving} serving echo instances, expected {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.0.wait_serving("echo", n).await;
     }
 
     /// Rewrites `echo.toml` atomically.

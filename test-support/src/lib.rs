@@ -12,8 +12,8 @@ pub mod registry;
 
 pub use billing::{BillingMesh, Databases, Instance, binary_dir, repo_root, workspace_binary};
 pub use mesh::{
-    ProxyOptions, RunningEcho, RunningProxy, http_get, metric_value, sibling_binary, spawn_echo,
-    spawn_proxy, write_atomically,
+    ProxyOptions, RunningEcho, RunningProxy, TestMesh, http_get, metric_value, sibling_binary,
+    spawn_echo, spawn_proxy, write_atomically,
 };
 pub use pki::TestPki;
 pub use postgres::{PgCluster, TestDb, server_url};

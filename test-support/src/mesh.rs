@@ -347,3 +347,104 @@ mod tests {
         assert_eq!(text, "a = 2\n");
     }
 }
+
+/// A registry reading a config directory of its own, and a CA: the base
+/// of tests that add echo instances and callers, each behind a sidecar.
+#[derive(Debug)]
+pub struct TestMesh {
+    /// The CA and the identities it issued.
+    pub pki: crate::TestPki,
+    /// The registry process.
+    pub registry: crate::RunningRegistry,
+    /// The directory the registry serves configuration from.
+    pub config: tempfile::TempDir,
+}
+
+impl TestMesh {
+    /// A registry (the binary beside `known`, a binary of the package
+    /// under test) whose config directory holds `files` (name, text) from
+    /// the start.
+    pub fn start(known: &str, files: &[(&str, &str)]) -> Self {
+        let pki = crate::TestPki::new("trellis.local");
+        let config = tempfile::tempdir().expect("a temporary directory");
+        for (name, text) in files {
+            write_atomically(config.path(), name, text);
+        }
+        let registry = crate::spawn_registry(
+            sibling_binary(known, "trellis-registry")
+                .to_str()
+                .expect("a UTF-8 path"),
+            &pki.issue("registry", "registry"),
+            config.path(),
+        );
+        Self {
+            pki,
+            registry,
+            config,
+        }
+    }
+
+    /// The identity files of mesh service `service`, issued on first use.
+    pub fn identity(&self, service: &str) -> IdentityPaths {
+        let paths = IdentityPaths::in_dir(self.pki.dir(), service);
+        if paths.cert.exists() {
+            return paths;
+        }
+        self.pki.issue(service, service)
+    }
+
+    /// An mTLS channel to the registry (its Registry and Config APIs)
+    /// under mesh service `service`'s identity.
+    pub fn control_channel(&self, service: &str) -> tonic::transport::Channel {
+        let workload =
+            trellis::identity::Workload::load(&self.identity(service)).expect("the identity loads");
+        trellis::tls::channel(
+            &workload,
+            self.registry.addr,
+            trellis::tls::ExpectedPeer::Exactly(self.pki.id("registry")),
+        )
+        .expect("a channel to the registry")
+    }
+
+    /// A Registry API client under `service`'s identity.
+    pub fn registry_client(
+        &self,
+        service: &str,
+    ) -> trellis::pb::trellis::registry::v1::registry_service_client::RegistryServiceClient<
+        tonic::transport::Channel,
+    > {
+        trellis::pb::trellis::registry::v1::registry_service_client::RegistryServiceClient::new(
+            self.control_channel(service),
+        )
+    }
+
+    /// Waits (up to 15 s) until the registry lists `n` serving instances
+    /// of mesh service `service`.
+    pub async fn wait_serving(&self, service: &str, n: usize) {
+        use trellis::pb::trellis::registry::v1 as reg;
+        let mut client = self.registry_client("observer");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let resolved = client
+                .resolve(reg::ResolveRequest {
+                    target: service.into(),
+                })
+                .await;
+            let serving = resolved.map_or(0, |r| {
+                r.into_inner()
+                    .instances
+                    .iter()
+                    .filter(|i| i.health() == reg::ServingStatus::Serving)
+                    .count()
+            });
+            if serving == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{serving} serving {service} instances, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
