@@ -63,9 +63,10 @@ impl Upstream {
     pub fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<Arc<Endpoint>> {
         let is_avoided = |e: &Arc<Endpoint>| avoid.is_some_and(|a| Arc::ptr_eq(a, e));
         self.choose(Balancing::RoundRobin, is_avoided, |_| true)
+            .map(|i| self.endpoints[i].clone())
     }
 
-    /// An endpoint among those `eligible` (by index) admits, by
+    /// The index of an endpoint among those `eligible` (by index) admits, by
     /// `balancing`, skipping ejected ones and those `is_avoided` says
     /// while others remain; when every eligible endpoint is ejected, one
     /// is used anyway: a probe beats failing the call outright.
@@ -74,7 +75,7 @@ impl Upstream {
         balancing: Balancing,
         is_avoided: impl Fn(&Arc<Endpoint>) -> bool,
         eligible: impl Fn(usize) -> bool,
-    ) -> Option<Arc<Endpoint>> {
+    ) -> Option<usize> {
         let usable = |i: usize| {
             let e = &self.endpoints[i];
             eligible(i) && !is_avoided(e) && e.available()
@@ -94,7 +95,6 @@ impl Upstream {
                 self.round_robin(&|i| eligible(i) && !is_avoided(&self.endpoints[i]))
             })
             .or_else(|| self.round_robin(&eligible))
-            .map(|i| self.endpoints[i].clone())
     }
 
     /// The next index `usable` admits, in turn. A skipped endpoint uses

@@ -130,9 +130,14 @@ struct PeakEwma {
 }
 
 impl PeakEwma {
-    fn decayed(&self, now: Instant) -> f64 {
+    /// The weight the estimate still has at `now`.
+    fn weight(&self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.estimate * (-elapsed / EWMA_DECAY.as_secs_f64()).exp()
+        (-elapsed / EWMA_DECAY.as_secs_f64()).exp()
+    }
+
+    fn decayed(&self, now: Instant) -> f64 {
+        self.estimate * self.weight(now)
     }
 
     fn observe(&mut self, sample: Duration, now: Instant) {
@@ -140,8 +145,7 @@ impl PeakEwma {
         if sample > self.estimate {
             self.estimate = sample;
         } else {
-            let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-            let w = (-elapsed / EWMA_DECAY.as_secs_f64()).exp();
+            let w = self.weight(now);
             self.estimate = self.estimate * w + sample * (1.0 - w);
         }
         self.at = now;
@@ -245,7 +249,10 @@ impl Endpoint {
 
     /// Whether a pooled connection is open for new calls.
     pub fn connected(&self) -> bool {
-        self.pooled().is_some()
+        self.conn
+            .load()
+            .as_deref()
+            .is_some_and(|pooled| self.takes_calls(pooled))
     }
 
     /// Attempts in flight through the endpoint now.
@@ -393,13 +400,17 @@ impl Endpoint {
         self.conn
             .load()
             .as_deref()
-            .filter(|pooled| !pooled.closed.load(Ordering::Acquire))
-            .filter(|pooled| {
-                self.settings
-                    .max_age
-                    .is_none_or(|max| pooled.opened.elapsed() < max)
-            })
+            .filter(|pooled| self.takes_calls(pooled))
             .map(|pooled| pooled.sender.clone())
+    }
+
+    /// Whether `pooled` is still open and young enough for new calls.
+    fn takes_calls(&self, pooled: &Pooled) -> bool {
+        !pooled.closed.load(Ordering::Acquire)
+            && self
+                .settings
+                .max_age
+                .is_none_or(|max| pooled.opened.elapsed() < max)
     }
 
     /// Forgets the pooled connection (it failed).

@@ -272,21 +272,13 @@ impl Metrics {
             })
             .set(state);
         if state == 1 {
-            self.circuit_opened
-                .get_or_create(&ServiceLabels {
-                    service: service.to_owned(),
-                })
-                .inc();
+            count(&self.circuit_opened, service);
         }
     }
 
     /// A call to mesh service `service` failed fast: its circuit is open.
     pub fn circuit_rejected(&self, service: &str) {
-        self.circuit_rejected
-            .get_or_create(&ServiceLabels {
-                service: service.to_owned(),
-            })
-            .inc();
+        count(&self.circuit_rejected, service);
     }
 
     /// A concurrency limit refused a call to gRPC service `service`.
@@ -301,20 +293,12 @@ impl Metrics {
 
     /// A hedged copy of a call to `service` was sent.
     pub fn hedged(&self, service: &str) {
-        self.hedges
-            .get_or_create(&ServiceLabels {
-                service: service.to_owned(),
-            })
-            .inc();
+        count(&self.hedges, service);
     }
 
     /// An attempt to `service` ran out of its per-try timeout.
     pub fn per_try_timeout(&self, service: &str) {
-        self.per_try_timeouts
-            .get_or_create(&ServiceLabels {
-                service: service.to_owned(),
-            })
-            .inc();
+        count(&self.per_try_timeouts, service);
     }
 
     /// An attempt went to an instance of mesh service `service` at
@@ -344,20 +328,12 @@ impl Metrics {
 
     /// A retry was sent for `service`.
     pub fn retried(&self, service: &str) {
-        self.retries
-            .get_or_create(&ServiceLabels {
-                service: service.to_owned(),
-            })
-            .inc();
+        count(&self.retries, service);
     }
 
     /// An endpoint of `service` was ejected.
     pub fn ejected(&self, service: &str) {
-        self.ejections
-            .get_or_create(&ServiceLabels {
-                service: service.to_owned(),
-            })
-            .inc();
+        count(&self.ejections, service);
     }
 
     /// A connection on `direction` opened.
@@ -480,6 +456,15 @@ impl CallObserver for Call {
         counter.inc();
         self.latency.observe(started.elapsed().as_secs_f64());
     }
+}
+
+/// Counts one more in `family`'s series for `service`.
+fn count(family: &Family<ServiceLabels, Counter>, service: &str) {
+    family
+        .get_or_create(&ServiceLabels {
+            service: service.to_owned(),
+        })
+        .inc();
 }
 
 /// The process's metrics.

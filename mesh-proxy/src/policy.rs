@@ -197,6 +197,13 @@ impl Locality {
         }
         caller.service()
     }
+
+    /// Whether an entry of a caller list (`*`, a SPIFFE ID, or a bare
+    /// service name, meaning that service here) names `caller`.
+    pub fn names<'a>(&self, caller: &'a SpiffeId) -> impl Fn(&String) -> bool + 'a {
+        let local_name = self.local_service(caller);
+        move |c| c == "*" || c == caller.as_str() || local_name.is_some_and(|s| s == c)
+    }
 }
 
 /// Who may call; see `trellis.config.v1.AuthorizationRule`.
@@ -328,10 +335,7 @@ impl ServicePolicy {
     /// Whether the proxy whose identity is `own` honours its local
     /// caller's `x-trellis-version` header for calls to this service.
     pub fn honours_version_header(&self, own: &SpiffeId, local: &Locality) -> bool {
-        let local_name = local.local_service(own);
-        self.version_header_callers
-            .iter()
-            .any(|c| c == "*" || c == own.as_str() || local_name.is_some_and(|s| s == c))
+        self.version_header_callers.iter().any(local.names(own))
     }
 
     /// The most specific route covering the method; the built-in policy
@@ -367,15 +371,13 @@ impl ServicePolicy {
         if self.rules.is_empty() {
             return Ok(());
         }
-        let local_name = local.local_service(caller);
-        let caller_matches =
-            |c: &String| c == "*" || c == caller.as_str() || local_name.is_some_and(|s| s == c);
+        let caller_matches = local.names(caller);
         for (i, rule) in self.rules.iter().enumerate() {
             let method_matches = rule
                 .methods
                 .iter()
                 .any(|m| specificity(m, service, method).is_some());
-            if method_matches && rule.callers.iter().any(caller_matches) {
+            if method_matches && rule.callers.iter().any(&caller_matches) {
                 return if rule.allow {
                     Ok(())
                 } else {

@@ -39,7 +39,8 @@ pub struct Attempt {
     pub policy: Arc<ServicePolicy>,
     /// The version the caller pinned the call to.
     pub pinned: Option<Arc<str>>,
-    /// Endpoints this call already tried or is trying, to go elsewhere.
+    /// Endpoints to go elsewhere than: the one the last attempt failed
+    /// on, and (hedging) those other copies failed on or are on.
     pub avoid: Vec<Arc<Endpoint>>,
     /// Where the chosen endpoint is told, for a caller that needs to know
     /// before the attempt answers (hedging).
@@ -141,8 +142,8 @@ fn version(attempt: &Attempt) -> Result<Option<Arc<str>>, Arc<str>> {
 }
 
 impl<S> Balance<S> {
-    /// The endpoint for `attempt`, or why there is none.
-    fn choose(&self, attempt: &Attempt) -> Result<Arc<Endpoint>, Box<Balanced>> {
+    /// The index of the endpoint for `attempt`, or why there is none.
+    fn choose(&self, attempt: &Attempt) -> Result<usize, Box<Balanced>> {
         let u = &attempt.upstream;
         let version = version(attempt).map_err(|v| Box::new(Balanced::NoVersion(v)))?;
         let of_version = |i: usize| {
@@ -168,24 +169,17 @@ where
     type Answer = Balanced;
 
     async fn handle(&self, attempt: Attempt) -> Balanced {
-        let endpoint = match self.choose(&attempt) {
-            Ok(endpoint) => endpoint,
+        let i = match self.choose(&attempt) {
+            Ok(i) => i,
             Err(none) => return *none,
         };
+        let endpoint = attempt.upstream.endpoints[i].clone();
         if let Some(chosen) = &attempt.chosen {
             let _ = chosen.set(endpoint.clone());
         }
-        if let Some(i) = attempt
-            .upstream
-            .endpoints
-            .iter()
-            .position(|e| Arc::ptr_eq(e, &endpoint))
-            && !attempt.upstream.labels[i].version.is_empty()
-        {
-            metrics::get().version_request(
-                &attempt.upstream.mesh_service,
-                &attempt.upstream.labels[i].version,
-            );
+        let version = &attempt.upstream.labels[i].version;
+        if !version.is_empty() {
+            metrics::get().version_request(&attempt.upstream.mesh_service, version);
         }
         // An attempt that has to connect first says more about the
         // handshake than about how fast the endpoint answers: it does not

@@ -16,11 +16,12 @@ use super::endpoint::{Answered, Attempted, FinalStatus};
 use super::route::Routed;
 use super::{Answer, Call, Handle, within};
 use crate::body::{Recorder, RequestBody, ResponseBody};
+use crate::directory::Upstream;
 use crate::discovery::MeshView;
 use crate::endpoint::Endpoint;
-use crate::grpc;
+use crate::grpc::{self, GrpcMethod};
 use crate::metrics;
-use crate::policy::{Hedge, RetryPolicy};
+use crate::policy::{Hedge, RetryPolicy, Route, ServicePolicy};
 use crate::retry::{self, Circumstances, Decision, Failure, Pushback};
 use crate::settings::RetryLimits;
 use tower::retry::budget::TpsBudget;
@@ -230,32 +231,13 @@ where
         let policy = &route.retry;
         let budget = self.view.budgets.get(service, policy.budget_ratio);
         retry::deposit(&budget);
-        let attempt = |made: u32,
-                       headers: http::HeaderMap,
-                       body: RequestBody,
-                       avoid: Vec<Arc<Endpoint>>,
-                       peek: Option<Recorder>,
-                       chosen: Option<Arc<OnceLock<Arc<Endpoint>>>>| {
-            let mut headers = headers;
-            if let Some(deadline) = deadline {
-                let left = deadline.saturating_duration_since(Instant::now());
-                headers.insert("grpc-timeout", grpc::encode_timeout(left));
-            }
-            let _ = made;
-            Attempt {
-                upstream: upstream.clone(),
-                balancing: route.balancing,
-                policy: service_policy.clone(),
-                pinned: pinned.clone(),
-                avoid,
-                chosen,
-                method: method.clone(),
-                headers,
-                body,
-                deadline,
-                per_try: policy.per_try_timeout,
-                peek,
-            }
+        let target = Target {
+            upstream: &upstream,
+            route: &route,
+            policy: &service_policy,
+            pinned: &pinned,
+            method: &method,
+            deadline,
         };
         if let Some(hedge) = route.hedge.filter(|_| safe) {
             let hedging = Hedging {
@@ -270,15 +252,7 @@ where
             // Boxed: the hedged path's state (copies in flight, their
             // timers) would otherwise be carried and copied with every
             // call's future, hedged or not.
-            return Box::pin(self.hedged(
-                hedging,
-                service,
-                &upstream.mesh_service,
-                headers,
-                body,
-                attempt,
-            ))
-            .await;
+            return Box::pin(self.hedged(hedging, &target, headers, body)).await;
         }
         let mut body = BodySlot::new(body, policy);
         // Headers for an attempt after one that was sent (which took its
@@ -301,8 +275,7 @@ where
                 .recorder
                 .clone()
                 .filter(|_| safe && made < policy.max_attempts);
-            let next = attempt(
-                made,
+            let next = target.attempt(
                 attempt_headers,
                 body.take(),
                 std::mem::take(&mut avoid),
@@ -346,6 +319,48 @@ where
     }
 }
 
+/// What every attempt of one call shares.
+struct Target<'a> {
+    upstream: &'a Arc<Upstream>,
+    route: &'a Route,
+    policy: &'a Arc<ServicePolicy>,
+    pinned: &'a Option<Arc<str>>,
+    method: &'a GrpcMethod,
+    deadline: Option<Instant>,
+}
+
+impl Target<'_> {
+    /// An attempt carrying `headers` (plus the time left, in
+    /// `grpc-timeout`) and `body`.
+    fn attempt(
+        &self,
+        mut headers: http::HeaderMap,
+        body: RequestBody,
+        avoid: Vec<Arc<Endpoint>>,
+        peek: Option<Recorder>,
+        chosen: Option<Arc<OnceLock<Arc<Endpoint>>>>,
+    ) -> Attempt {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            headers.insert("grpc-timeout", grpc::encode_timeout(left));
+        }
+        Attempt {
+            upstream: self.upstream.clone(),
+            balancing: self.route.balancing,
+            policy: self.policy.clone(),
+            pinned: self.pinned.clone(),
+            avoid,
+            chosen,
+            method: self.method.clone(),
+            headers,
+            body,
+            deadline: self.deadline,
+            per_try: self.route.retry.per_try_timeout,
+            peek,
+        }
+    }
+}
+
 /// What a hedged call goes by.
 struct Hedging {
     hedge: Hedge,
@@ -365,25 +380,13 @@ where
     /// fails in a way worth another), up to `max_attempts` copies, each
     /// after the first paid from the retry budget. The first answer wins;
     /// the others are cancelled (their streams reset).
-    async fn hedged<F>(
+    async fn hedged(
         &self,
         hedging: Hedging,
-        service: &str,
-        mesh: &str,
+        target: &Target<'_>,
         headers: http::HeaderMap,
         body: RequestBody,
-        attempt: F,
-    ) -> Answer
-    where
-        F: Fn(
-            u32,
-            http::HeaderMap,
-            RequestBody,
-            Vec<Arc<Endpoint>>,
-            Option<Recorder>,
-            Option<Arc<OnceLock<Arc<Endpoint>>>>,
-        ) -> Attempt,
-    {
+    ) -> Answer {
         use futures::StreamExt;
         let Hedging {
             hedge,
@@ -391,6 +394,8 @@ where
             budget,
             deadline,
         } = hedging;
+        let service = target.method.service();
+        let mesh = &target.upstream.mesh_service;
         let recorder = Recorder::new(body, policy.max_buffered_bytes);
         let mut in_flight = futures::stream::FuturesUnordered::new();
         let mut chosen: Vec<Arc<OnceLock<Arc<Endpoint>>>> = Vec::new();
@@ -417,8 +422,7 @@ where
                     avoid.extend(chosen.iter().filter_map(|c| c.get().cloned()));
                     chosen.push(slot.clone());
                     let peek = (made < hedge.max_attempts).then(|| recorder.clone());
-                    let next = attempt(
-                        made,
+                    let next = target.attempt(
                         headers.clone(),
                         RequestBody::Replay(recorder.body()),
                         avoid,
@@ -717,6 +721,7 @@ mod tests {
                     |e| attempt.avoid.iter().any(|a| Arc::ptr_eq(a, e)),
                     |_| true,
                 )
+                .map(|i| u.endpoints[i].clone())
                 .expect("endpoints");
             if let Some(chosen) = &attempt.chosen {
                 chosen.set(endpoint.clone()).unwrap();
