@@ -74,6 +74,23 @@ impl ChildGuard {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Everything the child wrote, once it has written `needle` (logs
+    /// are written asynchronously to what a client sees); none if it has
+    /// not within `timeout`.
+    pub fn wait_for_output(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.output();
+            if out.contains(needle) {
+                return Some(out);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The log file.
     pub fn log_path(&self) -> &Path {
         &self.log

@@ -768,16 +768,13 @@ async fn rules_naming_unknown_methods_are_reported_until_a_contract_defines_them
         unknown(&status),
         vec![("authorization[0].methods[0]".to_owned(), 7)]
     );
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !mesh
-        .registry
-        .process
-        .output()
-        .contains("UsageService/Recrod")
-    {
-        assert!(Instant::now() < deadline, "unknown method was not logged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        mesh.registry
+            .process
+            .wait_for_output("UsageService/Recrod", Duration::from_secs(3))
+            .is_some(),
+        "unknown method was not logged"
+    );
 }
 
 /// echo.toml with every traffic-management table, as config/README.md
@@ -891,16 +888,16 @@ async fn traffic_management_is_served_and_an_unserved_split_version_reported() {
         "version v2 of echo has no serving instance; its share goes to the other versions"
     );
     // Logged when the instance registered, not only when a file changed.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !mesh
-        .registry
-        .process
-        .output()
-        .contains("version v2 of echo has no serving instance; its share")
-    {
-        assert!(Instant::now() < deadline, "unserved version was not logged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        mesh.registry
+            .process
+            .wait_for_output(
+                "version v2 of echo has no serving instance; its share",
+                Duration::from_secs(3)
+            )
+            .is_some(),
+        "unserved version was not logged"
+    );
 
     // A refused value keeps the last good version, with file, line, rule.
     write(

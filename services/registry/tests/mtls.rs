@@ -52,17 +52,15 @@ async fn health(
 /// Waits for the registry's log to mention `needle` (logs are written
 /// asynchronously to the refusal the client sees).
 fn wait_for_log(registry: &Registry, needle: &str) -> String {
-    for _ in 0..100 {
-        let out = registry.process.output();
-        if out.contains(needle) {
-            return out;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
-        "registry log never mentioned {needle:?}:\n{}",
-        registry.process.output()
-    );
+    registry
+        .process
+        .wait_for_output(needle, Duration::from_secs(2))
+        .unwrap_or_else(|| {
+            panic!(
+                "registry log never mentioned {needle:?}:\n{}",
+                registry.process.output()
+            )
+        })
 }
 
 fn full_error(status: &tonic::Status) -> String {
