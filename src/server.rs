@@ -18,10 +18,16 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tonic::transport::Server;
-use tonic::transport::server::{Connected, Router};
+use tonic::transport::server::Connected;
 use tonic_health::server::HealthReporter;
 
 use crate::identity::Workload;
+
+/// A service's tonic router: every call it handles gets a server span
+/// (see [`crate::rpc_trace`]).
+pub type Router = tonic::transport::server::Router<
+    tower::layer::util::Stack<crate::rpc_trace::TraceLayer, tower::layer::util::Identity>,
+>;
 
 /// A server builder with grpc.health.v1 and server reflection (v1 and
 /// v1alpha) already added. Add the server's own services to the router;
@@ -72,6 +78,7 @@ fn router_with_reflection(listed: &[&str]) -> (Router, HealthReporter) {
         .build_v1alpha()
         .expect("embedded descriptor set is valid");
     let router = Server::builder()
+        .layer(crate::rpc_trace::layer())
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health)
         .add_service(v1)

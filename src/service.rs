@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::server::Router;
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tonic::Status;
-use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -151,7 +151,8 @@ pub struct Context {
     pub settings: Settings,
     /// A lazily connecting h2c channel to the own sidecar's outbound port;
     /// build generated clients on it.
-    pub channel: tonic::transport::Channel,
+    /// Calls on it carry the current span's trace context.
+    pub channel: crate::rpc_trace::MeshChannel,
     /// Writes events in a transaction.
     pub outbox: Outbox,
     inner: Arc<Inner>,
@@ -182,6 +183,7 @@ impl Context {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
+        let channel = crate::rpc_trace::mesh_channel(channel);
         let overrides: Map<String, Value> = args.settings.iter().cloned().collect();
         let (config_tx, config_rx) = watch::channel(if args.no_config {
             Some(Arc::new(Map::new()))

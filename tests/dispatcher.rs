@@ -72,9 +72,11 @@ fn dispatcher(
         source: "test",
         pool: pool.clone(),
         config: config.clone(),
-        channel: tonic::transport::Endpoint::from_shared(format!("http://{to}"))
-            .unwrap()
-            .connect_lazy(),
+        channel: trellis::rpc_trace::mesh_channel(
+            tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+                .unwrap()
+                .connect_lazy(),
+        ),
         wake: Arc::new(Notify::new()),
         stats: Arc::new(DispatchStats::default()),
     }

@@ -2,7 +2,7 @@
 //! service, as one stack of layers, outermost first (see [`crate::layer`]):
 //!
 //! ```text
-//! classify → observe → authorize → deadline → limit → app
+//! classify → trace → observe → authorize → deadline → limit → app
 //! ```
 //!
 //! A call is counted (observe) whether or not it is authorized; nothing
@@ -24,10 +24,11 @@ use crate::layer::classify::{Classify, Peer};
 use crate::layer::deadline::Deadline;
 use crate::layer::limit::MethodLimit;
 use crate::layer::observe::{Observe, Routable};
+use crate::layer::trace::{Side, Trace};
 use crate::layer::{Answer, Handle};
 
 /// The inbound stack's type, outermost first.
-type Stack = Classify<Observe<Authorize<Deadline<MethodLimit<App>>>>>;
+type Stack = Classify<Trace<Observe<Authorize<Deadline<MethodLimit<App>>>>>>;
 
 /// The process's inbound side, for readiness (there is at most one): the
 /// view and the local mesh service.
@@ -65,15 +66,18 @@ impl Inbound {
         let _ = INBOUND.set((view.clone(), service.clone()));
         let stack = Classify::new(
             "the inbound port",
-            Observe::new(
-                "inbound",
-                serves(view.clone(), service.clone()),
-                Authorize::new(
-                    view.clone(),
-                    &service,
-                    own,
-                    trusted_edges,
-                    Deadline::new(MethodLimit::new(view, App::new(app))),
+            Trace::new(
+                Side::Inbound,
+                Observe::new(
+                    "inbound",
+                    serves(view.clone(), service.clone()),
+                    Authorize::new(
+                        view.clone(),
+                        &service,
+                        own,
+                        trusted_edges,
+                        Deadline::new(MethodLimit::new(view, App::new(app))),
+                    ),
                 ),
             ),
         );

@@ -126,6 +126,16 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
         None => None,
     };
 
+    // Spans go to the collector the OTEL_* variables name, if any, under
+    // `<service>-proxy` (or the edge's own name for a standalone edge).
+    let traces = trellis::telemetry::provider(&match args.app {
+        Some(_) => format!("{service}-proxy"),
+        None => service.clone(),
+    });
+    if let Some(provider) = &traces {
+        layer::trace::install(provider, trellis::telemetry::Sampling::from_env());
+    }
+
     // Every tunable of the request path, fixed once.
     let settings = Settings::from_args(&args);
     let mut discovery = Discovery::new(
@@ -352,6 +362,9 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
         tracing::info!("drained cleanly");
     } else {
         tracing::warn!("grace period over with calls still in flight; exiting");
+    }
+    if let Some(provider) = traces {
+        let _ = provider.shutdown_with_timeout(std::time::Duration::from_secs(2));
     }
     Ok(())
 }

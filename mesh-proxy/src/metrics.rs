@@ -165,6 +165,7 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("trellis_proxy");
+        registry.register_collector(Box::new(crate::layer::trace::SpanCounts));
         let requests = Family::<CallLabels, Counter>::default();
         let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
         let retries = Family::<ServiceLabels, Counter>::default();

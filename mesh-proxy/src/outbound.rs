@@ -3,10 +3,12 @@
 //! first (see [`crate::layer`] for what each does):
 //!
 //! ```text
-//! classify → observe → route → circuit → deadline → limit → retry → balance → endpoint
+//! classify → trace → observe → route → circuit → deadline → limit → retry → balance → endpoint
 //! ```
 //!
-//! Order is behaviour: a call is counted (observe) whatever route answers;
+//! Order is behaviour: the span (trace) covers everything the proxy does
+//! with the call, and the attempts inside it; a call is counted (observe)
+//! whatever route answers;
 //! an open circuit fails a call before it takes a place under the limit or
 //! waits for one; the deadline is outside the limit and retry, so it
 //! bounds the wait for a place, every attempt and every backoff; the
@@ -29,12 +31,14 @@ use crate::layer::limit::CallerLimit;
 use crate::layer::observe::Observe;
 use crate::layer::retry::Retry;
 use crate::layer::route::{self, RouteLayer};
+use crate::layer::trace::{Side, Trace};
 use crate::layer::{Answer, Handle};
 use crate::settings::Settings;
 
 /// The outbound stack's type, outermost first.
-type Stack =
-    Classify<Observe<RouteLayer<CircuitLayer<Deadline<CallerLimit<Retry<Balance<ToEndpoint>>>>>>>>;
+type Stack = Classify<
+    Trace<Observe<RouteLayer<CircuitLayer<Deadline<CallerLimit<Retry<Balance<ToEndpoint>>>>>>>>,
+>;
 
 /// The outbound proxy.
 #[derive(Debug)]
@@ -46,23 +50,31 @@ impl Outbound {
     /// An outbound proxy routing by `view`; `direction` labels its metrics
     /// (`outbound`, or `edge` for the edge).
     pub fn new(view: Arc<MeshView>, direction: &'static str, settings: &Settings) -> Arc<Self> {
+        let side = if direction == "edge" {
+            Side::Edge
+        } else {
+            Side::Outbound
+        };
         let stack = Classify::new(
             "the outbound port",
-            Observe::new(
-                direction,
-                route::routable(view.clone()),
-                RouteLayer::new(
-                    view.clone(),
-                    CircuitLayer::new(
+            Trace::new(
+                side,
+                Observe::new(
+                    direction,
+                    route::routable(view.clone()),
+                    RouteLayer::new(
                         view.clone(),
-                        Deadline::new(CallerLimit::new(
+                        CircuitLayer::new(
                             view.clone(),
-                            Retry::new(
+                            Deadline::new(CallerLimit::new(
                                 view.clone(),
-                                settings.retry,
-                                Balance::new(view.locale.zone.clone(), ToEndpoint),
-                            ),
-                        )),
+                                Retry::new(
+                                    view.clone(),
+                                    settings.retry,
+                                    Balance::new(view.locale.zone.clone(), ToEndpoint),
+                                ),
+                            )),
+                        ),
                     ),
                 ),
             ),

@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_postgres::{AsyncMessage, Config, NoTls};
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::db::{self, Pool};
 use crate::pb::trellis::events::v1::{DeliverRequest, DeliverResponse, Event};
@@ -123,7 +123,7 @@ pub struct Dispatcher {
     /// Connection settings for the lock connection.
     pub config: Config,
     /// The producer's sidecar (outbound, h2c).
-    pub channel: Channel,
+    pub channel: crate::rpc_trace::MeshChannel,
     /// Woken by publishes in this process and by notifications.
     pub wake: Arc<Notify>,
     /// Statistics for the status RPC.
@@ -301,7 +301,7 @@ impl Dispatcher {
                           (SELECT * FROM unnest($3::text[], $4::text[]) AS b(subscriber, key))
                     ORDER BY id LIMIT $2)
                  SELECT r.id, r.subscriber, r.event_id, r.topic, r.key, r.sequence, r.payload_type,
-                        r.payload, r.occurred_at, r.attempts, w.walked, w.last
+                        r.payload, r.occurred_at, r.attempts, w.walked, w.last, r.trace_context
                  FROM (SELECT count(*) AS walked, max(ARRAY[subscriber, key]) AS last FROM lines) w
                  LEFT JOIN (
                     SELECT o.* FROM due d CROSS JOIN LATERAL (
@@ -351,6 +351,7 @@ impl Dispatcher {
                 subscriber: row.get(1),
                 attempts: row.get(9),
                 occurred_at: row.get(8),
+                trace_context: row.get(12),
                 event: super::event_of(&row, self.source),
             };
             match lines.last_mut() {
@@ -414,7 +415,22 @@ impl Dispatcher {
         moved
     }
 
+    /// One attempt to deliver `pending`, in a span of its own continuing
+    /// the trace of the call that wrote the event: the request that
+    /// caused a change and the change's delivery are one story.
     async fn deliver(&self, pending: &Pending) -> Result<DeliverResponse, tonic::Status> {
+        let span = delivery_span(pending);
+        let result = self.send(pending).instrument(span.clone()).await;
+        if let Err(status) = &result {
+            span.record("rpc.grpc.status_code", status.code() as i32);
+            span.record("otel.status_code", "ERROR");
+        } else {
+            span.record("rpc.grpc.status_code", 0);
+        }
+        result
+    }
+
+    async fn send(&self, pending: &Pending) -> Result<DeliverResponse, tonic::Status> {
         let path = PathAndQuery::from_str(&format!("/{}/Deliver", pending.subscriber))
             .map_err(|e| tonic::Status::internal(format!("subscriber name: {e}")))?;
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
@@ -517,6 +533,40 @@ struct Pending {
     attempts: i32,
     occurred_at: time::OffsetDateTime,
     event: Event,
+    /// The `traceparent` of the call that wrote the event.
+    trace_context: Option<String>,
+}
+
+/// The span of one delivery attempt (a producer span, in the messaging
+/// conventions), child of the span that wrote the event when there was
+/// one.
+fn delivery_span(pending: &Pending) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        target: crate::telemetry::RPC_TARGET,
+        "deliver",
+        otel.name = %format_args!("deliver {}", pending.event.topic),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "trellis",
+        messaging.operation.type = "send",
+        messaging.destination.name = %pending.event.topic,
+        messaging.message.id = %pending.event.id,
+        trellis.subscriber = %pending.subscriber,
+        trellis.delivery.attempt = pending.attempts + 1,
+        rpc.system = "grpc",
+        rpc.service = %pending.subscriber,
+        rpc.method = "Deliver",
+        rpc.grpc.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(traceparent) = &pending.trace_context {
+        let _ = span.set_parent(crate::rpc_trace::context_from_traceparent(traceparent));
+        if let Some(parent) = crate::trace_context::TraceParent::parse(traceparent.as_bytes()) {
+            span.record("trace_id", parent.trace_id_hex());
+        }
+    }
+    span
 }
 
 /// `CODE: message`, bounded, for the outbox row and the status RPC.

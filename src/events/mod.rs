@@ -122,8 +122,9 @@ impl Outbox {
                         RETURNING last_sequence),
                      ins AS (
                         INSERT INTO trellis_outbox
-                            (subscriber, event_id, topic, key, sequence, payload_type, payload, occurred_at)
-                        SELECT s, $2, $3, $1, seq.last_sequence, $4, $5, $6
+                            (subscriber, event_id, topic, key, sequence, payload_type, payload, occurred_at,
+                             trace_context)
+                        SELECT s, $2, $3, $1, seq.last_sequence, $4, $5, $6, $8
                         FROM seq, unnest($7::text[]) AS s
                         RETURNING 1)
                      SELECT last_sequence, (SELECT count(*) FROM ins) FROM seq",
@@ -141,6 +142,7 @@ impl Outbox {
                         &bytes,
                         &occurred_at,
                         &subscribers,
+                        &crate::rpc_trace::current_traceparent(),
                     ],
                 )
                 .await

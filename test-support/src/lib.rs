@@ -5,6 +5,7 @@
 pub mod billing;
 pub mod descriptors;
 pub mod mesh;
+pub mod otlp;
 pub mod pki;
 pub mod postgres;
 pub mod process;
@@ -15,7 +16,8 @@ pub use mesh::{
     ProxyOptions, RunningEcho, RunningProxy, TestMesh, http_get, metric_value, sibling_binary,
     spawn_echo, spawn_proxy, write_atomically,
 };
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pki::TestPki;
 pub use postgres::{PgCluster, TestDb, server_url};
-pub use process::{ChildGuard, free_port, wait_for_tcp};
+pub use process::{ChildGuard, free_port, set_child_env, wait_for_tcp};
 pub use registry::{RunningRegistry, spawn_registry, spawn_registry_at};

@@ -35,6 +35,18 @@ pub fn wait_for_tcp(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
+/// Variables every process started from now on gets (a test setting up
+/// what the mesh's processes read from their environment, such as the
+/// OTLP collector's address, without changing its own).
+static CHILD_ENV: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Gives every child started after this call `name=value`.
+pub fn set_child_env(name: &str, value: &str) {
+    let mut env = CHILD_ENV.lock().expect("child env lock");
+    env.retain(|(n, _)| n != name);
+    env.push((name.to_owned(), value.to_owned()));
+}
+
 /// A child process that is killed when the guard is dropped. Its stderr
 /// goes to a file, printed when the test fails to help diagnose it.
 #[derive(Debug)]
@@ -48,6 +60,7 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `cmd` with stdout and stderr sent to a log file.
     pub fn spawn(name: &str, mut cmd: Command) -> std::io::Result<Self> {
+        cmd.envs(CHILD_ENV.lock().expect("child env lock").iter().cloned());
         let dir = tempfile::tempdir()?;
         let log = dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;

@@ -57,6 +57,8 @@ pub struct Attempt {
     pub per_try: Option<Duration>,
     /// See [`Dispatch::peek`].
     pub peek: Option<Recorder>,
+    /// The call's span, told where the attempt went.
+    pub trace: Option<Arc<crate::layer::trace::CallSpan>>,
 }
 
 /// What an attempt came to.
@@ -177,6 +179,9 @@ where
         if let Some(chosen) = &attempt.chosen {
             let _ = chosen.set(endpoint.clone());
         }
+        if let Some(trace) = &attempt.trace {
+            trace.attempt(endpoint.addr, &attempt.upstream.mesh_service);
+        }
         let version = &attempt.upstream.labels[i].version;
         if !version.is_empty() {
             metrics::get().version_request(&attempt.upstream.mesh_service, version);
@@ -263,6 +268,7 @@ mod tests {
             body: RequestBody::Empty,
             deadline: None,
             peek: None,
+            trace: None,
         }
     }
 

@@ -54,6 +54,7 @@ impl<S> Classify<S> {
             body: body.into(),
             started,
             deadline: None,
+            trace: None,
         })
     }
 }
@@ -113,6 +114,9 @@ impl CarriesCall for FromPeer {
     }
     fn call_mut(&mut self) -> &mut Call {
         &mut self.call
+    }
+    fn peer_identity(&self) -> Option<&str> {
+        Some(self.peer.id.as_str())
     }
 }
 

@@ -7,14 +7,15 @@
 //!
 //! ```text
 //! outbound (the local service's calls, and the edge's):
-//!   classify → observe → route → deadline → retry → balance → endpoint
+//!   classify → trace → observe → route → circuit → deadline → limit → retry → balance → endpoint
 //! inbound (calls from other sidecars, over mTLS):
-//!   classify → observe → authorize → deadline → app
+//!   classify → trace → observe → authorize → deadline → limit → app
 //! ```
 //!
 //! | layer | what it does |
 //! |---|---|
 //! | [`classify`] | refuses what is not gRPC; splits `:path` into service and method |
+//! | [`trace`] | continues the W3C trace: a client or server span per call |
 //! | [`observe`] | counts the call's final status and latency (and the edge's access log) |
 //! | [`route`] | finds the upstream and the route policy; removes headers only the mesh may set |
 //! | [`authorize`] | checks the verified caller against the service's rules; names the caller |
@@ -43,6 +44,7 @@ pub mod limit;
 pub mod observe;
 pub mod retry;
 pub mod route;
+pub mod trace;
 
 use std::future::Future;
 
@@ -164,6 +166,8 @@ pub struct Call {
     pub deadline: Option<Instant>,
     /// The external caller the edge verified (edge calls only).
     pub access: Option<AccessInfo>,
+    /// The call's span, when it is recorded (see [`trace`]).
+    pub trace: Option<std::sync::Arc<trace::CallSpan>>,
 }
 
 impl Call {
@@ -181,6 +185,10 @@ pub trait CarriesCall: Send + 'static {
     fn call(&self) -> &Call;
     /// The call, to change.
     fn call_mut(&mut self) -> &mut Call;
+    /// The caller's verified identity, where the request carries one.
+    fn peer_identity(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl CarriesCall for Call {
@@ -238,6 +246,7 @@ pub(crate) mod testing {
             started: Instant::now(),
             deadline: None,
             access: None,
+            trace: None,
         }
     }
 

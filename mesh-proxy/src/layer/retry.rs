@@ -219,6 +219,7 @@ where
                     headers,
                     body,
                     deadline,
+                    trace,
                     ..
                 },
             upstream,
@@ -238,6 +239,7 @@ where
             pinned: &pinned,
             method: &method,
             deadline,
+            trace: &trace,
         };
         if let Some(hedge) = route.hedge.filter(|_| safe) {
             let hedging = Hedging {
@@ -327,6 +329,7 @@ struct Target<'a> {
     pinned: &'a Option<Arc<str>>,
     method: &'a GrpcMethod,
     deadline: Option<Instant>,
+    trace: &'a Option<Arc<crate::layer::trace::CallSpan>>,
 }
 
 impl Target<'_> {
@@ -357,6 +360,7 @@ impl Target<'_> {
             deadline: self.deadline,
             per_try: self.route.retry.per_try_timeout,
             peek,
+            trace: self.trace.clone(),
         }
     }
 }

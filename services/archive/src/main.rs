@@ -80,7 +80,8 @@ struct DatabaseArgs {
 
 #[tokio::main]
 async fn main() {
-    trellis::telemetry::init("warn,trellis=info,trellis_archive=info");
+    let _telemetry =
+        trellis::telemetry::init_traced("archive", "warn,trellis=info,trellis_archive=info");
     match Args::parse().command {
         Command::Serve(args) => {
             let _ = args.outbound;

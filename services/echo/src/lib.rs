@@ -17,11 +17,11 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use tonic::metadata::{KeyAndValueRef, MetadataMap, MetadataValue};
 use tonic::server::NamedService;
-use tonic::transport::server::Router;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use trellis::pb::trellis::echo::v1 as pb;
+use trellis::server::Router;
 
 pub use faults::{Faults, InvalidFaults, MAX_DELAY, Violation};
 pub use pb::echo_service_server::EchoServiceServer;

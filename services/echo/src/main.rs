@@ -46,7 +46,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    trellis::telemetry::init("warn,trellis=info,trellis_echo=info");
+    let _telemetry = trellis::telemetry::init_traced("echo", "warn,trellis=info,trellis_echo=info");
     let args = Args::parse();
     let faults =
         Faults::new(args.delay, args.fail_code, args.fail_ratio).unwrap_or_else(|invalid| {

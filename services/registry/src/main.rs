@@ -68,7 +68,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    trellis::telemetry::init("warn,trellis=info,trellis_registry=info");
+    let _telemetry =
+        trellis::telemetry::init_traced("registry", "warn,trellis=info,trellis_registry=info");
     let args = Args::parse();
     let workload = args.identity.load_or_exit(PROGRAM);
     // Rotated certificate and CA files are read again without a restart.

@@ -31,7 +31,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    trellis::telemetry::init("warn,trellis=info,trellis_settlement=info");
+    let _telemetry =
+        trellis::telemetry::init_traced("settlement", "warn,trellis=info,trellis_settlement=info");
     let args = Args::parse();
     let ctx = Context::start(&SPEC, &args.service)
         .await

@@ -29,7 +29,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    trellis::telemetry::init("warn,trellis=info,trellis_usage=info");
+    let _telemetry =
+        trellis::telemetry::init_traced("usage", "warn,trellis=info,trellis_usage=info");
     let args = Args::parse();
     let ctx = Context::start(&SPEC, &args.service)
         .await

@@ -18,10 +18,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use trellis::pb::telco::user::v1::user_service_client::UserServiceClient;
 use trellis::pb::telco::user::v1::{GetSubscriptionRequest, GetUserRequest};
+use trellis::rpc_trace::MeshChannel as Channel;
 
 /// How long a confirmed subscription is trusted without asking again.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);

@@ -20,7 +20,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    trellis::telemetry::init("warn,trellis=info,trellis_user=info");
+    let _telemetry = trellis::telemetry::init_traced("user", "warn,trellis=info,trellis_user=info");
     let args = Args::parse();
     let ctx = Context::start(&SPEC, &args.service)
         .await
