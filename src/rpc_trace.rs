@@ -97,7 +97,7 @@ fn record_trace_id(span: &Span, headers: &HeaderMap) {
     if own != opentelemetry::trace::TraceId::INVALID {
         span.record("trace_id", tracing::field::display(own));
     } else if let Some(parent) = TraceParent::from_headers(headers) {
-        span.record("trace_id", parent.trace_id_hex());
+        span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
     }
 }
 
@@ -226,4 +226,74 @@ pub fn context_from_traceparent(traceparent: &str) -> opentelemetry::Context {
     let mut carrier = std::collections::HashMap::new();
     carrier.insert("traceparent".to_owned(), traceparent.to_owned());
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn logged_in_a_call(json: bool) -> String {
+        let lines = Lines::default();
+        let writer = {
+            let lines = lines.clone();
+            BoxMakeWriter::new(move || lines.clone())
+        };
+        let subscriber = crate::telemetry::subscriber("warn", None, writer, false, json);
+        tracing::subscriber::with_default(subscriber, || {
+            let request = Request::builder()
+                .uri("/telco.usage.v1.UsageService/RecordUsage")
+                .header("traceparent", TRACEPARENT)
+                .body(())
+                .unwrap();
+            let span = ServerSpan.make_span(&request);
+            let _inside = span.enter();
+            tracing::warn!("the database is slow");
+        });
+        String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_line_logged_in_a_call_carries_its_trace_id() {
+        let text = logged_in_a_call(false);
+        assert!(
+            text.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"),
+            "{text}"
+        );
+        let json = logged_in_a_call(true);
+        let line: serde_json::Value = serde_json::from_str(json.trim()).expect(&json);
+        assert_eq!(
+            line["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+            "{json}"
+        );
+        assert_eq!(line["message"], "the database is slow");
+    }
+
+    #[test]
+    fn health_checks_get_no_span() {
+        let request = Request::builder()
+            .uri("/grpc.health.v1.Health/Check")
+            .body(())
+            .unwrap();
+        assert!(ServerSpan.make_span(&request).is_none());
+    }
 }

@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -102,6 +103,29 @@ pub fn init_traced(service: &str, default_filter: &str) -> Telemetry {
 }
 
 fn install(default_filter: &str, provider: Option<&SdkTracerProvider>) {
+    let json = std::env::var("TRELLIS_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let subscriber = subscriber(
+        default_filter,
+        provider,
+        BoxMakeWriter::new(std::io::stderr),
+        std::io::stderr().is_terminal(),
+        json,
+    );
+    // A second init (tests) keeps the first subscriber.
+    let _ = subscriber.try_init();
+}
+
+/// The subscriber [`init`] installs, writing to `writer`: log lines
+/// (coloured if `ansi`, one JSON object each if `json`) filtered by
+/// `RUST_LOG` or `default_filter`, and, with a provider, the call spans
+/// for export.
+pub fn subscriber(
+    default_filter: &str,
+    provider: Option<&SdkTracerProvider>,
+    writer: BoxMakeWriter,
+    ansi: bool,
+    json: bool,
+) -> impl tracing::Subscriber + Send + Sync {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(default_filter))
         // Known to the log layer so that lines inside a call show its
@@ -112,11 +136,10 @@ fn install(default_filter: &str, provider: Option<&SdkTracerProvider>) {
                 .expect("a valid directive"),
         );
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        // Colours for a person at a terminal, plain text for log files.
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer)
+        .with_ansi(ansi)
         .with_target(true);
-    let fmt = if std::env::var("TRELLIS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+    let fmt = if json {
         fmt.json().flatten_event(true).with_filter(filter).boxed()
     } else {
         fmt.compact().with_filter(filter).boxed()
@@ -126,11 +149,7 @@ fn install(default_filter: &str, provider: Option<&SdkTracerProvider>) {
             .with_tracer(provider.tracer("trellis"))
             .with_filter(Targets::new().with_target(RPC_TARGET, tracing::Level::INFO))
     });
-    // A second init (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry()
-        .with(fmt)
-        .with(otel)
-        .try_init();
+    tracing_subscriber::registry().with(fmt).with(otel)
 }
 
 /// How traces are sampled: the share of new traces recorded, and whether

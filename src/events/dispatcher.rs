@@ -563,7 +563,7 @@ fn delivery_span(pending: &Pending) -> tracing::Span {
     if let Some(traceparent) = &pending.trace_context {
         let _ = span.set_parent(crate::rpc_trace::context_from_traceparent(traceparent));
         if let Some(parent) = crate::trace_context::TraceParent::parse(traceparent.as_bytes()) {
-            span.record("trace_id", parent.trace_id_hex());
+            span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
         }
     }
     span
