@@ -220,6 +220,15 @@ async fn scenario(receiver: OtlpReceiver) {
         describe(&trace)
     );
 
+    // The edge's access-log line leads to the trace.
+    assert!(
+        mesh.edge_proxy
+            .process
+            .wait_for_output(&format!("trace_id={trace_id}"), Duration::from_secs(5))
+            .is_some(),
+        "the edge's access log names the trace"
+    );
+
     // The RPC conventions on every call span.
     for span in trace
         .iter()

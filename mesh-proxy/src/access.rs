@@ -26,6 +26,11 @@ pub struct AccessInfo {
     /// which no client can set, and the outbound path turns it into the
     /// header: a header a client sent is never taken for it.
     pub principal: Option<HeaderValue>,
+    /// The trace the call is in, once the trace layer knows it (none when
+    /// the caller sent no context and nothing is traced).
+    /// (Bytes, not a `u128`, whose alignment would double the size of
+    /// what carries this.)
+    pub trace_id: Option<[u8; 16]>,
 }
 
 impl AccessInfo {
@@ -44,6 +49,9 @@ impl AccessInfo {
             caller = %self.caller(),
             peer = %self.peer,
             protocol = self.protocol,
+            trace_id = self
+                .trace_id
+                .map(|id| tracing::field::display(format!("{:032x}", u128::from_be_bytes(id)))),
             service,
             method,
             status = grpc::code_name(code),

@@ -306,7 +306,8 @@ impl Edge {
         };
         let info = match self.admit(&mut request, target, peer, protocol) {
             Ok(info) => info,
-            Err((info, code, message)) => {
+            Err(refused) => {
+                let (info, code, message) = *refused;
                 info.log(&service, &method, code, started);
                 return grpc::status_response(code, &message);
             }
@@ -347,13 +348,14 @@ impl Edge {
         target: Target<'_>,
         peer: SocketAddr,
         protocol: &'static str,
-    ) -> Result<AccessInfo, (AccessInfo, Code, String)> {
+    ) -> Result<AccessInfo, Box<(AccessInfo, Code, String)>> {
         let headers = request.headers_mut();
         headers.remove(grpc::PRINCIPAL_HEADER);
         let mut info = AccessInfo {
             peer,
             protocol,
             principal: None,
+            trace_id: None,
         };
         let admitted = self.policy.admit(target, headers, peer.ip());
         // Checked, so no service behind the edge needs them, and every
@@ -365,17 +367,18 @@ impl Edge {
             Ok(Some(principal)) => {
                 let name = principal.to_string();
                 let Ok(value) = HeaderValue::from_str(&name) else {
-                    return Err((
+                    return Err(Box::new((
                         info,
                         Code::Unauthenticated,
                         "the caller's name cannot be carried in a header (control characters)"
                             .to_owned(),
-                    ));
+                    )));
                 };
                 info.principal = Some(value);
                 Ok(info)
             }
-            Err(rejection) => Err((info, rejection.code, rejection.message)),
+            // Boxed: refusals are the rare path.
+            Err(rejection) => Err(Box::new((info, rejection.code, rejection.message))),
         }
     }
 
@@ -396,7 +399,8 @@ impl Edge {
         let target = Target::Call { service, method };
         let info = match self.admit(&mut request, target, peer, "json") {
             Ok(info) => info,
-            Err((info, code, message)) => {
+            Err(refused) => {
+                let (info, code, message) = *refused;
                 info.log(service, method, code, started);
                 return json::error(code, &message);
             }

@@ -189,6 +189,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             protocol: "grpc",
             principal: None,
+            trace_id: None,
         });
         layer.handle(req).await;
         assert!(layer.inner.seen.lock().unwrap()[0].access.is_some());

@@ -223,6 +223,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             protocol: "grpc",
             principal: Some(HeaderValue::from_static("api-key:ops")),
+            trace_id: None,
         });
         l.handle(from_edge).await;
         let seen = l.inner.seen.lock().unwrap();

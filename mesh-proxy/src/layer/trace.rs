@@ -112,7 +112,12 @@ impl<S> Trace<S> {
         {
             call.headers.remove(TRACESTATE);
         }
-        let tracing = TRACING.get()?;
+        let Some(tracing) = TRACING.get() else {
+            if let (Some(access), Some(incoming)) = (call.access.as_mut(), incoming) {
+                access.trace_id = Some(incoming.trace_id.to_be_bytes());
+            }
+            return None;
+        };
         if !tracing.sampling.sample(incoming.map(|p| p.sampled)) {
             let context = TraceParent {
                 trace_id: incoming.map_or_else(random_trace_id, |p| p.trace_id),
@@ -120,6 +125,9 @@ impl<S> Trace<S> {
                 sampled: false,
             };
             call.headers.insert(TRACEPARENT, context.header());
+            if let Some(access) = call.access.as_mut() {
+                access.trace_id = Some(context.trace_id.to_be_bytes());
+            }
             return None;
         }
         let parent = match incoming {
@@ -165,6 +173,9 @@ impl<S> Trace<S> {
             sampled: true,
         };
         call.headers.insert(TRACEPARENT, context.header());
+        if let Some(access) = call.access.as_mut() {
+            access.trace_id = Some(context.trace_id.to_be_bytes());
+        }
         let recorded = Arc::new(CallSpan {
             span: Mutex::new(Some(span)),
             side: self.side,
@@ -298,5 +309,50 @@ impl prometheus_client::collector::Collector for SpanCounts {
             )?,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::testing::{Recorder, call};
+
+    const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// What the layer inside saw of `headers` (no collector configured:
+    /// unit tests install no tracer).
+    async fn passed_on(headers: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let layer = Trace::new(
+            Side::Edge,
+            Recorder::new(|_: &crate::layer::Call| Answer::default()),
+        );
+        drop(layer.handle(call(headers)).await);
+        layer.inner.seen.lock().unwrap().remove(0).headers
+    }
+
+    #[tokio::test]
+    async fn a_valid_context_passes_through_untouched() {
+        let seen = passed_on(&[(TRACEPARENT, GOOD), (TRACESTATE, "congo=t61rcWkgMzE")]).await;
+        assert_eq!(seen[TRACEPARENT], GOOD);
+        assert_eq!(seen[TRACESTATE], "congo=t61rcWkgMzE");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_context_is_never_passed_on() {
+        let seen = passed_on(&[
+            (TRACEPARENT, "00-not-a-trace-01"),
+            (TRACESTATE, "congo=t61rcWkgMzE"),
+        ])
+        .await;
+        assert!(seen.get(TRACEPARENT).is_none());
+        assert!(seen.get(TRACESTATE).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_tracestate_is_dropped() {
+        let long: &'static str = Box::leak(format!("a={}", "x".repeat(600)).into_boxed_str());
+        let seen = passed_on(&[(TRACEPARENT, GOOD), (TRACESTATE, long)]).await;
+        assert_eq!(seen[TRACEPARENT], GOOD);
+        assert!(seen.get(TRACESTATE).is_none());
     }
 }
