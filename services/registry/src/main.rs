@@ -68,8 +68,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    let _telemetry =
-        trellis::telemetry::init_traced("registry", "warn,trellis=info,trellis_registry=info");
+    // Logs only: every sidecar's lease renewals and watches would fill a
+    // trace view with control-plane chatter that no call is part of.
+    trellis::telemetry::init("warn,trellis=info,trellis_registry=info");
     let args = Args::parse();
     let workload = args.identity.load_or_exit(PROGRAM);
     // Rotated certificate and CA files are read again without a restart.
