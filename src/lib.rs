@@ -19,6 +19,7 @@ pub mod service;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod top;
 pub mod up;
 
 pub use identity::{IdentityError, IdentityPaths, SpiffeId, Workload};
