@@ -831,7 +831,10 @@ impl Style {
             table(&mut s, &["SERVICE", "SERVING", "GRPC SERVICES"], &rows);
             s.push('\n');
 
-            let with_metadata = view.instances.iter().any(|i| !i.metadata.is_empty());
+            let with_metadata = view
+                .instances
+                .iter()
+                .any(|i| operator_labels(&i.metadata).next().is_some());
             let mut headers = vec![
                 "SERVICE",
                 "INSTANCE",
@@ -1087,15 +1090,24 @@ fn plural(n: usize, noun: &str) -> String {
     }
 }
 
-/// `k=v k=v`, sorted, or how many labels when that is too long.
+/// The labels an operator gave, without the mesh's own (`trellis.admin`,
+/// the sidecar's admin address, is for `trellis top`; `--json` shows it).
+fn operator_labels(labels: &HashMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+    labels.iter().filter(|(k, _)| !k.starts_with("trellis."))
+}
+
+/// `k=v k=v` of the operator's labels, sorted, or how many when that is
+/// too long.
 fn metadata(labels: &HashMap<String, String>) -> String {
-    let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut pairs: Vec<String> = operator_labels(labels)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     pairs.sort();
     let text = pairs.join(" ");
     if text.chars().count() <= MAX_METADATA_WIDTH {
         text
     } else {
-        plural(labels.len(), "label")
+        plural(pairs.len(), "label")
     }
 }
 
@@ -1298,8 +1310,16 @@ mod tests {
 
     #[test]
     fn long_metadata_is_counted() {
-        let short: HashMap<_, _> = [("zone".to_owned(), "a".to_owned())].into();
-        assert_eq!(metadata(&short), "zone=a");
+        let short: HashMap<_, _> = [
+            ("zone".to_owned(), "a".to_owned()),
+            ("trellis.admin".to_owned(), "127.0.0.1:4191".to_owned()),
+        ]
+        .into();
+        assert_eq!(
+            metadata(&short),
+            "zone=a",
+            "the mesh's own labels are left out"
+        );
         let long: HashMap<_, _> = (0..5)
             .map(|i| (format!("key-number-{i}"), "value".to_owned()))
             .collect();
