@@ -21,6 +21,7 @@ pub mod service;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod top;
 pub mod trace_context;
 pub mod up;
 

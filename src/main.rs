@@ -50,6 +50,10 @@ enum Command {
     /// leases and configuration problems. Exits 0 when all is serving, 1
     /// when not, 2 when the registry cannot be asked.
     Status(trellis::mesh_status::StatusArgs),
+    /// Show the mesh's traffic, live: per gRPC service and method, calls
+    /// per second, success rate and p50/p99 latency, read from the
+    /// sidecars' metrics. `--once` prints one table and exits.
+    Top(trellis::top::TopArgs),
 }
 
 fn main() {
@@ -58,6 +62,7 @@ fn main() {
     match cli.command {
         Command::Up(args) => std::process::exit(trellis::up::main(args)),
         Command::Status(args) => std::process::exit(trellis::mesh_status::main(args)),
+        Command::Top(args) => std::process::exit(trellis::top::main(args)),
         Command::Certs {
             dir,
             trust_domain,

@@ -11,6 +11,9 @@
 //! one-second tick, since lease renewals are not pushed and ages move on)
 //! takes a fresh snapshot, redrawn in place on a terminal or printed as a
 //! new block otherwise.
+//!
+//! The flags that find the registry ([`RegistryArgs`]) and the listing of
+//! instances ([`RegistryReader`]) are shared with `trellis top`.
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -46,9 +49,10 @@ const MAX_METADATA_WIDTH: usize = 40;
 /// How many pushed changes `--watch` keeps on screen.
 const RECENT_CHANGES: usize = 8;
 
-/// Flags of `trellis status`.
+/// How a command finds the registry and who it is to it: the flags
+/// `trellis status` and `trellis top` share.
 #[derive(Clone, Debug, clap::Args)]
-pub struct StatusArgs {
+pub struct RegistryArgs {
     /// The registry's address (its Registry and Config APIs, mTLS).
     #[arg(
         long,
@@ -79,6 +83,37 @@ pub struct StatusArgs {
         value_name = "NAME"
     )]
     pub identity: String,
+}
+
+impl RegistryArgs {
+    /// The registry access these flags stand for.
+    pub fn access(&self) -> RegistryAccess {
+        RegistryAccess {
+            registry: self.registry,
+            registry_identity: self.registry_identity.clone(),
+            identity: IdentityPaths::in_dir(&self.certs, &self.identity),
+        }
+    }
+}
+
+/// Where the registry is and how to call it.
+#[derive(Clone, Debug)]
+pub struct RegistryAccess {
+    /// The registry's address.
+    pub registry: SocketAddr,
+    /// The identity the registry must present; `None`: `registry` in the
+    /// caller's trust domain and namespace.
+    pub registry_identity: Option<SpiffeId>,
+    /// The caller's certificate, key and CA.
+    pub identity: IdentityPaths,
+}
+
+/// Flags of `trellis status`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The registry and the identity to ask it with.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Keep following the mesh (redrawn in place on a terminal, a new block
     /// per change otherwise) until Ctrl-C.
     #[arg(long)]
@@ -92,13 +127,8 @@ pub struct StatusArgs {
 /// What `trellis status` needs.
 #[derive(Clone, Debug)]
 pub struct StatusOptions {
-    /// The registry's address.
-    pub registry: SocketAddr,
-    /// The identity the registry must present; `None`: `registry` in the
-    /// caller's trust domain and namespace.
-    pub registry_identity: Option<SpiffeId>,
-    /// The caller's certificate, key and CA.
-    pub identity: IdentityPaths,
+    /// The registry and how to call it.
+    pub access: RegistryAccess,
     /// Follow changes until Ctrl-C.
     pub watch: bool,
     /// JSON instead of tables.
@@ -113,9 +143,7 @@ impl StatusArgs {
     /// terminal.
     pub fn options(&self) -> StatusOptions {
         StatusOptions {
-            registry: self.registry,
-            registry_identity: self.registry_identity.clone(),
-            identity: IdentityPaths::in_dir(&self.certs, &self.identity),
+            access: self.registry.access(),
             watch: self.watch,
             json: self.json,
             redraw: std::io::stdout().is_terminal(),
@@ -216,34 +244,16 @@ pub enum StatusError {
 /// nothing is registered). With `watch`, follows changes until Ctrl-C and
 /// returns the verdict on the last view.
 pub async fn run(options: StatusOptions, out: &mut impl Write) -> anyhow::Result<bool> {
-    let workload =
-        Workload::load(&options.identity).map_err(|cause| StatusError::Identity { cause })?;
-    let registry_id = match &options.registry_identity {
-        Some(id) => id.clone(),
-        None => SpiffeId::for_service(
-            workload.id().trust_domain(),
-            workload
-                .id()
-                .namespace()
-                .unwrap_or(crate::identity::DEFAULT_NAMESPACE),
-            "registry",
-        )?,
-    };
-    let channel = crate::tls::channel(
-        &workload,
-        options.registry,
-        ExpectedPeer::Exactly(registry_id),
-    )?;
+    let reader = RegistryReader::connect(&options.access)?;
     let mut source = Source {
-        addr: options.registry,
-        caller: workload.id().clone(),
-        registry: RegistryServiceClient::new(channel.clone()),
-        config: ConfigServiceClient::new(channel),
+        config: ConfigServiceClient::new(reader.channel.clone()),
+        reader,
     };
+    let workload_id = source.reader.caller.clone();
     let style = Style {
-        addr: options.registry,
-        trust_domain: workload.id().trust_domain().to_owned(),
-        caller: workload.id().clone(),
+        addr: source.reader.addr,
+        trust_domain: workload_id.trust_domain().to_owned(),
+        caller: workload_id,
         json: options.json,
     };
     let view = source.snapshot().await?;
@@ -270,19 +280,70 @@ pub async fn run(options: StatusOptions, out: &mut impl Write) -> anyhow::Result
     Ok(verdict.get())
 }
 
-/// The registry's clients and who we are to it.
-#[derive(Debug)]
-struct Source {
+/// A read-only client of the registry: the listing of instances that
+/// `trellis status` and `trellis top` share.
+#[derive(Debug, Clone)]
+pub struct RegistryReader {
     addr: SocketAddr,
     caller: SpiffeId,
+    channel: Channel,
     registry: RegistryServiceClient<Channel>,
-    config: ConfigServiceClient<Channel>,
 }
 
-impl Source {
-    /// Every instance at one revision, and the configuration's status.
-    async fn snapshot(&mut self) -> Result<View, StatusError> {
-        tokio::time::timeout(FETCH_TIMEOUT, self.fetch())
+/// Every instance the registry knows, at one revision.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The registry's revision.
+    pub revision: u64,
+    /// By service, then instance ID.
+    pub instances: Vec<registry_pb::Instance>,
+}
+
+impl RegistryReader {
+    /// Loads the caller's identity and prepares an mTLS channel to the
+    /// registry (connected on first use).
+    pub fn connect(access: &RegistryAccess) -> anyhow::Result<Self> {
+        let workload =
+            Workload::load(&access.identity).map_err(|cause| StatusError::Identity { cause })?;
+        let registry_id = match &access.registry_identity {
+            Some(id) => id.clone(),
+            None => SpiffeId::for_service(
+                workload.id().trust_domain(),
+                workload
+                    .id()
+                    .namespace()
+                    .unwrap_or(crate::identity::DEFAULT_NAMESPACE),
+                "registry",
+            )?,
+        };
+        let channel = crate::tls::channel(
+            &workload,
+            access.registry,
+            ExpectedPeer::Exactly(registry_id),
+        )?;
+        Ok(Self {
+            addr: access.registry,
+            caller: workload.id().clone(),
+            registry: RegistryServiceClient::new(channel.clone()),
+            channel,
+        })
+    }
+
+    /// The registry's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Who we are to the registry.
+    pub fn caller(&self) -> &SpiffeId {
+        &self.caller
+    }
+
+    /// Every instance, sorted by service and instance ID, from the first
+    /// message of a Watch with no targets; an error after 12 s without an
+    /// answer.
+    pub async fn instances(&mut self) -> Result<Listing, StatusError> {
+        tokio::time::timeout(FETCH_TIMEOUT, self.fetch_instances())
             .await
             .map_err(|_| StatusError::TimedOut {
                 addr: self.addr,
@@ -290,7 +351,7 @@ impl Source {
             })?
     }
 
-    async fn fetch(&mut self) -> Result<View, StatusError> {
+    async fn fetch_instances(&mut self) -> Result<Listing, StatusError> {
         let mut stream = self.open_watch().await?;
         let first = stream
             .message()
@@ -303,19 +364,11 @@ impl Source {
                 message: "the stream ended before its first snapshot".into(),
             })?;
         drop(stream);
-        let config = self
-            .config
-            .get_config_status(config_pb::GetConfigStatusRequest {})
-            .await
-            .map_err(|s| self.error("ConfigService/GetConfigStatus", s))?
-            .into_inner();
         let mut instances = first.instances;
         instances.sort_by(|a, b| (&a.service, &a.instance_id).cmp(&(&b.service, &b.instance_id)));
-        Ok(View {
+        Ok(Listing {
             revision: first.revision,
             instances,
-            config,
-            at: SystemTime::now(),
         })
     }
 
@@ -365,6 +418,41 @@ impl Source {
                 message: status.message().to_owned(),
             },
         }
+    }
+}
+
+/// The registry's clients and who we are to it.
+#[derive(Debug)]
+struct Source {
+    reader: RegistryReader,
+    config: ConfigServiceClient<Channel>,
+}
+
+impl Source {
+    /// Every instance at one revision, and the configuration's status.
+    async fn snapshot(&mut self) -> Result<View, StatusError> {
+        tokio::time::timeout(FETCH_TIMEOUT, self.fetch())
+            .await
+            .map_err(|_| StatusError::TimedOut {
+                addr: self.reader.addr,
+                timeout: FETCH_TIMEOUT,
+            })?
+    }
+
+    async fn fetch(&mut self) -> Result<View, StatusError> {
+        let listing = self.reader.fetch_instances().await?;
+        let config = self
+            .config
+            .get_config_status(config_pb::GetConfigStatusRequest {})
+            .await
+            .map_err(|s| self.reader.error("ConfigService/GetConfigStatus", s))?
+            .into_inner();
+        Ok(View {
+            revision: listing.revision,
+            instances: listing.instances,
+            config,
+            at: SystemTime::now(),
+        })
     }
 }
 
@@ -526,13 +614,13 @@ async fn follow(
         }
 
         if stream.is_none() {
-            match tokio::time::timeout(TICK * 2, source.open_watch()).await {
+            match tokio::time::timeout(TICK * 2, source.reader.open_watch()).await {
                 Ok(Ok(s)) => stream = Some(s),
                 Ok(Err(e)) => error = Some(e.to_string()),
                 Err(_) => {
                     error = Some(
                         StatusError::TimedOut {
-                            addr: source.addr,
+                            addr: source.reader.addr,
                             timeout: TICK * 2,
                         }
                         .to_string(),
@@ -551,7 +639,7 @@ async fn follow(
                             stream = None;
                             error = Some(format!(
                                 "the registry at {} ended the watch; reconnecting",
-                                source.addr
+                                source.reader.addr
                             ));
                             break;
                         }
@@ -559,7 +647,7 @@ async fn follow(
                             stream = None;
                             error = Some(format!(
                                 "lost the watch on the registry at {} ({:?}: {}); reconnecting",
-                                source.addr,
+                                source.reader.addr,
                                 status.code(),
                                 status.message()
                             ));
@@ -743,7 +831,10 @@ impl Style {
             table(&mut s, &["SERVICE", "SERVING", "GRPC SERVICES"], &rows);
             s.push('\n');
 
-            let with_metadata = view.instances.iter().any(|i| !i.metadata.is_empty());
+            let with_metadata = view
+                .instances
+                .iter()
+                .any(|i| operator_labels(&i.metadata).next().is_some());
             let mut headers = vec![
                 "SERVICE",
                 "INSTANCE",
@@ -999,15 +1090,24 @@ fn plural(n: usize, noun: &str) -> String {
     }
 }
 
-/// `k=v k=v`, sorted, or how many labels when that is too long.
+/// The labels an operator gave, without the mesh's own (`trellis.admin`,
+/// the sidecar's admin address, is for `trellis top`; `--json` shows it).
+fn operator_labels(labels: &HashMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+    labels.iter().filter(|(k, _)| !k.starts_with("trellis."))
+}
+
+/// `k=v k=v` of the operator's labels, sorted, or how many when that is
+/// too long.
 fn metadata(labels: &HashMap<String, String>) -> String {
-    let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut pairs: Vec<String> = operator_labels(labels)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     pairs.sort();
     let text = pairs.join(" ");
     if text.chars().count() <= MAX_METADATA_WIDTH {
         text
     } else {
-        plural(labels.len(), "label")
+        plural(pairs.len(), "label")
     }
 }
 
@@ -1210,8 +1310,16 @@ mod tests {
 
     #[test]
     fn long_metadata_is_counted() {
-        let short: HashMap<_, _> = [("zone".to_owned(), "a".to_owned())].into();
-        assert_eq!(metadata(&short), "zone=a");
+        let short: HashMap<_, _> = [
+            ("zone".to_owned(), "a".to_owned()),
+            ("trellis.admin".to_owned(), "127.0.0.1:4191".to_owned()),
+        ]
+        .into();
+        assert_eq!(
+            metadata(&short),
+            "zone=a",
+            "the mesh's own labels are left out"
+        );
         let long: HashMap<_, _> = (0..5)
             .map(|i| (format!("key-number-{i}"), "value".to_owned()))
             .collect();

@@ -183,7 +183,7 @@ pub struct Args {
 }
 
 /// Most `--metadata` labels (the registry refuses more).
-const MAX_METADATA: usize = 64;
+pub const MAX_METADATA: usize = 64;
 
 /// Parses `KEY=VALUE` within the registry's limits.
 fn parse_metadata(text: &str) -> Result<(String, String), String> {

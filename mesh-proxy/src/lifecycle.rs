@@ -5,7 +5,7 @@
 //! it on shutdown. A registry that forgot the instance (restarted) gets it
 //! registered again, as soon as the watch reconnects to it.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 use trellis::pb::trellis::registry::v1 as pb;
+use trellis::top::ADMIN_METADATA_KEY;
 
 use crate::discovery::ControlPlane;
 use crate::settings;
@@ -34,12 +35,51 @@ pub struct Registration {
     pub version: String,
     /// Zone label.
     pub zone: String,
-    /// Labels registered with the instance.
+    /// Labels registered with the instance (see [`metadata`]: the admin
+    /// address is among them).
     pub metadata: std::collections::HashMap<String, String>,
     /// gRPC services given by configuration; empty: ask reflection.
     pub grpc_services: Vec<String>,
     /// The lease's time to live.
     pub lease_ttl: Duration,
+}
+
+/// The labels to register: the operator's, and the admin port's address
+/// under [`ADMIN_METADATA_KEY`] (where `trellis top` reads this sidecar's
+/// metrics) unless the operator gave that key (an address that differs
+/// as seen from elsewhere) or gave as many labels as the registry takes.
+pub fn metadata(
+    operator: impl IntoIterator<Item = (String, String)>,
+    admin: SocketAddr,
+    advertise: SocketAddr,
+) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> = operator.into_iter().collect();
+    if labels.contains_key(ADMIN_METADATA_KEY) {
+        return labels;
+    }
+    if labels.len() >= crate::config::MAX_METADATA {
+        tracing::warn!(
+            limit = crate::config::MAX_METADATA,
+            "no room among the --metadata labels for {ADMIN_METADATA_KEY}: `trellis top` will not find this sidecar's metrics"
+        );
+        return labels;
+    }
+    labels.insert(
+        ADMIN_METADATA_KEY.to_owned(),
+        admin_address(admin, advertise).to_string(),
+    );
+    labels
+}
+
+/// Where peers reach the admin port: its own address, or, when it
+/// listens on every address (`0.0.0.0`, `::`), the advertised host with
+/// its port.
+pub fn admin_address(admin: SocketAddr, advertise: SocketAddr) -> SocketAddr {
+    if admin.ip().is_unspecified() {
+        SocketAddr::new(advertise.ip(), admin.port())
+    } else {
+        admin
+    }
 }
 
 /// Services every gRPC server carries that are not part of its contract.
@@ -454,5 +494,44 @@ fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_admin_address_is_registered_where_peers_can_reach_it() {
+        let advertise = addr("10.0.0.7:4143");
+        let labels = metadata(
+            [("zone".to_owned(), "a".to_owned())],
+            addr("127.0.0.1:4191"),
+            advertise,
+        );
+        assert_eq!(labels[ADMIN_METADATA_KEY], "127.0.0.1:4191");
+        assert_eq!(labels["zone"], "a");
+        let labels = metadata([], addr("0.0.0.0:4191"), advertise);
+        assert_eq!(labels[ADMIN_METADATA_KEY], "10.0.0.7:4191");
+        let labels = metadata([], addr("[::]:4191"), addr("[fd00::7]:4143"));
+        assert_eq!(labels[ADMIN_METADATA_KEY], "[fd00::7]:4191");
+
+        // The operator's own value wins.
+        let given = [(
+            ADMIN_METADATA_KEY.to_owned(),
+            "proxy.example:4191".to_owned(),
+        )];
+        let labels = metadata(given, addr("0.0.0.0:4191"), advertise);
+        assert_eq!(labels[ADMIN_METADATA_KEY], "proxy.example:4191");
+
+        // No room: the registration must not be refused for it.
+        let full = (0..crate::config::MAX_METADATA).map(|i| (format!("k{i}"), "v".to_owned()));
+        let labels = metadata(full, addr("127.0.0.1:4191"), advertise);
+        assert_eq!(labels.len(), crate::config::MAX_METADATA);
+        assert!(!labels.contains_key(ADMIN_METADATA_KEY));
     }
 }

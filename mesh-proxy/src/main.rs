@@ -107,6 +107,7 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
         None => None,
     };
     let admin_listener = trellis::server::bind(args.admin).await?;
+    let admin_addr = admin_listener.local_addr()?;
     let edge_listener = match args.edge {
         Some(addr) => Some(trellis::server::bind(addr).await?),
         None => None,
@@ -233,7 +234,11 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
                         advertise: advertise.to_string(),
                         version: args.service_version.clone(),
                         zone: args.zone.clone(),
-                        metadata: args.metadata.iter().cloned().collect(),
+                        metadata: lifecycle::metadata(
+                            args.metadata.iter().cloned(),
+                            admin_addr,
+                            advertise,
+                        ),
                         grpc_services: args.grpc_services.clone(),
                         lease_ttl: args.lease_ttl,
                     },
