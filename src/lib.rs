@@ -13,6 +13,7 @@ pub mod db;
 pub mod events;
 pub mod identity;
 pub mod mesh_status;
+pub mod metrics_http;
 pub mod pb;
 pub mod server;
 pub mod service;
