@@ -14,6 +14,7 @@ pub mod db;
 pub mod events;
 pub mod identity;
 pub mod mesh_status;
+pub mod metrics_http;
 pub mod pb;
 pub mod rpc_trace;
 pub mod server;

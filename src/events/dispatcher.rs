@@ -62,6 +62,8 @@ const MAX_TRACKED: usize = 64;
 pub struct DispatchStats {
     dispatching: AtomicBool,
     per_subscriber: Mutex<HashMap<String, SubscriberStats>>,
+    /// Failed delivery attempts per subscriber (see `events::metrics`).
+    pub(super) failed: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Debug)]
@@ -396,6 +398,7 @@ impl Dispatcher {
                     moved = true;
                 }
                 Err(status) => {
+                    self.stats.record_failure(&pending.subscriber);
                     let error = describe(&status);
                     tracing::debug!(subscriber = %pending.subscriber, event.id = %pending.event.id, error, "delivery failed; backing off");
                     let _ = self.back_off(pending, &error).await;

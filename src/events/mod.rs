@@ -17,6 +17,7 @@
 
 mod admin;
 pub mod dispatcher;
+pub mod metrics;
 
 use std::sync::Arc;
 

@@ -141,6 +141,10 @@ pub struct ServiceSpec {
     pub depends_on: Vec<String>,
     /// Extra flags for each of its sidecars.
     pub sidecar_args: Vec<String>,
+    /// Whether its process serves its own `/metrics` and `/live` on the
+    /// address in `TRELLIS_ADMIN` (the Trellis services' `--admin`): each
+    /// instance is then given one more port for it.
+    pub metrics: bool,
     /// The line of its `[[service]]` table, for messages.
     pub line: usize,
 }
@@ -186,6 +190,8 @@ struct RawService {
     depends_on: Spanned<Vec<String>>,
     #[serde(default = "no_sidecar_args")]
     sidecar_args: Spanned<Vec<String>>,
+    #[serde(default)]
+    metrics: bool,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -454,6 +460,7 @@ impl MeshFile {
                 database,
                 depends_on: service.depends_on.get_ref().clone(),
                 sidecar_args: service.sidecar_args.get_ref().clone(),
+                metrics: service.metrics,
                 line,
             });
         }

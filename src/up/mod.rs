@@ -537,6 +537,8 @@ async fn start(
             vec![
                 "--listen".to_owned(),
                 plan.registry.to_string(),
+                "--admin".to_owned(),
+                plan.registry_admin.to_string(),
                 "--config-dir".to_owned(),
                 resolve(cx.root, &cx.file.mesh.config_dir)
                     .display()
@@ -721,6 +723,9 @@ fn app_spec(
         ("TRELLIS_INSTANCE".to_owned(), instance.name.clone()),
         ("TRELLIS_SERVICE".to_owned(), service.name.clone()),
     ]);
+    if let Some(admin) = instance.metrics {
+        env.push(("TRELLIS_ADMIN".to_owned(), admin.to_string()));
+    }
     if let (true, Some(server)) = (service.database, server) {
         let name = format!(
             "{}_{}",
@@ -1036,6 +1041,7 @@ fn write_run_file(
     let doc = serde_json::json!({
         "pid": std::process::id(),
         "registry": plan.registry.to_string(),
+        "registry_admin": plan.registry_admin.to_string(),
         "certs": state.join("certs").display().to_string(),
         "postgres": server.map(|s| s.url()),
         "instances": instances,
@@ -1053,6 +1059,7 @@ fn run_file_instance(i: &InstancePlan) -> serde_json::Value {
         "service": i.service, "instance": i.name, "version": i.version, "zone": i.zone,
         "listen": i.listen.to_string(), "inbound": i.inbound.to_string(),
         "outbound": i.outbound.to_string(), "admin": i.admin.to_string(),
+        "metrics": i.metrics.map(|a| a.to_string()),
     })
 }
 
@@ -1083,8 +1090,8 @@ fn banner(
         ));
     }
     out.push_str(&format!(
-        "registry: {} (mTLS; certificates in {certs})\n",
-        plan.registry
+        "registry: {} (mTLS; certificates in {certs})  metrics http://{}/metrics\n",
+        plan.registry, plan.registry_admin
     ));
     if let Some(server) = server {
         let names: Vec<String> = databases(cx.file).map(|(_, database)| database).collect();
@@ -1166,9 +1173,13 @@ fn instance_lines(plan: &Plan) -> String {
             format!("{label:<label_width$}  ")
         };
         out.push_str(&format!(
-            "  {:<name_width$} {label}service {}  sidecar inbound {}  outbound {}  admin http://{}\n",
+            "  {:<name_width$} {label}service {}  sidecar inbound {}  outbound {}  admin http://{}",
             i.name, i.listen, i.inbound, i.outbound, i.admin
         ));
+        if let Some(metrics) = i.metrics {
+            out.push_str(&format!("  metrics http://{metrics}/metrics"));
+        }
+        out.push('\n');
     }
     out
 }
@@ -1372,6 +1383,24 @@ mod tests {
                 i.listen, i.inbound, i.outbound, i.admin
             )
         );
+        assert!(run_file_instance(i)["metrics"].is_null());
+
+        // A service with its own admin port shows it, in both.
+        let with = Plan::new(&mesh(
+            "[[service]]\nname = \"a\"\ncommand = [\"x\"]\nmetrics = true\n",
+        ))
+        .unwrap();
+        let i = &with.instances[0];
+        let metrics = i.metrics.expect("metrics = true gives an admin port");
+        assert!(
+            instance_lines(&with).ends_with(&format!(
+                "admin http://{}  metrics http://{metrics}/metrics\n",
+                i.admin
+            )),
+            "{}",
+            instance_lines(&with)
+        );
+        assert_eq!(run_file_instance(i)["metrics"], metrics.to_string());
     }
 
     #[test]

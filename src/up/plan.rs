@@ -2,7 +2,9 @@
 //! and its placeholders into each instance's command.
 //!
 //! Ports are taken in a fixed order (each instance's four, in service
-//! order, then the edges', then a private PostgreSQL's), so a mesh file
+//! order, then the edges', then the registry's admin port and the admin
+//! port of each instance whose service has `metrics = true`, then a
+//! private PostgreSQL's), so a mesh file
 //! always gives the same addresses. Every port is checked before anything
 //! starts: one already taken is an error naming it and what wanted it.
 
@@ -35,6 +37,9 @@ pub struct InstancePlan {
     pub outbound: SocketAddr,
     /// The sidecar's admin port (`/ready`, `/metrics`).
     pub admin: SocketAddr,
+    /// The service's own admin port (`/metrics`, `/live`), when its entry
+    /// has `metrics = true`; given to it as `TRELLIS_ADMIN`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// One edge: the front door for clients outside the mesh.
@@ -57,6 +62,8 @@ pub struct EdgePlan {
 pub struct Plan {
     /// The registry (mTLS).
     pub registry: SocketAddr,
+    /// The registry's admin port (`/metrics`, `/live`).
+    pub registry_admin: SocketAddr,
     /// Every instance, services in dependency order.
     pub instances: Vec<InstancePlan>,
     /// The edges, plaintext first.
@@ -279,6 +286,7 @@ impl Plan {
                     inbound,
                     outbound,
                     admin,
+                    metrics: None,
                 });
             }
         }
@@ -298,8 +306,17 @@ impl Plan {
                 tls: true,
             });
         }
+        // Taken after everything above, so that adding them left the other
+        // addresses of a mesh file as they were.
+        let registry_admin = ports.take("the registry admin", path)?;
+        for instance in &mut instances {
+            if file.services[instance.entry].metrics {
+                instance.metrics = Some(ports.take(&format!("{} admin", instance.name), path)?);
+            }
+        }
         Ok(Self {
             registry,
+            registry_admin,
             instances,
             edges,
             ports,
@@ -330,9 +347,10 @@ pub struct Placeholders {
 }
 
 impl Placeholders {
-    /// The values for `instance`.
+    /// The values for `instance`; `{admin}` only when it has an admin
+    /// port of its own (`metrics = true`).
     pub fn new(instance: &InstancePlan, state: &Path, bin: &Path) -> Self {
-        let values = BTreeMap::from([
+        let mut values = BTreeMap::from([
             ("listen", instance.listen.to_string()),
             ("outbound", instance.outbound.to_string()),
             ("instance", instance.name.clone()),
@@ -340,6 +358,9 @@ impl Placeholders {
             ("state", state.display().to_string()),
             ("bin", bin.display().to_string()),
         ]);
+        if let Some(admin) = instance.metrics {
+            values.insert("admin", admin.to_string());
+        }
         Self { values }
     }
 
@@ -391,13 +412,21 @@ mod tests {
     fn auto_ports_are_distinct_and_every_instance_has_four() {
         let mut mesh = file(
             "[edge]\ntls_listen = \"auto\"\n[[service]]\nname = \"a\"\ninstances = 3\ncommand = [\"x\"]\n\
-             [[service]]\nname = \"b\"\ncommand = [\"x\"]\n",
+             [[service]]\nname = \"b\"\ncommand = [\"x\"]\nmetrics = true\n",
         );
         mesh.use_any_free_ports();
         let plan = Plan::new(&mesh).unwrap();
         let names: Vec<&str> = plan.instances.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["a-1", "a-2", "a-3", "b"]);
-        let mut all: Vec<u16> = vec![plan.registry.port()];
+        let metrics: Vec<bool> = plan.instances.iter().map(|i| i.metrics.is_some()).collect();
+        assert_eq!(metrics, [false, false, false, true]);
+        let mut all: Vec<u16> = vec![plan.registry.port(), plan.registry_admin.port()];
+        all.extend(
+            plan.instances
+                .iter()
+                .filter_map(|i| i.metrics)
+                .map(|a| a.port()),
+        );
         for i in &plan.instances {
             all.extend([
                 i.listen.port(),
@@ -484,6 +513,30 @@ mod tests {
     }
 
     #[test]
+    fn admin_ports_come_after_the_others_and_expand_as_admin() {
+        let mesh = file(
+            "[registry]\nlisten = \"127.0.0.1:7000\"\n[edge]\nlisten = \"127.0.0.1:8080\"\n\
+             [mesh]\nports = \"7100-7199\"\n[[service]]\nname = \"a\"\ncommand = [\"x\", \"--admin\", \"{admin}\"]\nmetrics = true\n\
+             [[service]]\nname = \"b\"\ncommand = [\"x\"]\n",
+        );
+        let plan = Plan::unchecked(&mesh).unwrap();
+        let port = |a: SocketAddr| a.port();
+        // a: 7100-7103, b: 7104-7107, the edge: 7108-7109, then the admins.
+        assert_eq!(port(plan.instances[1].admin), 7107);
+        assert_eq!(port(plan.edges[0].admin), 7109);
+        assert_eq!(port(plan.registry_admin), 7110);
+        assert_eq!(plan.instances[0].metrics.map(port), Some(7111));
+        assert_eq!(plan.instances[1].metrics, None);
+        let state = Path::new(".trellis");
+        let bin = Path::new("bin");
+        let a = Placeholders::new(&plan.instances[0], state, bin);
+        assert_eq!(a.expand("{admin}").unwrap(), "127.0.0.1:7111");
+        let b = Placeholders::new(&plan.instances[1], state, bin);
+        let err = b.expand("{admin}").unwrap_err();
+        assert!(err.contains("uses {admin}"), "{err}");
+    }
+
+    #[test]
     fn a_range_too_small_says_so() {
         let mesh = file(
             "[registry]\nlisten = \"auto\"\n[edge]\nlisten = \"auto\"\n\
@@ -507,6 +560,7 @@ mod tests {
             inbound: "127.0.0.1:7105".parse().unwrap(),
             outbound: "127.0.0.1:7106".parse().unwrap(),
             admin: "127.0.0.1:7107".parse().unwrap(),
+            metrics: None,
         };
         let p = Placeholders::new(
             &instance,

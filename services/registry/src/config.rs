@@ -1125,6 +1125,11 @@ impl ConfigStore {
         })
     }
 
+    /// Open `WatchConfig` streams.
+    pub fn watchers(&self) -> usize {
+        self.snapshot.receiver_count()
+    }
+
     /// The status: revision in force and every problem.
     pub fn status(&self) -> pb::GetConfigStatusResponse {
         let snapshot = self.snapshot.borrow().clone();

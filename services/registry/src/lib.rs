@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod contracts;
+pub mod metrics;
 pub mod quota;
 pub mod registry;
 pub mod store;

@@ -9,6 +9,7 @@ use trellis::cli::{IdentityArgs, exit_with};
 use trellis::pb::trellis::config::v1::config_service_server::ConfigServiceServer;
 use trellis::pb::trellis::registry::v1::registry_service_server::RegistryServiceServer;
 use trellis_registry::config::{ConfigApi, ConfigStore};
+use trellis_registry::metrics::RegistryMetrics;
 use trellis_registry::quota::{Quotas, parse_bytes};
 use trellis_registry::registry::{MeshScope, Registry, RegistryApi};
 use trellis_registry::store::Store;
@@ -26,6 +27,10 @@ struct Args {
         default_value = "127.0.0.1:7000"
     )]
     listen: SocketAddr,
+    /// Address to serve `/metrics` (Prometheus text) and `/live` on, plain
+    /// HTTP/1.1, e.g. `127.0.0.1:7001`. Without it no admin port is opened.
+    #[arg(long, env = "TRELLIS_REGISTRY_ADMIN", value_name = "ADDR")]
+    admin: Option<SocketAddr>,
     /// Directory of configuration files: defaults.toml and <service>.toml.
     /// Re-read live; see config/README.md.
     #[arg(long, env = "TRELLIS_REGISTRY_CONFIG_DIR", default_value = "config")]
@@ -100,6 +105,19 @@ async fn main() {
     let listener = trellis::server::bind(args.listen)
         .await
         .unwrap_or_else(|e| exit_with(PROGRAM, &e));
+
+    let _admin = match args.admin {
+        Some(addr) => Some(
+            trellis::metrics_http::AdminServer::start(
+                "registry",
+                addr,
+                RegistryMetrics::scrape(registry.clone(), config.clone()),
+            )
+            .await
+            .unwrap_or_else(|e| exit_with(PROGRAM, &format!("{e:#}"))),
+        ),
+        None => None,
+    };
 
     let expiry = registry.spawn_expiry();
     let persist = registry.spawn_persist();

@@ -12,7 +12,7 @@
 //! registry picks up its instances, leases, name ownership and contracts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -254,6 +254,32 @@ pub struct Registry {
     quotas: Quotas,
     watches: Arc<Watches>,
     persist: Option<Persist>,
+    counts: Counts,
+}
+
+/// What has happened since the registry started, for its metrics.
+#[derive(Debug, Default)]
+struct Counts {
+    registrations: AtomicU64,
+    deregistrations: AtomicU64,
+    lease_expiries: AtomicU64,
+}
+
+/// The registry's numbers at one moment, for its metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryStats {
+    /// The revision: bumped by every change watchers see.
+    pub revision: u64,
+    /// Registered instances per mesh service, by name.
+    pub instances: BTreeMap<String, usize>,
+    /// Open Registry `Watch` streams.
+    pub watchers: usize,
+    /// Registrations accepted since the start.
+    pub registrations: u64,
+    /// Instances deregistered by their sidecars since the start.
+    pub deregistrations: u64,
+    /// Instances removed because their lease ran out, since the start.
+    pub lease_expiries: u64,
 }
 
 /// Writing the state out: what is pending, and the store.
@@ -361,6 +387,7 @@ impl Registry {
             quotas,
             watches: Watches::new(quotas.watches),
             persist,
+            counts: Counts::default(),
         }
     }
 
@@ -560,6 +587,27 @@ impl Registry {
                 }
             }
         }))
+    }
+
+    /// The numbers the registry's metrics show, read under one lock.
+    pub fn stats(&self) -> RegistryStats {
+        let (revision, instances) = {
+            let state = self.lock();
+            let instances = state
+                .per_service
+                .iter()
+                .map(|(service, n)| (service.clone(), *n))
+                .collect();
+            (state.revision, instances)
+        };
+        RegistryStats {
+            revision,
+            instances,
+            watchers: self.changes.receiver_count(),
+            registrations: self.counts.registrations.load(Ordering::Relaxed),
+            deregistrations: self.counts.deregistrations.load(Ordering::Relaxed),
+            lease_expiries: self.counts.lease_expiries.load(Ordering::Relaxed),
+        }
     }
 
     /// Admits one more watch (Registry or Config API) for `caller`.
@@ -897,6 +945,7 @@ impl Registry {
             RemovalReason::Unspecified,
             instance.clone(),
         );
+        self.counts.registrations.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             instance.id = %instance_id,
             service = %instance.service,
@@ -972,6 +1021,7 @@ impl Registry {
         let mut state = self.lock();
         Self::owned_entry(&mut state, caller, instance_id)?;
         let revision = self.remove(&mut state, instance_id, RemovalReason::Deregistered);
+        self.counts.deregistrations.fetch_add(1, Ordering::Relaxed);
         tracing::info!(instance.id = %instance_id, identity = %caller, revision, "instance deregistered");
         Ok(revision)
     }
@@ -1040,6 +1090,9 @@ impl Registry {
             let revision = self.remove(&mut state, id, RemovalReason::LeaseExpired);
             tracing::info!(instance.id = %id, revision, "lease expired; instance removed");
         }
+        self.counts
+            .lease_expiries
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
         expired.len()
     }
 

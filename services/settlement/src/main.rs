@@ -4,6 +4,7 @@
 
 use clap::Parser;
 use trellis::cli::exit_with;
+use trellis::metrics_http::{AdminArgs, service_scrape};
 use trellis::pb::telco::settlement::v1::settlement_events_service_server::SettlementEventsServiceServer;
 use trellis::pb::telco::settlement::v1::settlement_service_server::SettlementServiceServer;
 use trellis::service::{Context, ServiceArgs, ServiceSpec};
@@ -27,6 +28,8 @@ static SPEC: ServiceSpec = ServiceSpec {
 struct Args {
     #[command(flatten)]
     service: ServiceArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[tokio::main]
@@ -35,6 +38,11 @@ async fn main() {
         trellis::telemetry::init_traced("settlement", "warn,trellis=info,trellis_settlement=info");
     let args = Args::parse();
     let ctx = Context::start(&SPEC, &args.service)
+        .await
+        .unwrap_or_else(|e| exit_with("trellis-settlement", &format!("{e:#}")));
+    let _admin = args
+        .admin
+        .start(SPEC.name, service_scrape(&ctx, SPEC.publishes_events))
         .await
         .unwrap_or_else(|e| exit_with("trellis-settlement", &format!("{e:#}")));
     let router = ctx

@@ -4,6 +4,7 @@
 
 use clap::Parser;
 use trellis::cli::exit_with;
+use trellis::metrics_http::{AdminArgs, service_scrape};
 use trellis::pb::telco::usage::v1::usage_outbox_service_server::UsageOutboxServiceServer;
 use trellis::pb::telco::usage::v1::usage_service_server::UsageServiceServer;
 use trellis::service::{Context, ServiceArgs, ServiceSpec};
@@ -25,6 +26,8 @@ static SPEC: ServiceSpec = ServiceSpec {
 struct Args {
     #[command(flatten)]
     service: ServiceArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[tokio::main]
@@ -33,6 +36,11 @@ async fn main() {
         trellis::telemetry::init_traced("usage", "warn,trellis=info,trellis_usage=info");
     let args = Args::parse();
     let ctx = Context::start(&SPEC, &args.service)
+        .await
+        .unwrap_or_else(|e| exit_with("trellis-usage", &format!("{e:#}")));
+    let _admin = args
+        .admin
+        .start(SPEC.name, service_scrape(&ctx, SPEC.publishes_events))
         .await
         .unwrap_or_else(|e| exit_with("trellis-usage", &format!("{e:#}")));
     let router = ctx

@@ -5,6 +5,7 @@
 
 use clap::Parser;
 use trellis::cli::exit_with;
+use trellis::metrics_http::{AdminArgs, service_scrape};
 use trellis::pb::telco::user::v1::user_outbox_service_server::UserOutboxServiceServer;
 use trellis::pb::telco::user::v1::user_service_server::UserServiceServer;
 use trellis::service::{Context, ServiceArgs};
@@ -16,6 +17,8 @@ use trellis_user::{Api, OutboxApi, SPEC};
 struct Args {
     #[command(flatten)]
     service: ServiceArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[tokio::main]
@@ -23,6 +26,11 @@ async fn main() {
     let _telemetry = trellis::telemetry::init_traced("user", "warn,trellis=info,trellis_user=info");
     let args = Args::parse();
     let ctx = Context::start(&SPEC, &args.service)
+        .await
+        .unwrap_or_else(|e| exit_with("trellis-user", &format!("{e:#}")));
+    let _admin = args
+        .admin
+        .start(SPEC.name, service_scrape(&ctx, SPEC.publishes_events))
         .await
         .unwrap_or_else(|e| exit_with("trellis-user", &format!("{e:#}")));
     let router = ctx
