@@ -17,18 +17,19 @@ use common::up::{Up, alive, signal};
 use common::*;
 use trellis::pb::telco::usage::v1 as usage;
 use trellis::pb::telco::user::v1 as user;
-use trellis_test_support::{repo_root, server_url};
+use trellis_test_support::{OtlpReceiver, repo_root, server_url};
 
 use usage::usage_service_client::UsageServiceClient;
 use user::user_service_client::UserServiceClient;
 
 /// `trellis up` on the repository's trellis.toml, with the databases on
-/// the test server (dropped by [`Databases`]).
-fn start(state: &Path) -> Up {
+/// the test server (dropped by [`Databases`]), exporting traces to
+/// `collector`.
+fn start(state: &Path, collector: &str) -> Up {
     Up::start(
         &repo_root().join("trellis.toml"),
         state,
-        &["--skip-build", "rust"],
+        &["--skip-build", "rust", "--traces", collector],
         &[("DATABASE_URL", server_url().unwrap())],
         Duration::from_secs(240),
     )
@@ -79,9 +80,11 @@ async fn ready(admin: SocketAddr) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn trellis_up_runs_supervises_and_stops_the_mesh() {
     let state = tempfile::tempdir().unwrap();
+    let collector = OtlpReceiver::start();
     let mut up = tokio::task::spawn_blocking({
         let state = state.path().to_owned();
-        move || start(&state)
+        let endpoint = collector.endpoint();
+        move || start(&state, &endpoint)
     })
     .await
     .unwrap();
@@ -128,6 +131,26 @@ async fn trellis_up_runs_supervises_and_stops_the_mesh() {
     )
     .unwrap();
     let user_id = created["user"]["id"].as_str().unwrap().to_owned();
+    // `--traces`: the call is one trace from the edge to user's own span.
+    eventually(
+        "CreateUser's trace at the collector",
+        Duration::from_secs(20),
+        || {
+            let spans = collector.spans();
+            async move {
+                let edge = spans
+                    .iter()
+                    .find(|s| s.service == "edge" && s.name.ends_with("/CreateUser"))
+                    .ok_or("no edge span yet")?;
+                spans
+                    .iter()
+                    .any(|s| s.service == "user" && s.trace_id == edge.trace_id)
+                    .then_some(())
+                    .ok_or_else(|| "no span of user's in the edge's trace yet".to_owned())
+            }
+        },
+    )
+    .await;
     buf_curl(
         edge,
         "telco.user.v1.UserService/Subscribe",
@@ -252,7 +275,8 @@ async fn trellis_up_runs_supervises_and_stops_the_mesh() {
     drop(up);
     let mut again = tokio::task::spawn_blocking({
         let state = state.path().to_owned();
-        move || start(&state)
+        let endpoint = collector.endpoint();
+        move || start(&state, &endpoint)
     })
     .await
     .unwrap();

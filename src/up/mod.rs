@@ -21,6 +21,7 @@ pub mod mesh;
 pub mod plan;
 pub mod postgres;
 pub mod supervisor;
+pub mod traces;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -74,6 +75,11 @@ pub struct UpArgs {
     /// How long each level of the mesh may take to become ready.
     #[arg(long, default_value = "120s", value_parser = crate::cli::parse_duration)]
     pub ready_timeout: Duration,
+    /// Export every process's traces: `jaeger` starts Jaeger's all-in-one
+    /// binary if installed (UI on 127.0.0.1:16686); a URL names a running
+    /// OTLP/gRPC collector (`http://127.0.0.1:4317`).
+    #[arg(long, value_name = "jaeger|URL")]
+    pub traces: Option<String>,
 }
 
 /// Runs `trellis up`; returns the process's exit status.
@@ -184,6 +190,21 @@ async fn up(args: UpArgs) -> i32 {
     if args.any_ports {
         file.use_any_free_ports();
     }
+    let traces = match args.traces.as_deref().map(|value| {
+        let ports = if args.any_ports {
+            (any_free_port(), any_free_port())
+        } else {
+            (4317, 16686)
+        };
+        traces::Traces::parse(value, std::env::var_os("PATH").as_deref(), ports)
+    }) {
+        None => None,
+        Some(Ok(traces)) => Some(traces),
+        Some(Err(e)) => {
+            eprintln!("trellis up: {e}");
+            return 2;
+        }
+    };
     if let Some(prefix) = &args.database_prefix {
         file.postgres.database_prefix = Some(prefix.clone());
     }
@@ -233,6 +254,12 @@ async fn up(args: UpArgs) -> i32 {
         ready_timeout: args.ready_timeout,
         private_postgres: args.private_postgres,
         stop: stop.clone(),
+        base_env: [
+            quiet_logs(),
+            traces.as_ref().map(traces::Traces::env).unwrap_or_default(),
+        ]
+        .concat(),
+        traces,
     };
     let mut plan = prepared.plan;
     let started = Instant::now();
@@ -475,6 +502,10 @@ struct Launch<'a> {
     ready_timeout: Duration,
     private_postgres: bool,
     stop: watch::Receiver<bool>,
+    /// What every process gets in its environment.
+    base_env: Vec<(String, String)>,
+    /// Where traces go, if anywhere.
+    traces: Option<traces::Traces>,
 }
 
 impl Launch<'_> {
@@ -501,7 +532,7 @@ impl Launch<'_> {
 
     fn spec(&self, name: &str, program: String, args: Vec<String>, grace: Duration) -> ProcessSpec {
         ProcessSpec {
-            env: quiet_logs(),
+            env: self.base_env.clone(),
             name: name.to_owned(),
             hint: format!(
                 "is {program} built? (cargo build --release --workspace, or set [mesh] bin_dir in {})",
@@ -530,6 +561,7 @@ async fn start(
     };
     let fail = |e: anyhow::Error| StartFailure(format!("{e:#}"));
 
+    start_traces(cx, running).await?;
     let registry = cx.spec(
         "registry",
         cx.binary("trellis-registry"),
@@ -716,7 +748,7 @@ fn app_spec(
     for part in &service.command {
         command.push(values.expand(part).map_err(|e| at("command", e))?);
     }
-    let mut env = quiet_logs();
+    let mut env = cx.base_env.clone();
     env.extend([
         ("TRELLIS_LISTEN".to_owned(), instance.listen.to_string()),
         ("TRELLIS_OUTBOUND".to_owned(), instance.outbound.to_string()),
@@ -897,6 +929,45 @@ where
 {
     let watched: Vec<&Supervised> = stage.iter().collect();
     wait_until_all(cx, &watched, what, probe).await
+}
+
+/// Starts Jaeger first when `--traces jaeger` asks for it, so that the
+/// mesh's first spans have somewhere to go; says where traces go.
+async fn start_traces(cx: &Launch<'_>, running: &mut Running) -> Result<(), StartFailure> {
+    let Some(traces) = &cx.traces else {
+        return Ok(());
+    };
+    if let traces::Traces::Jaeger { program, otlp, ui } = traces {
+        let spec = cx.spec(
+            "jaeger",
+            program.display().to_string(),
+            traces::jaeger_args(*otlp, *ui),
+            Duration::from_secs(5),
+        );
+        cx.logs.launcher(format!(
+            "starting Jaeger (OTLP on {otlp}, its UI on http://{ui})"
+        ));
+        let otlp = *otlp;
+        let stage = running.push(Stage::Plain, vec![cx.supervisor.spawn(spec)]);
+        wait_until(cx, stage, "Jaeger", || async move {
+            tcp_open(otlp)
+                .then_some(())
+                .ok_or_else(|| format!("nothing listens on {otlp} yet"))
+        })
+        .await?;
+    }
+    cx.logs.launcher(format!(
+        "exporting traces to {} (OTLP/gRPC)",
+        std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|_| traces.endpoint())
+    ));
+    Ok(())
+}
+
+/// A port on 127.0.0.1 free now.
+fn any_free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_or(0, |a| a.port())
 }
 
 /// Polls `probe` until it succeeds; fails at once if a watched process
