@@ -206,10 +206,14 @@ fn the_targets_script_writes_what_the_static_config_lists() {
     let plan = Plan::unchecked(&mesh).unwrap_or_else(|e| panic!("{e}"));
     let state = tempfile::tempdir().unwrap();
     std::fs::create_dir(state.path().join("run")).unwrap();
-    // The fields of `trellis up`'s <state>/run/up.json the script reads.
+    // The fields of `trellis up`'s <state>/run/up.json the script reads;
+    // registry_admin and an instance's metrics (its service's own admin
+    // port) only when `trellis up` gives those admin ports.
     let up = serde_json::json!({
-        "instances": plan.instances.iter().map(|i| serde_json::json!({
+        "registry_admin": "0.0.0.0:7136",
+        "instances": plan.instances.iter().enumerate().map(|(n, i)| serde_json::json!({
             "service": i.service, "instance": i.name, "admin": i.admin.to_string(),
+            "metrics": (n == 0).then_some("127.0.0.1:7137"),
         })).collect::<Vec<_>>(),
         "edges": plan.edges.iter().map(|e| serde_json::json!({
             "name": e.name, "admin": e.admin.to_string(),
@@ -217,7 +221,7 @@ fn the_targets_script_writes_what_the_static_config_lists() {
     });
     std::fs::write(state.path().join("run/up.json"), up.to_string()).unwrap();
     let out = state.path().join("targets");
-    let first = plan.instances[0].name.clone();
+    let [first, second] = [0, 1].map(|n| plan.instances[n].clone());
     let run = |extra: &[String]| {
         Command::new("python3")
             .arg(repo("scripts/prometheus-targets"))
@@ -229,17 +233,21 @@ fn the_targets_script_writes_what_the_static_config_lists() {
             .output()
             .expect("python3 runs")
     };
-    let output = run(&[
-        "--registry-admin".into(),
-        "0.0.0.0:7001".into(),
+    let succeeds = |extra: &[String]| {
+        let output = run(extra);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let one = |address: &str, service: &str, instance: &str| {
+        (address.to_owned(), service.to_owned(), instance.to_owned())
+    };
+    succeeds(&[
         "--service-admin".into(),
-        format!("{first}=127.0.0.1:7201"),
+        format!("{}=127.0.0.1:7201", second.name),
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let groups = |job: &str| -> BTreeSet<Target> {
         let path = out.join(format!("{job}.json"));
         let doc: Value = serde_json::from_str(&read(&path)).unwrap();
@@ -258,20 +266,30 @@ fn the_targets_script_writes_what_the_static_config_lists() {
     assert_eq!(groups("trellis-proxies"), planned_targets());
     assert_eq!(
         groups("trellis-registry"),
-        BTreeSet::from([(
-            "127.0.0.1:7001".to_owned(),
-            "registry".to_owned(),
-            "registry".to_owned()
-        )]),
+        BTreeSet::from([one("127.0.0.1:7136", "registry", "registry")]),
         "an unspecified address becomes loopback"
     );
     assert_eq!(
         groups("trellis-services"),
-        BTreeSet::from([(
-            "127.0.0.1:7201".to_owned(),
-            plan.instances[0].service.clone(),
-            first
-        )])
+        BTreeSet::from([
+            one("127.0.0.1:7137", &first.service, &first.name),
+            one("127.0.0.1:7201", &second.service, &second.name),
+        ])
+    );
+    // The flags win over up.json.
+    succeeds(&[
+        "--registry-admin".into(),
+        "127.0.0.1:7001".into(),
+        "--service-admin".into(),
+        format!("{}=127.0.0.1:7202", first.name),
+    ]);
+    assert_eq!(
+        groups("trellis-registry"),
+        BTreeSet::from([one("127.0.0.1:7001", "registry", "registry")])
+    );
+    assert_eq!(
+        groups("trellis-services"),
+        BTreeSet::from([one("127.0.0.1:7202", &first.service, &first.name)])
     );
     let refused = run(&["--service-admin".into(), "nobody=127.0.0.1:1".into()]);
     assert!(!refused.status.success());
