@@ -34,21 +34,7 @@ const EDGE_SERVICE: &str = "edge";
 /// branches, under these final names. Each is accepted while nothing in
 /// the repository defines it; once something does,
 /// [`in_flight_metrics_are_still_undefined`] asks for its entry to go.
-const IN_FLIGHT: &[&str] = &[
-    "trellis_proxy_tls_handshake_failures_total",
-    "trellis_proxy_spans_dropped_total",
-    "trellis_registry_instances",
-    "trellis_registry_watchers",
-    "trellis_registry_revision",
-    "trellis_registry_lease_expiries_total",
-    "trellis_registry_registrations_total",
-    "trellis_db_pool_connections",
-    "trellis_db_pool_max",
-    "trellis_db_pool_waiting",
-    "trellis_outbox_pending",
-    "trellis_outbox_delivery_lag_seconds",
-    "trellis_outbox_delivered_total",
-];
+const IN_FLIGHT: &[&str] = &["trellis_proxy_tls_handshake_failures_total"];
 
 /// Variables Grafana itself defines.
 const GRAFANA_VARIABLES: [&str; 2] = ["__rate_interval", "__range"];
