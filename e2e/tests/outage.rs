@@ -44,27 +44,8 @@ async fn a_database_outage_fails_calls_cleanly_and_recovers_without_losing_event
         wait_serving(mesh.edge, service, Duration::from_secs(30)).await;
     }
     let edge = mesh.edge;
+    let user_id = subscribed_user(edge, "+491701234567", "Grace Hopper", "plus").await;
     let mut users = UserServiceClient::new(channel(edge));
-    let user_id = users
-        .create_user(user::CreateUserRequest {
-            msisdn: "+491701234567".into(),
-            name: "Grace Hopper".into(),
-            email: "grace@example.com".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .id;
-    users
-        .subscribe(user::SubscribeRequest {
-            user_id: user_id.clone(),
-            plan_id: "plus".into(),
-            effective_at: None,
-        })
-        .await
-        .unwrap();
     let plan = users
         .get_plan(user::GetPlanRequest {
             plan_id: "plus".into(),

@@ -11,11 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use trellis::pb::telco::usage::v1 as usage;
-use trellis::pb::telco::user::v1 as user;
 use trellis_test_support::{OtlpReceiver, ReceivedSpan, set_child_env};
 
 use usage::usage_service_client::UsageServiceClient;
-use user::user_service_client::UserServiceClient;
 
 const USAGE: &str = "telco.usage.v1.UsageService";
 const RECORD: &str = "telco.usage.v1.UsageService/RecordUsage";
@@ -79,27 +77,7 @@ async fn scenario(receiver: OtlpReceiver) {
     ])
     .await;
     let mesh = &fixture.mesh;
-    let mut users = UserServiceClient::new(channel(mesh.edge));
-    let user_id = users
-        .create_user(user::CreateUserRequest {
-            msisdn: "+491701234599".into(),
-            name: "Ada Lovelace".into(),
-            email: "ada@example.com".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .id;
-    users
-        .subscribe(user::SubscribeRequest {
-            user_id: user_id.clone(),
-            plan_id: "plus".into(),
-            effective_at: None,
-        })
-        .await
-        .unwrap();
+    let user_id = subscribed_user(mesh.edge, "+491701234599", "Ada Lovelace", "plus").await;
 
     // The traced call: the caller starts the trace and records its span.
     let trace_id = uuid::Uuid::new_v4().simple().to_string();

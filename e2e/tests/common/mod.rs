@@ -100,6 +100,36 @@ pub async fn wait_serving(edge: SocketAddr, service: &str, limit: Duration) {
     }
 }
 
+/// Creates a user through the edge and subscribes them to `plan_id` from
+/// now; their id.
+pub async fn subscribed_user(edge: SocketAddr, msisdn: &str, name: &str, plan_id: &str) -> String {
+    let mut users = user::user_service_client::UserServiceClient::new(channel(edge));
+    let user_id = users
+        .create_user(user::CreateUserRequest {
+            msisdn: msisdn.into(),
+            name: name.into(),
+            email: format!(
+                "{}@example.com",
+                name.split(' ').next().unwrap_or("someone").to_lowercase()
+            ),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .id;
+    users
+        .subscribe(user::SubscribeRequest {
+            user_id: user_id.clone(),
+            plan_id: plan_id.into(),
+            effective_at: None,
+        })
+        .await
+        .unwrap();
+    user_id
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
 pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
