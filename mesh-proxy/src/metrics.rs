@@ -23,10 +23,12 @@ use crate::policy::Locality;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     direction: &'static str,
-    caller: String,
     service: String,
     method: String,
     grpc_status: &'static str,
+    /// Last, so that series written before it existed still read the
+    /// same up to it.
+    caller: String,
 }
 
 /// Labels of a call's latency. No `caller`: a histogram renders as ~20
@@ -238,7 +240,7 @@ impl Metrics {
         );
         registry.register(
             "requests",
-            "Calls handled, by direction, caller (inbound: the peer's service; outbound: this proxy's; edge: the API key, else edge), gRPC service, method and final gRPC status",
+            "Calls handled, by direction, gRPC service, method, final gRPC status and caller (inbound: the peer's service; outbound: this proxy's; edge: the API key, else edge)",
             requests.clone(),
         );
         registry.register(
@@ -557,10 +559,10 @@ impl CallObserver for Call {
             self.requests
                 .get_or_create(&CallLabels {
                     direction: self.direction,
-                    caller: self.caller.clone(),
                     service: self.service.clone(),
                     method: self.method.clone(),
                     grpc_status: grpc::code_name(code),
+                    caller: self.caller.clone(),
                 })
                 .clone()
         });
@@ -610,12 +612,12 @@ mod tests {
         drop(CallEnd::new(observer, Instant::now()));
         let text = get().render();
         assert!(
-            text.contains(r#"trellis_proxy_requests_total{direction="outbound",caller="billing",service="a.v1.S",method="M",grpc_status="UNAVAILABLE"} 1"#),
+            text.contains(r#"trellis_proxy_requests_total{direction="outbound",service="a.v1.S",method="M",grpc_status="UNAVAILABLE",caller="billing"} 1"#),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"caller="billing",service="a.v1.S",method="M",grpc_status="CANCELLED"} 1"#
+                r#"service="a.v1.S",method="M",grpc_status="CANCELLED",caller="billing"} 1"#
             ),
             "a call dropped before its end counts as cancelled: {text}"
         );
@@ -634,11 +636,11 @@ mod tests {
         }
         let text = metrics.render();
         assert!(
-            text.contains(r#"trellis_proxy_requests_total{direction="inbound",caller="billing",service="a.v1.S",method="M",grpc_status="OK"} 2"#),
+            text.contains(r#"trellis_proxy_requests_total{direction="inbound",service="a.v1.S",method="M",grpc_status="OK",caller="billing"} 2"#),
             "{text}"
         );
         assert!(
-            text.contains(r#"trellis_proxy_requests_total{direction="inbound",caller="usage",service="a.v1.S",method="M",grpc_status="OK"} 1"#),
+            text.contains(r#"trellis_proxy_requests_total{direction="inbound",service="a.v1.S",method="M",grpc_status="OK",caller="usage"} 1"#),
             "{text}"
         );
         assert!(
@@ -668,11 +670,11 @@ mod tests {
         let text = metrics.render();
         assert!(!text.contains("one-too-many"), "{text}");
         assert!(
-            text.contains(r#"trellis_proxy_requests_total{direction="inbound",caller="unknown",service="unknown",method="unknown",grpc_status="OK"} 1"#),
+            text.contains(r#"trellis_proxy_requests_total{direction="inbound",service="unknown",method="unknown",grpc_status="OK",caller="unknown"} 1"#),
             "{text}"
         );
         assert!(
-            text.contains(r#"caller="caller-7",service="a.v1.S",method="M",grpc_status="OK"} 1"#),
+            text.contains(r#"service="a.v1.S",method="M",grpc_status="OK",caller="caller-7"} 1"#),
             "{text}"
         );
     }

@@ -138,7 +138,7 @@ mod tests {
     fn count_from(direction: &str, caller: &str, code: &str) -> u64 {
         let text = metrics::get().render();
         let prefix = format!(
-            r#"trellis_proxy_requests_total{{direction="{direction}",caller="{caller}",service="a.v1.S",method="M",grpc_status="{code}"}} "#
+            r#"trellis_proxy_requests_total{{direction="{direction}",service="a.v1.S",method="M",grpc_status="{code}",caller="{caller}"}} "#
         );
         text.lines()
             .find_map(|l| l.strip_prefix(&prefix))
@@ -182,7 +182,7 @@ mod tests {
         layer.handle(call(&[])).await;
         let text = metrics::get().render();
         assert!(
-            text.contains(r#"direction="test-observe-c",caller="unknown",service="unknown",method="unknown",grpc_status="UNIMPLEMENTED"} 1"#),
+            text.contains(r#"direction="test-observe-c",service="unknown",method="unknown",grpc_status="UNIMPLEMENTED",caller="unknown"} 1"#),
             "{text}"
         );
     }
