@@ -489,6 +489,25 @@ pub fn serve_incoming(
     })
 }
 
+/// What is told of each failed handshake on a listener of [`tls_incoming`].
+static HANDSHAKE_FAILED: OnceLock<fn(&'static str)> = OnceLock::new();
+
+/// Has `hook` told, with the listener's kind (`mTLS` for
+/// [`serve_incoming`], else the kind given to [`tls_incoming`]), of every
+/// TLS handshake a listener refuses (a client certificate from another CA,
+/// none, a protocol error) or gives up on (timed out). A connection closed
+/// before any TLS (a bare TCP probe) is not one. For a process's metrics:
+/// set once at start-up; a second hook is ignored.
+pub fn on_handshake_failure(hook: fn(&'static str)) {
+    let _ = HANDSHAKE_FAILED.set(hook);
+}
+
+fn handshake_failed(kind: &'static str) {
+    if let Some(hook) = HANDSHAKE_FAILED.get() {
+        hook(kind);
+    }
+}
+
 /// Accepts TLS connections on `listener` under `config`, handshakes
 /// concurrently (each within a timeout), and yields what `accepted` makes
 /// of each completed one (`None` drops it). `kind` names the listener in
@@ -558,10 +577,12 @@ where
                     }
                     Ok(Err(error)) => {
                         tracing::warn!(peer.addr = %remote_addr, %error, kind, "TLS handshake refused");
+                        handshake_failed(kind);
                         return;
                     }
                     Err(_) => {
                         tracing::warn!(peer.addr = %remote_addr, kind, "TLS handshake timed out");
+                        handshake_failed(kind);
                         return;
                     }
                 };

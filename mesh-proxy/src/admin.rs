@@ -47,6 +47,7 @@ pub async fn serve(listener: TcpListener, ready: ReadyCheck, max_connections: us
         while connections.try_join_next().is_some() {}
         connections.spawn(async move {
             let _permit = permit;
+            let _open = metrics::get().open_connection("admin");
             let service =
                 hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                     let ready = ready.clone();

@@ -98,6 +98,8 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
     // Rotation needs no restart: new certificates, keys and CA bundles
     // apply to the connections made after they are read.
     let _identity_watch = workload.watch(args.identity.paths());
+    // Our calls are counted as this service's; failed handshakes counted.
+    metrics::get().init(workload.id());
 
     // Bind everything first: a taken port is a start-up error, not a
     // surprise later.

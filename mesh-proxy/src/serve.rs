@@ -215,7 +215,7 @@ async fn run_connection<C, E>(
     C: Future<Output = Result<(), E>>,
     E: Into<BoxError>,
 {
-    metrics::get().connection_opened(name);
+    let _open = metrics::get().open_connection(name);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = &mut connection => Some(result),
@@ -233,7 +233,6 @@ async fn run_connection<C, E>(
         let error: BoxError = error.into();
         tracing::debug!(listener = name, error = %crate::layer::endpoint::describe(&*error), "connection ended with an error");
     }
-    metrics::get().connection_closed(name);
     drop(permit);
 }
 

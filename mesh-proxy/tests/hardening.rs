@@ -374,11 +374,11 @@ async fn random_paths_do_not_grow_metrics() {
         after.len()
     );
     assert!(
-        after.contains(r#"direction="edge",service="unknown",method="unknown",grpc_status="UNIMPLEMENTED"} 300"#),
+        after.contains(r#"direction="edge",service="unknown",method="unknown",grpc_status="UNIMPLEMENTED",caller="unknown"} 300"#),
         "{after}"
     );
     assert!(
-        after.contains(r#"direction="outbound",service="unknown",method="unknown",grpc_status="UNIMPLEMENTED"} 300"#),
+        after.contains(r#"direction="outbound",service="unknown",method="unknown",grpc_status="UNIMPLEMENTED",caller="unknown"} 300"#),
         "{after}"
     );
     // Routable services keep their own labels.

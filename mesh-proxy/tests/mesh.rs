@@ -608,7 +608,7 @@ async fn a_peer_with_the_wrong_identity_is_refused() {
     assert!(error.message().contains("echo"), "{error:?}");
     let (_, metrics) = impostor.admin_get("/metrics");
     assert!(
-        !metrics.contains(r#"direction="inbound""#),
+        !metrics.contains(r#"trellis_proxy_requests_total{direction="inbound""#),
         "a call reached the impostor: {metrics}"
     );
 }

@@ -1,13 +1,19 @@
-//! Counts every call that reaches it: its final gRPC status and latency
-//! (`trellis_proxy_requests_total`, `trellis_proxy_request_duration_seconds`)
-//! and, for the edge, one access-log line. The end is reported when the
-//! call really ends: at once for a status-only answer, or when the
-//! response body's trailers pass (or the caller goes away: CANCELLED).
+//! Counts every call that reaches it: its caller and final gRPC status
+//! (`trellis_proxy_requests_total`), its latency
+//! (`trellis_proxy_request_duration_seconds`) and, for the edge, one
+//! access-log line. The end is reported when the call really ends: at
+//! once for a status-only answer, or when the response body's trailers
+//! pass (or the caller goes away: CANCELLED).
+//!
+//! The caller is known here, before authorization, on every side: on the
+//! inbound side it is the peer the mTLS handshake verified (for the whole
+//! connection), so a call the rules refuse still counts under who made it.
 
 use std::sync::Arc;
 
-use super::{Answer, CarriesCall, Handle};
-use crate::access::AccessLog;
+use super::classify::FromPeer;
+use super::{Answer, Call, CarriesCall, Handle};
+use crate::access::{AccessInfo, AccessLog};
 use crate::body::{CallEnd, CallObserver};
 use crate::grpc::{self, GrpcMethod};
 use crate::metrics;
@@ -16,6 +22,42 @@ use crate::metrics;
 /// can route, so that callers choosing paths do not choose how many series
 /// are kept. Asked once per new series, not per call.
 pub type Routable = Box<dyn Fn(&GrpcMethod) -> bool + Send + Sync>;
+
+/// A call that names its caller for the `caller` label.
+pub trait NamesCaller: CarriesCall {
+    /// Who makes the call. Asked on every call: it allocates nothing.
+    fn caller(&self) -> &str;
+}
+
+/// The outbound side (and the edge): the local service's own calls, or on
+/// the edge the external caller's API key.
+impl NamesCaller for Call {
+    fn caller(&self) -> &str {
+        match &self.access {
+            Some(info) => edge_caller(info),
+            None => metrics::get().local_service(),
+        }
+    }
+}
+
+/// The inbound side: the verified peer.
+impl NamesCaller for FromPeer {
+    fn caller(&self) -> &str {
+        metrics::get().peer_name(&self.peer.id)
+    }
+}
+
+/// The label of an external caller: its API key's name (`api-key:ops`),
+/// one of a list the operator keeps; any other (a JWT's subject, one per
+/// user, or nobody) is `edge`, so that callers do not choose how many
+/// series are kept.
+fn edge_caller(info: &AccessInfo) -> &str {
+    info.principal
+        .as_ref()
+        .and_then(|p| p.to_str().ok())
+        .filter(|p| p.starts_with("api-key:"))
+        .unwrap_or("edge")
+}
 
 /// The observe layer.
 pub struct Observe<S> {
@@ -46,17 +88,20 @@ impl<S> Observe<S> {
 impl<S, R> Handle<R> for Observe<S>
 where
     S: Handle<R, Answer = Answer>,
-    R: CarriesCall,
+    R: NamesCaller,
 {
     type Answer = Answer;
 
     async fn handle(&self, request: R) -> Answer {
         let call = request.call();
         let method = &call.method;
-        let mut observer: Arc<dyn CallObserver> =
-            metrics::get().call(self.direction, method.service(), method.method(), || {
-                (self.routable)(method)
-            });
+        let mut observer: Arc<dyn CallObserver> = metrics::get().call(
+            self.direction,
+            request.caller(),
+            method.service(),
+            method.method(),
+            || (self.routable)(method),
+        );
         if let Some(info) = &call.access {
             observer = Arc::new(AccessLog {
                 inner: observer,
@@ -87,9 +132,13 @@ mod tests {
     use crate::layer::testing::{Recorder, call};
 
     fn count(direction: &str, code: &str) -> u64 {
+        count_from(direction, metrics::get().local_service(), code)
+    }
+
+    fn count_from(direction: &str, caller: &str, code: &str) -> u64 {
         let text = metrics::get().render();
         let prefix = format!(
-            r#"trellis_proxy_requests_total{{direction="{direction}",service="a.v1.S",method="M",grpc_status="{code}"}} "#
+            r#"trellis_proxy_requests_total{{direction="{direction}",service="a.v1.S",method="M",grpc_status="{code}",caller="{caller}"}} "#
         );
         text.lines()
             .find_map(|l| l.strip_prefix(&prefix))
@@ -133,8 +182,50 @@ mod tests {
         layer.handle(call(&[])).await;
         let text = metrics::get().render();
         assert!(
-            text.contains(r#"direction="test-observe-c",service="unknown",method="unknown",grpc_status="UNIMPLEMENTED"} 1"#),
+            text.contains(r#"direction="test-observe-c",service="unknown",method="unknown",grpc_status="UNIMPLEMENTED",caller="unknown"} 1"#),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_inbound_call_counts_under_its_verified_peer() {
+        let layer = Observe::new(
+            "test-observe-d",
+            Box::new(|_| true),
+            Recorder::new(|_: &FromPeer| grpc::status_response(Code::PermissionDenied, "no")),
+        );
+        let id = trellis::identity::SpiffeId::parse("spiffe://trellis.local/ns/default/sa/billing")
+            .unwrap();
+        let from = FromPeer {
+            peer: Arc::new(crate::layer::classify::Peer::new(id)),
+            call: call(&[]),
+        };
+        layer.handle(from).await;
+        assert_eq!(
+            count_from("test-observe-d", "billing", "PERMISSION_DENIED"),
+            1,
+            "counted under who called, refused or not"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_edge_call_counts_under_its_api_key_and_no_other_name() {
+        let layer = Observe::new(
+            "test-observe-e",
+            Box::new(|_| true),
+            Recorder::new(|_: &Call| grpc::status_response(Code::Ok, "")),
+        );
+        for principal in [Some("api-key:ops"), Some("jwt:alice"), None] {
+            let mut c = call(&[]);
+            c.access = Some(AccessInfo {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                protocol: "grpc",
+                principal: principal.map(http::HeaderValue::from_static),
+            });
+            layer.handle(c).await;
+        }
+        assert_eq!(count_from("test-observe-e", "api-key:ops", "OK"), 1);
+        assert_eq!(count_from("test-observe-e", "edge", "OK"), 2);
+        assert!(!metrics::get().render().contains("alice"));
     }
 }
