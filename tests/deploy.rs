@@ -30,12 +30,6 @@ const JOBS: [&str; 3] = ["trellis-proxies", "trellis-registry", "trellis-service
 /// The `trellis_service` label of the edges' targets.
 const EDGE_SERVICE: &str = "edge";
 
-/// Metrics the dashboard shows that are being added alongside it, on other
-/// branches, under these final names. Each is accepted while nothing in
-/// the repository defines it; once something does,
-/// [`in_flight_metrics_are_still_undefined`] asks for its entry to go.
-const IN_FLIGHT: &[&str] = &["trellis_proxy_tls_handshake_failures_total"];
-
 /// Variables Grafana itself defines.
 const GRAFANA_VARIABLES: [&str; 2] = ["__rate_interval", "__range"];
 
@@ -431,7 +425,7 @@ fn check_dashboard(dashboard: &Value, defined: &Defined) -> Vec<String> {
             }
         }
         for metric in metric_names(&expr) {
-            if !defined.exposes(metric) && !IN_FLIGHT.contains(&metric) {
+            if !defined.exposes(metric) {
                 problems.push(format!(
                     "{title}: {metric} is not a metric anything in the repository defines"
                 ));
@@ -673,18 +667,6 @@ fn the_readme_describes_every_panel() {
     assert!(
         missing.is_empty(),
         "deploy/README.md does not name these panels: {missing:?}"
-    );
-}
-
-/// [`IN_FLIGHT`] holds only what is still missing: a name the code now
-/// defines must leave it, so that the dashboard check covers it.
-#[test]
-fn in_flight_metrics_are_still_undefined() {
-    let defined = defined_metrics();
-    let now_defined: Vec<&&str> = IN_FLIGHT.iter().filter(|m| defined.exposes(m)).collect();
-    assert!(
-        now_defined.is_empty(),
-        "these metrics are now defined in the repository: remove them from IN_FLIGHT in tests/deploy.rs: {now_defined:?}"
     );
 }
 
