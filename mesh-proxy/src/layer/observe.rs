@@ -221,6 +221,7 @@ mod tests {
                 peer: "127.0.0.1:1".parse().unwrap(),
                 protocol: "grpc",
                 principal: principal.map(http::HeaderValue::from_static),
+                trace_id: None,
             });
             layer.handle(c).await;
         }
