@@ -36,13 +36,19 @@ fn mesh_file(body: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn up(path: &Path, env: &[(&str, &str)]) -> Output {
+    up_with(path, &[], env)
+}
+
+fn up_with(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(trellis())
         .arg("up")
         .arg("--file")
         .arg(path)
         .arg("--bin-dir")
         .arg(bin_dir())
+        .args(args)
         .envs(env.iter().copied())
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env_remove("RUST_LOG")
         .output()
         .unwrap()
@@ -238,6 +244,36 @@ fn a_service_that_dies_while_starting_is_shown_with_its_last_lines() {
     );
     assert!(all.contains("    cannot open the widget store"), "{all}");
     assert!(processes_under(dir.path()).is_empty());
+}
+
+#[test]
+fn every_process_gets_the_trace_collector_and_the_log_format() {
+    let (dir, path) = mesh_file(
+        "[[service]]\nname = \"telltale\"\ncommand = [\"sh\", \"-c\", \"echo \\\"format=$TRELLIS_LOG_FORMAT otlp=$OTEL_EXPORTER_OTLP_ENDPOINT\\\" >&2; exit 3\"]\n",
+    );
+    let out = up_with(
+        &path,
+        &["--traces", "http://127.0.0.1:4999", "--log-format", "json"],
+        &[],
+    );
+    let all = text(&out);
+    assert!(
+        all.contains("exporting traces to http://127.0.0.1:4999"),
+        "{all}"
+    );
+    assert!(
+        all.contains("    format=json otlp=http://127.0.0.1:4999"),
+        "{all}"
+    );
+    assert!(processes_under(dir.path()).is_empty());
+
+    let out = up_with(&path, &["--traces", "127.0.0.1:4317"], &[]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(
+        all.contains("give `jaeger` (to start Jaeger's all-in-one binary) or a collector's"),
+        "{all}"
+    );
 }
 
 #[test]

@@ -80,6 +80,19 @@ pub struct UpArgs {
     /// OTLP/gRPC collector (`http://127.0.0.1:4317`).
     #[arg(long, value_name = "jaeger|URL")]
     pub traces: Option<String>,
+    /// Every process's log lines: `text` (human-readable) or `json` (one
+    /// object a line, with the call's trace id inside a call).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How the mesh's processes write their logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line (`TRELLIS_LOG_FORMAT=json`).
+    Json,
 }
 
 /// Runs `trellis up`; returns the process's exit status.
@@ -257,6 +270,10 @@ async fn up(args: UpArgs) -> i32 {
         base_env: [
             quiet_logs(),
             traces.as_ref().map(traces::Traces::env).unwrap_or_default(),
+            match args.log_format {
+                LogFormat::Json => vec![("TRELLIS_LOG_FORMAT".to_owned(), "json".to_owned())],
+                LogFormat::Text => Vec::new(),
+            },
         ]
         .concat(),
         traces,
