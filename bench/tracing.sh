@@ -76,9 +76,17 @@ wait_port "$echo_port" "$work/echo.log"
 sink_port=$(port)
 start sink "$bin/otlp-sink" --listen "127.0.0.1:$sink_port"
 wait_port "$sink_port" "$work/sink.log"
-# The "down" variant's collector: a port nothing listens on (checked at
-# the end).
-closed_port=$(port)
+# The "down" variant's collector: a port bound and held by a socket that
+# never listens, so connecting is refused and no other process can take
+# the port during the run (checked again at the end).
+python3 -c 'import socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+time.sleep(1e9)' >"$work/closed-port" &
+pids+=($!)
+for _ in $(seq 1 50); do [ -s "$work/closed-port" ] && break; sleep 0.1; done
+closed_port=$(cat "$work/closed-port")
 
 variants=(off 0% 1% 100% down)
 # The environment of each variant's proxies.
@@ -183,7 +191,9 @@ sed 's/^/    /' "$work/vmstat.log"
 sleep 6
 echo
 echo "spans by proxy (/metrics, warm-up and first calls included):"
-printf '  %-12s %10s %10s %12s %14s\n' proxy "calls OK" exported "queue_full" "export_failed"
+echo "(ctx switches/call: voluntary + involuntary context switches of all the proxy's"
+echo "threads since it started, per call it answered: wake-ups between threads)"
+printf '  %-12s %10s %10s %12s %14s %18s\n' proxy "calls OK" exported "queue_full" "export_failed" "ctx switches/call"
 exported_sum=0
 for v in "${variants[@]}"; do
   for side in client server hop; do
@@ -202,7 +212,9 @@ for v in "${variants[@]}"; do
     queue_full=$(value 'trellis_proxy_spans_dropped_total{reason="queue_full"}')
     export_failed=$(value 'trellis_proxy_spans_dropped_total{reason="export_failed"}')
     exported_sum=$((exported_sum + exported))
-    printf '  %-12s %10s %10s %12s %14s\n' "$name" "$ok" "$exported" "$queue_full" "$export_failed"
+    switches=$(cat /proc/"${pid_of[$name]}"/task/*/status 2>/dev/null | awk '/ctxt_switches:/ { s += $2 } END { print s + 0 }')
+    per_call=$(awk -v s="$switches" -v n="$ok" 'BEGIN { printf "%.2f", n ? s / n : 0 }')
+    printf '  %-12s %10s %10s %12s %14s %18s\n' "$name" "$ok" "$exported" "$queue_full" "$export_failed" "$per_call"
     if [ "$failed" != 0 ]; then
       echo "  $name: $failed calls answered with another status than OK:"
       echo "$metrics" | grep '^trellis_proxy_requests_total' | grep -v 'grpc_status="OK"' | sed 's/^/    /'
