@@ -12,7 +12,8 @@
 //! throughput and latency at saturation, then an open loop at a fixed rate
 //! for latency at a moderate load, then streaming calls back to back for
 //! messages per second: the cost of a proxy per message of a long-lived
-//! stream, apart from its cost per call. The CPU time (utime + stime) and
+//! stream, apart from its cost per call. The CPU time (utime + stime, or
+//! with `--cpu-clock schedstat` the threads' exact time on CPU) and
 //! resident memory of the processes named with `--proc` are read from /proc
 //! around every run.
 //!
@@ -105,6 +106,14 @@ struct Args {
     /// Clock ticks per second of /proc/<pid>/stat (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100)]
     clk_tck: u64,
+    /// How CPU time is read: `ticks`, utime + stime of /proc/<pid>/stat
+    /// (clock ticks, sampled: a 3 s run resolves a few hundred of them), or
+    /// `schedstat`, the time on CPU of each thread in
+    /// /proc/<pid>/task/*/schedstat (nanoseconds, exact; the time of a
+    /// thread that exits during a run is lost, which the proxies' fixed
+    /// threads never do).
+    #[arg(long, default_value = "ticks", value_parser = ["ticks", "schedstat"])]
+    cpu_clock: String,
 }
 
 /// One address to load and the measured processes on its path.
@@ -150,6 +159,30 @@ fn parse_proc(text: &str) -> Result<Proc, String> {
             .parse()
             .map_err(|e| format!("{text:?}: bad pid ({e})"))?,
     })
+}
+
+/// The CPU time of a process (all its threads) in nanoseconds, from
+/// schedstat or from its clock ticks (`clk_tck` per second).
+fn cpu_ns(pid: &str, schedstat: bool, clk_tck: u64) -> anyhow::Result<u64> {
+    if !schedstat {
+        return Ok(cpu_ticks(pid)? * 1_000_000_000 / clk_tck.max(1));
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let mut total = 0;
+    for task in tasks {
+        let path = task?.path().join("schedstat");
+        // A thread may end between the listing and the read.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .with_context(|| format!("unexpected {}: {text:?}", path.display()))?;
+    }
+    Ok(total)
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.
@@ -444,22 +477,27 @@ struct Run {
 struct Meter<'a> {
     procs: &'a [Proc],
     clk_tck: u64,
+    schedstat: bool,
 }
 
+/// CPU time so far in nanoseconds, by --proc index, and of this process.
 struct Snapshot {
-    ticks: Vec<u64>,
+    ns: Vec<u64>,
     own: u64,
 }
 
 impl Meter<'_> {
     fn snapshot(&self) -> anyhow::Result<Snapshot> {
         Ok(Snapshot {
-            ticks: self
+            ns: self
                 .procs
                 .iter()
-                .map(|p| cpu_ticks(&p.pid.to_string()).with_context(|| p.name.clone()))
+                .map(|p| {
+                    cpu_ns(&p.pid.to_string(), self.schedstat, self.clk_tck)
+                        .with_context(|| p.name.clone())
+                })
                 .collect::<anyhow::Result<_>>()?,
-            own: cpu_ticks("self")?,
+            own: cpu_ns("self", self.schedstat, self.clk_tck)?,
         })
     }
 
@@ -473,9 +511,8 @@ impl Meter<'_> {
         elapsed: Duration,
     ) -> anyhow::Result<Run> {
         let after = self.snapshot()?;
-        let us_per_tick = 1e6 / self.clk_tck as f64;
         let units = outcome.ok * messages_per_call;
-        let per_unit = |b: u64, a: u64| (a - b) as f64 * us_per_tick / units.max(1) as f64;
+        let per_unit = |b: u64, a: u64| a.saturating_sub(b) as f64 / 1e3 / units.max(1) as f64;
         Ok(Run {
             rate: units as f64 / elapsed.as_secs_f64(),
             p50_us: outcome.quantile_us(0.5),
@@ -483,9 +520,9 @@ impl Meter<'_> {
             calls: outcome.ok,
             errors: outcome.error_count(),
             cpu_us: before
-                .ticks
+                .ns
                 .iter()
-                .zip(&after.ticks)
+                .zip(&after.ns)
                 .map(|(b, a)| per_unit(*b, *a))
                 .collect(),
             rss_mib: self
@@ -493,8 +530,8 @@ impl Meter<'_> {
                 .iter()
                 .map(|p| memory_mib(p.pid, "VmRSS:"))
                 .collect::<anyhow::Result<_>>()?,
-            loadgen_cores: (after.own - before.own) as f64 * us_per_tick
-                / 1e6
+            loadgen_cores: after.own.saturating_sub(before.own) as f64
+                / 1e9
                 / elapsed.as_secs_f64(),
         })
     }
@@ -620,6 +657,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let meter = Meter {
         procs: &args.procs,
         clk_tck: args.clk_tck,
+        schedstat: args.cpu_clock == "schedstat",
     };
 
     println!(
