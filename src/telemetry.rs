@@ -91,7 +91,7 @@ impl Drop for Telemetry {
 /// ([`RPC_TARGET`]) are exported through `tracing-opentelemetry`, and
 /// W3C trace context is the propagator.
 pub fn init_traced(service: &str, default_filter: &str) -> Telemetry {
-    let provider = provider(service);
+    let provider = provider(service, Sampling::from_env().sampler());
     if let Some(provider) = &provider {
         opentelemetry::global::set_tracer_provider(provider.clone());
         opentelemetry::global::set_text_map_propagator(
@@ -295,19 +295,22 @@ impl ExportSettings {
 }
 
 /// A tracer provider exporting the spans of `service` to the collector
-/// the environment names, or `None` when it names none.
-pub fn provider(service: &str) -> Option<SdkTracerProvider> {
+/// the environment names, or `None` when it names none. `sampler` decides
+/// which spans are recorded: [`Sampling::sampler`] for code that leaves
+/// the decision to the SDK, `Sampler::AlwaysOn` for code that has made
+/// it already (the proxy: a second decision would record the square of
+/// the ratio, and pass on a sampled flag for spans never exported).
+pub fn provider(service: &str, sampler: Sampler) -> Option<SdkTracerProvider> {
     let settings = ExportSettings::from_env()?;
-    let sampling = Sampling::from_env();
     let resource = Resource::builder()
         .with_service_name(service.to_owned())
         .build();
     let processor = BoundedExport::start(settings.clone(), resource.clone());
-    tracing::info!(endpoint = %settings.endpoint, ?sampling, "exporting traces (OTLP/gRPC)");
+    tracing::info!(endpoint = %settings.endpoint, ?sampler, "exporting traces (OTLP/gRPC)");
     Some(
         SdkTracerProvider::builder()
             .with_resource(resource)
-            .with_sampler(sampling.sampler())
+            .with_sampler(sampler)
             .with_span_processor(processor)
             .build(),
     )

@@ -81,7 +81,12 @@ impl TraceParent {
         text[52] = b'-';
         text[53] = b'0';
         text[54] = if self.sampled { b'1' } else { b'0' };
-        HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
+        let mut value =
+            HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value");
+        // New on every call: HTTP/2 would add each one to its header
+        // table, evicting the values that do repeat (HPACK never-indexed).
+        value.set_sensitive(true);
+        value
     }
 
     /// The trace id as 32 lower-case hex digits (for log lines).

@@ -131,10 +131,15 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
 
     // Spans go to the collector the OTEL_* variables name, if any, under
     // `<service>-proxy` (or the edge's own name for a standalone edge).
-    let traces = trellis::telemetry::provider(&match args.app {
-        Some(_) => format!("{service}-proxy"),
-        None => service.clone(),
-    });
+    // The trace layer decides what is recorded; the SDK records what it
+    // is given.
+    let traces = trellis::telemetry::provider(
+        &match args.app {
+            Some(_) => format!("{service}-proxy"),
+            None => service.clone(),
+        },
+        opentelemetry_sdk::trace::Sampler::AlwaysOn,
+    );
     if let Some(provider) = &traces {
         layer::trace::install(provider, trellis::telemetry::Sampling::from_env());
     }
