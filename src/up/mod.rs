@@ -1200,7 +1200,7 @@ fn banner(
     let status_flags = status_flags(cx, plan);
     let trellis = trellis_command(cx.root);
     out.push_str(&format!(
-        "\nWhat is running, from the registry:\n  {trellis} status{status_flags}\n\n\
+        "\nWhat is running, from the registry, and its calls live (rates, success, latency):\n  {trellis} status{status_flags}\n  {trellis} top{status_flags}\n\n\
          Through the edge, with no .proto files (reflection for the whole mesh):\n\
          \x20 grpcurl -plaintext {host} list\n\
          \x20 grpcurl -plaintext {host} describe <service>\n\
