@@ -44,6 +44,21 @@ pub fn exit_with(program: &str, error: &dyn std::fmt::Display) -> ! {
     std::process::exit(2)
 }
 
+/// Runs a command's `future` on a runtime of its own and returns its exit
+/// status; 2, with a message, when no runtime can be had.
+pub fn on_runtime(program: &str, future: impl std::future::Future<Output = i32>) -> i32 {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(future),
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            2
+        }
+    }
+}
+
 /// Parses a duration with its unit, as flags take them: `750ms`, `5s`, `2m`.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(text)

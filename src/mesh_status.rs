@@ -157,16 +157,7 @@ impl StatusArgs {
 /// is registered), 2 on an error (bad identity, registry unreachable).
 /// From inside a Tokio runtime, use [`command`] instead.
 pub fn main(args: StatusArgs) -> i32 {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime.block_on(command(args)),
-        Err(e) => {
-            eprintln!("{PROGRAM}: cannot start the async runtime: {e}");
-            2
-        }
-    }
+    crate::cli::on_runtime(PROGRAM, command(args))
 }
 
 /// [`main`] for a caller already on a Tokio runtime.

@@ -102,17 +102,7 @@ pub async fn serve(listener: TcpListener, scrape: Scrape, limit: ConnectionLimit
     // Owned here: when the admin port stops, so do its connections.
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(error) => {
-                // EMFILE and the like: retrying at once would spin.
-                let wait = backoff.failed();
-                tracing::warn!(listener = "admin", %error, wait_ms = wait.as_millis() as u64, "accept failed; waiting before the next try");
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-        };
-        backoff.succeeded();
+        let tcp = backoff.accept(&listener, "admin").await;
         // Past the cap the connection is dropped, which closes it.
         let Some(permit) = limit.try_admit() else {
             continue;

@@ -299,6 +299,24 @@ impl AcceptBackoff {
     pub fn succeeded(&mut self) {
         self.next = Self::FIRST;
     }
+
+    /// The next connection on `listener` (named `name` in the log), each
+    /// failure before it logged and waited out.
+    pub async fn accept(&mut self, listener: &TcpListener, name: &str) -> tokio::net::TcpStream {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    self.succeeded();
+                    return tcp;
+                }
+                Err(error) => {
+                    let wait = self.failed();
+                    tracing::warn!(listener = name, %error, wait_ms = wait.as_millis() as u64, "accept failed; waiting before the next try");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
 }
 
 impl Default for AcceptBackoff {

@@ -116,16 +116,7 @@ impl TopArgs {
 /// Ctrl-C), 1 when `--service` matches no registered instance, 2 on an
 /// error (bad identity, registry unreachable).
 pub fn main(args: TopArgs) -> i32 {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime.block_on(command(args)),
-        Err(e) => {
-            eprintln!("{PROGRAM}: cannot start the async runtime: {e}");
-            2
-        }
-    }
+    crate::cli::on_runtime(PROGRAM, command(args))
 }
 
 /// [`main`] for a caller already on a Tokio runtime.

@@ -27,17 +27,7 @@ pub async fn serve(listener: TcpListener, ready: ReadyCheck, max_connections: us
     let mut backoff = trellis::server::AcceptBackoff::new();
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(error) => {
-                // EMFILE and the like: retrying at once would spin.
-                let wait = backoff.failed();
-                tracing::warn!(listener = "admin", %error, wait_ms = wait.as_millis() as u64, "accept failed; waiting before the next try");
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-        };
-        backoff.succeeded();
+        let tcp = backoff.accept(&listener, "admin").await;
         let Some(permit) = limit.try_admit() else {
             metrics::get().connection_refused("admin");
             continue;

@@ -96,7 +96,6 @@ impl<S> Trace<S> {
     /// Fixes the context the call carries on, and starts its span if it
     /// is recorded.
     fn begin<R: CarriesCall>(&self, request: &mut R) -> Option<CallEnd> {
-        let peer = request.peer_identity().map(str::to_owned);
         let call = request.call_mut();
         let incoming = TraceParent::from_headers(&call.headers);
         if incoming.is_none() && call.headers.contains_key(TRACEPARENT) {
@@ -113,8 +112,8 @@ impl<S> Trace<S> {
             call.headers.remove(TRACESTATE);
         }
         let Some(tracing) = TRACING.get() else {
-            if let (Some(access), Some(incoming)) = (call.access.as_mut(), incoming) {
-                access.trace_id = Some(incoming.trace_id.to_be_bytes());
+            if let Some(incoming) = incoming {
+                in_access_log(call, incoming.trace_id);
             }
             return None;
         };
@@ -125,11 +124,12 @@ impl<S> Trace<S> {
                 sampled: false,
             };
             call.headers.insert(TRACEPARENT, context.header());
-            if let Some(access) = call.access.as_mut() {
-                access.trace_id = Some(context.trace_id.to_be_bytes());
-            }
+            in_access_log(call, context.trace_id);
             return None;
         }
+        // Only a recorded call pays for naming its peer.
+        let peer = request.peer_identity().map(str::to_owned);
+        let call = request.call_mut();
         let parent = match incoming {
             Some(p) => Context::new().with_remote_span_context(SpanContext::new(
                 TraceId::from(p.trace_id),
@@ -173,9 +173,7 @@ impl<S> Trace<S> {
             sampled: true,
         };
         call.headers.insert(TRACEPARENT, context.header());
-        if let Some(access) = call.access.as_mut() {
-            access.trace_id = Some(context.trace_id.to_be_bytes());
-        }
+        in_access_log(call, context.trace_id);
         let recorded = Arc::new(CallSpan {
             span: Mutex::new(Some(span)),
             side: self.side,
@@ -183,6 +181,13 @@ impl<S> Trace<S> {
         });
         call.trace = Some(recorded.clone());
         Some(CallEnd::new(recorded, call.started))
+    }
+}
+
+/// Names the trace in the edge's access-log line (edge calls only).
+fn in_access_log(call: &mut super::Call, trace_id: u128) {
+    if let Some(access) = call.access.as_mut() {
+        access.trace_id = Some(trace_id.to_be_bytes());
     }
 }
 
