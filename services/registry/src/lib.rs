@@ -5,9 +5,11 @@
 
 pub mod config;
 pub mod contracts;
+pub mod etcd;
 pub mod metrics;
 pub mod quota;
 pub mod registry;
+pub mod replicated;
 pub mod store;
 pub mod validate;
 

@@ -12,6 +12,9 @@ use trellis_registry::config::{ConfigApi, ConfigStore};
 use trellis_registry::metrics::RegistryMetrics;
 use trellis_registry::quota::{Quotas, parse_bytes};
 use trellis_registry::registry::{MeshScope, Registry, RegistryApi};
+use trellis_registry::etcd::StoreUrl;
+use trellis_registry::registry::Availability;
+use trellis_registry::replicated::Replicated;
 use trellis_registry::store::Store;
 
 const PROGRAM: &str = "trellis-registry";
@@ -47,8 +50,14 @@ struct Args {
     /// Directory keeping the registry's state (instances and their leases,
     /// gRPC service name owners, contracts, the revision) across restarts,
     /// in `registry.state`. Without it the state lives in memory only.
-    #[arg(long, env = "TRELLIS_REGISTRY_STATE_DIR")]
+    #[arg(long, env = "TRELLIS_REGISTRY_STATE_DIR", conflicts_with = "store")]
     state_dir: Option<PathBuf>,
+    /// Keep the mesh in etcd instead, shared by every registry replica
+    /// given the same store: `etcd://host:port[,host:port...][/prefix]`
+    /// (prefix default `/trellis`). Replicas then hold no state of their
+    /// own; one that cannot reach etcd reports NOT_SERVING.
+    #[arg(long, env = "TRELLIS_REGISTRY_STORE", value_name = "URL", value_parser = StoreUrl::parse)]
+    store: Option<StoreUrl>,
     /// Most instances one identity may have registered at once.
     #[arg(long, env = "TRELLIS_REGISTRY_MAX_INSTANCES_PER_IDENTITY", default_value_t = Quotas::DEFAULT.instances)]
     max_instances_per_identity: usize,
@@ -91,12 +100,20 @@ async fn main() {
     };
     quotas.check().unwrap_or_else(|e| exit_with(PROGRAM, &e));
     let read_only = args.read_only.iter().filter(|s| !s.is_empty()).cloned();
-    let registry = match &args.state_dir {
-        Some(dir) => Store::open(dir)
+    let mut replicated = None;
+    let registry = match (&args.state_dir, &args.store) {
+        (Some(dir), _) => Store::open(dir)
             .and_then(|store| Registry::durable(scope, read_only, quotas, store))
             .unwrap_or_else(|e| exit_with(PROGRAM, &format!("--state-dir {e}"))),
-        None => {
-            tracing::info!("no --state-dir: the registry's state lives in memory only");
+        (None, Some(url)) => {
+            let registry = Registry::new(scope.clone(), read_only, quotas);
+            let r = Replicated::new(registry.clone(), &scope, url)
+                .unwrap_or_else(|e| exit_with(PROGRAM, &format!("--store {e}")));
+            replicated = Some(r);
+            registry
+        }
+        (None, None) => {
+            tracing::info!("no --state-dir or --store: the registry's state lives in memory only");
             Registry::new(scope, read_only, quotas)
         }
     };
@@ -119,24 +136,51 @@ async fn main() {
         None => None,
     };
 
-    let expiry = registry.spawn_expiry();
+    // etcd expires its own leases; the feed keeps the view in step.
+    let expiry = match &replicated {
+        Some(r) => r.spawn_feed(),
+        None => registry.spawn_expiry(),
+    };
     let persist = registry.spawn_persist();
     let _config_watch = config.spawn_watcher();
     let (router, health) = trellis::server::standard_router();
-    health
-        .set_serving::<RegistryServiceServer<RegistryApi>>()
-        .await;
-    health.set_serving::<ConfigServiceServer<ConfigApi>>().await;
+    // Serving while the view may be served: always with the embedded
+    // store, with etcd only while in step with it.
+    let mut availability = registry.availability();
+    let _health = tokio::spawn(async move {
+        loop {
+            let serving = *availability.borrow_and_update() == Availability::Serving;
+            if serving {
+                health
+                    .set_serving::<RegistryServiceServer<RegistryApi>>()
+                    .await;
+                health.set_serving::<ConfigServiceServer<ConfigApi>>().await;
+            } else {
+                health
+                    .set_not_serving::<RegistryServiceServer<RegistryApi>>()
+                    .await;
+                health
+                    .set_not_serving::<ConfigServiceServer<ConfigApi>>()
+                    .await;
+            }
+            if availability.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let api = match &replicated {
+        Some(r) => RegistryApi::replicated(r.clone()),
+        None => RegistryApi::new(registry.clone()),
+    };
     let router = router
-        .add_service(RegistryServiceServer::new(RegistryApi::new(
-            registry.clone(),
-        )))
+        .add_service(RegistryServiceServer::new(api))
         .add_service(ConfigServiceServer::new(ConfigApi::new(config.clone())));
     tracing::info!(
         addr = %args.listen,
         identity = %workload.id(),
         config_dir = %args.config_dir.display(),
         state_dir = %args.state_dir.as_deref().map_or("(in memory)".into(), |d| d.display().to_string()),
+        store = %args.store.as_ref().map_or("(embedded)".into(), ToString::to_string),
         "registry listening"
     );
     let served = trellis::server::run_until_signal("registry", args.grace, |drain| async {

@@ -27,6 +27,7 @@ use trellis::tls::peer_identity;
 
 use crate::contracts::Contract;
 use crate::quota::{self, Quotas, WatchPermit, Watches};
+use crate::replicated::Replicated;
 use crate::store::{Store, StoreError, StoredContract, StoredInstance, StoredState};
 use crate::{proto_duration, validate};
 
@@ -45,22 +46,40 @@ pub const PERSIST_DELAY: Duration = Duration::from_millis(100);
 /// instance most of its lease (sidecars renew every third of it).
 pub const PERSIST_RENEWALS_DELAY: Duration = Duration::from_secs(1);
 
-/// One change, as published to watchers.
+/// What is published to watchers.
 #[derive(Debug)]
-pub struct Change {
-    revision: u64,
-    kind: WatchEventKind,
-    reason: RemovalReason,
-    instance: pb::Instance,
+pub enum Change {
+    /// One instance changed.
+    Instance {
+        /// The revision of the change.
+        revision: u64,
+        /// Upsert or remove.
+        kind: WatchEventKind,
+        /// Why a removed instance went.
+        reason: RemovalReason,
+        /// The instance, as it is now (or was, removed).
+        instance: pb::Instance,
+    },
+    /// The view was replaced whole (the store was read again): every
+    /// watcher is sent a fresh snapshot.
+    Resync,
+    /// The store is lost: every watch ends with UNAVAILABLE, so proxies
+    /// turn to a replica that still has it.
+    Lost(String),
 }
 
-#[derive(Debug)]
-struct Entry {
-    instance: pb::Instance,
-    owner: SpiffeId,
-    lease_id: String,
-    ttl: Duration,
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) instance: pb::Instance,
+    pub(crate) owner: SpiffeId,
+    pub(crate) lease_id: String,
+    pub(crate) ttl: Duration,
+    /// When the lease runs out (the embedded store's leases only: etcd
+    /// expires its own).
     expires: Instant,
+    /// With etcd: the instance key's last modification, and its lease.
+    pub(crate) mod_revision: i64,
+    pub(crate) etcd_lease: i64,
 }
 
 /// Where the mesh's workloads live. Only IDs of the form
@@ -255,6 +274,21 @@ pub struct Registry {
     watches: Arc<Watches>,
     persist: Option<Persist>,
     counts: Counts,
+    /// Whether the registry may answer from its view (always, with the
+    /// embedded store; with etcd, only while it is in step with etcd).
+    available: watch::Sender<Availability>,
+    /// With etcd: where instances that serve a name config declares for
+    /// another service are sent, to be removed from etcd (by lease).
+    usurpers: std::sync::OnceLock<mpsc::Sender<Vec<i64>>>,
+}
+
+/// Whether the registry's view may be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Availability {
+    /// In step with its store.
+    Serving,
+    /// Not (yet, or no longer) in step with its store: why.
+    Unavailable(String),
 }
 
 /// What has happened since the registry started, for its metrics.
@@ -302,8 +336,39 @@ struct Dirty {
     urgent: bool,
 }
 
-fn random_id(prefix: &str) -> String {
+pub(crate) fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// A registration whose fields and caller were checked.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) req: pb::RegisterRequest,
+    pub(crate) ttl: Duration,
+    pub(crate) contract: Option<Arc<Contract>>,
+}
+
+/// The instance a checked registration creates.
+pub(crate) fn new_instance(
+    caller: &SpiffeId,
+    instance_id: String,
+    req: pb::RegisterRequest,
+    ttl: Duration,
+) -> pb::Instance {
+    let now = SystemTime::now();
+    pb::Instance {
+        instance_id,
+        service: req.service,
+        version: req.version,
+        zone: req.zone,
+        address: req.address,
+        grpc_services: req.grpc_services,
+        metadata: req.metadata,
+        health: req.health,
+        identity: caller.to_string(),
+        registered_at: Some(prost_types::Timestamp::from(now)),
+        lease_expires_at: Some(prost_types::Timestamp::from(now + ttl)),
+    }
 }
 
 impl Registry {
@@ -388,6 +453,8 @@ impl Registry {
             watches: Watches::new(quotas.watches),
             persist,
             counts: Counts::default(),
+            available: watch::channel(Availability::Serving).0,
+            usurpers: std::sync::OnceLock::new(),
         }
     }
 
@@ -435,6 +502,8 @@ impl Registry {
                     ttl,
                     // A lease never outlasts its ttl, whatever the clock did.
                     expires: monotonic + left.min(ttl),
+                    mod_revision: 0,
+                    etcd_lease: 0,
                 },
             );
             kept += 1;
@@ -628,8 +697,21 @@ impl Registry {
         reason: RemovalReason,
         instance: pb::Instance,
     ) -> u64 {
-        state.revision += 1;
-        let change = Arc::new(Change {
+        let revision = state.revision + 1;
+        self.publish_at(state, revision, kind, reason, instance)
+    }
+
+    /// Publishes a change made at `revision` (with etcd, the change's own).
+    fn publish_at(
+        &self,
+        state: &mut State,
+        revision: u64,
+        kind: WatchEventKind,
+        reason: RemovalReason,
+        instance: pb::Instance,
+    ) -> u64 {
+        state.revision = state.revision.max(revision);
+        let change = Arc::new(Change::Instance {
             revision: state.revision,
             kind,
             reason,
@@ -702,6 +784,17 @@ impl Registry {
             })
             .map(|(id, _)| id.clone())
             .collect();
+        if let Some(remover) = self.usurpers.get() {
+            // With etcd the instances go from etcd, and so from every view.
+            let leases: Vec<i64> = usurpers
+                .iter()
+                .filter_map(|id| state.instances.get(id).map(|e| e.etcd_lease))
+                .collect();
+            if !leases.is_empty() && remover.try_send(leases).is_err() {
+                tracing::warn!("instances serving names config declares for another service are not removed yet: the removal queue is full; the next config change tries again");
+            }
+            return;
+        }
         for id in &usurpers {
             let revision = self.remove(&mut state, id, RemovalReason::Unspecified);
             tracing::warn!(instance.id = %id, revision, "instance removed: it serves a gRPC service config now declares for another mesh service");
@@ -818,12 +911,14 @@ impl Registry {
         Ok(())
     }
 
-    /// Registers an instance for `caller`.
-    pub fn register(
+    /// Checks a registration's fields and the caller's right to make it
+    /// (everything but name ownership and quotas, which depend on the
+    /// state), and parses its contract.
+    pub(crate) fn prepare(
         &self,
         caller: &SpiffeId,
         req: pb::RegisterRequest,
-    ) -> Result<pb::RegisterResponse, Status> {
+    ) -> Result<Prepared, Status> {
         let mut violations = FieldViolations::new();
         if let Err(e) = validate::service_name(&req.service) {
             violations.add("service", e);
@@ -900,28 +995,46 @@ impl Registry {
                 .map_err(|e| trellis::status::invalid_field(&e.field, &e.reason))?;
             Some(Arc::new(contract))
         };
+        Ok(Prepared { req, ttl, contract })
+    }
 
+    /// Refuses names another identity owns, and registrations over quota,
+    /// as the view stands now; returns the names whose claim is new (not
+    /// held by `service` already).
+    pub(crate) fn check_claims(
+        &self,
+        caller: &SpiffeId,
+        service: &str,
+        grpc: &[String],
+    ) -> Result<Vec<NewClaim>, Status> {
+        let state = self.lock();
+        self.check_owned(&state, caller, service, grpc)?;
+        self.check_quotas(&state, caller, service, grpc)?;
+        Ok(grpc
+            .iter()
+            .filter(|g| state.claims.get(*g).is_none_or(|s| s != service))
+            .map(|g| NewClaim {
+                name: g.clone(),
+                declared: state.declared.contains_key(g),
+            })
+            .collect())
+    }
+
+    /// Registers an instance for `caller`.
+    pub fn register(
+        &self,
+        caller: &SpiffeId,
+        req: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse, Status> {
+        let Prepared { req, ttl, contract } = self.prepare(caller, req)?;
         let mut state = self.lock();
         self.check_owned(&state, caller, &req.service, &req.grpc_services)?;
         self.check_quotas(&state, caller, &req.service, &req.grpc_services)?;
         let instance_id = random_id(&req.service);
         let lease_id = random_id("lease");
-        let now = SystemTime::now();
-        let instance = pb::Instance {
-            instance_id: instance_id.clone(),
-            service: req.service.clone(),
-            version: req.version,
-            zone: req.zone,
-            address: req.address,
-            grpc_services: req.grpc_services,
-            metadata: req.metadata,
-            health: req.health,
-            identity: caller.to_string(),
-            registered_at: Some(prost_types::Timestamp::from(now)),
-            lease_expires_at: Some(prost_types::Timestamp::from(now + ttl)),
-        };
+        let instance = new_instance(caller, instance_id.clone(), req, ttl);
         if let Some(contract) = contract {
-            state.contracts.insert(req.service.clone(), contract);
+            state.contracts.insert(instance.service.clone(), contract);
             self.contracts_version.send_modify(|v| *v += 1);
         }
         state.instances.insert(
@@ -932,6 +1045,8 @@ impl Registry {
                 lease_id: lease_id.clone(),
                 ttl,
                 expires: Instant::now() + ttl,
+                mod_revision: 0,
+                etcd_lease: 0,
             },
         );
         state.leases.insert(lease_id.clone(), instance_id.clone());
@@ -1063,6 +1178,17 @@ impl Registry {
     }
 
     fn remove(&self, state: &mut State, instance_id: &str, reason: RemovalReason) -> u64 {
+        let revision = state.revision + 1;
+        self.remove_at(state, instance_id, reason, revision)
+    }
+
+    fn remove_at(
+        &self,
+        state: &mut State,
+        instance_id: &str,
+        reason: RemovalReason,
+        revision: u64,
+    ) -> u64 {
         let Some(entry) = state.instances.remove(instance_id) else {
             return state.revision;
         };
@@ -1074,7 +1200,13 @@ impl Registry {
         if last && state.contracts.remove(&entry.instance.service).is_some() {
             self.contracts_version.send_modify(|v| *v += 1);
         }
-        self.publish(state, WatchEventKind::Remove, reason, entry.instance)
+        self.publish_at(
+            state,
+            revision,
+            WatchEventKind::Remove,
+            reason,
+            entry.instance,
+        )
     }
 
     /// Removes every instance whose lease has run out; returns how many.
@@ -1244,7 +1376,8 @@ impl Registry {
         tokio::spawn(async move {
             // Held while the stream is served.
             let _permit = permit;
-            let mut seen = first.revision;
+            // Changes up to the last snapshot's revision are in it.
+            let mut floor = first.revision;
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -1253,22 +1386,38 @@ impl Registry {
                     r = rx.recv() => r,
                     () = tx.closed() => return,
                 };
-                let response = match received {
-                    Ok(change) => {
-                        if change.revision <= seen
+                let response = match received.as_deref() {
+                    Ok(Change::Instance {
+                        revision,
+                        kind,
+                        reason,
+                        instance,
+                    }) => {
+                        if *revision <= floor
                             || !(targets.is_empty()
-                                || targets.iter().any(|t| State::serves(&change.instance, t)))
+                                || targets.iter().any(|t| State::serves(instance, t)))
                         {
                             continue;
                         }
-                        seen = change.revision;
                         pb::WatchResponse {
-                            revision: change.revision,
-                            kind: change.kind as i32,
-                            instances: vec![change.instance.clone()],
-                            removal_reason: change.reason as i32,
+                            revision: *revision,
+                            kind: *kind as i32,
+                            instances: vec![instance.clone()],
+                            removal_reason: *reason as i32,
                             resync: false,
                         }
+                    }
+                    Ok(Change::Lost(why)) => {
+                        let _ = tx.send(Err(Status::unavailable(why.clone()))).await;
+                        return;
+                    }
+                    Ok(Change::Resync) => {
+                        let Some(registry) = registry.upgrade() else {
+                            return;
+                        };
+                        let snapshot = Self::snapshot(&registry.lock(), &targets, true);
+                        floor = snapshot.revision;
+                        snapshot
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         let Some(registry) = registry.upgrade() else {
@@ -1280,7 +1429,7 @@ impl Registry {
                             revision = snapshot.revision,
                             "slow watcher resynced"
                         );
-                        seen = snapshot.revision;
+                        floor = snapshot.revision;
                         snapshot
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -1291,6 +1440,239 @@ impl Registry {
             }
         });
         Ok(ReceiverStream::new(out))
+    }
+}
+
+impl Entry {
+    /// An instance as a replicated store holds it.
+    pub(crate) fn stored(
+        instance: pb::Instance,
+        owner: SpiffeId,
+        lease_id: String,
+        ttl: Duration,
+        mod_revision: i64,
+        etcd_lease: i64,
+    ) -> Self {
+        Self {
+            instance,
+            owner,
+            lease_id,
+            ttl,
+            // Unused: etcd expires its own leases.
+            expires: Instant::now() + ttl,
+            mod_revision,
+            etcd_lease,
+        }
+    }
+}
+
+/// A gRPC service name a registration claims for the first time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NewClaim {
+    pub(crate) name: String,
+    /// Config declares it for the registering service: no earlier claim
+    /// stands against it.
+    pub(crate) declared: bool,
+}
+
+/// One change read from a replicated store, applied to the view.
+#[derive(Debug)]
+pub(crate) enum ViewEvent {
+    /// An instance was written (registered, or its health changed).
+    Instance {
+        revision: u64,
+        entry: Box<Entry>,
+    },
+    /// An instance key went.
+    Removed {
+        revision: u64,
+        instance_id: String,
+        reason: RemovalReason,
+    },
+    /// A gRPC service name was claimed by a mesh service.
+    Claim { grpc: String, service: String },
+    /// A mesh service's contract was written.
+    Contract {
+        service: String,
+        contract: Arc<Contract>,
+    },
+}
+
+/// The view of a replicated store (etcd): what the store holds, applied in
+/// its order, under the same lock and publishing as the embedded store.
+impl Registry {
+    /// Follows whether the registry may serve its view.
+    pub fn availability(&self) -> watch::Receiver<Availability> {
+        self.available.subscribe()
+    }
+
+    /// Says whether the view is in step with the store; losing it ends
+    /// every watch, so proxies turn to another replica.
+    pub(crate) fn set_availability(&self, now: Availability) {
+        let lost = match &now {
+            Availability::Unavailable(why) => Some(why.clone()),
+            Availability::Serving => None,
+        };
+        let changed = self.available.send_if_modified(|current| {
+            let changed = *current != now;
+            *current = now;
+            changed
+        });
+        if changed {
+            match lost {
+                Some(why) => {
+                    tracing::warn!(reason = %why, "registry not serving");
+                    let _ = self.changes.send(Arc::new(Change::Lost(why)));
+                }
+                None => tracing::info!("registry serving: in step with its store"),
+            }
+        }
+    }
+
+    /// Starts out not serving (until a replicated store is read).
+    pub(crate) fn start_unavailable(&self, why: String) {
+        self.available.send_replace(Availability::Unavailable(why));
+    }
+
+    /// UNAVAILABLE (with why) when the view may not be served.
+    pub fn check_available(&self) -> Result<(), Status> {
+        match &*self.available.borrow() {
+            Availability::Serving => Ok(()),
+            Availability::Unavailable(why) => Err(Status::unavailable(why.clone())),
+        }
+    }
+
+    /// Where instances serving names config gives another service are
+    /// sent for removal from the store (by lease), instead of being
+    /// removed from this view alone.
+    pub(crate) fn remove_usurpers_with(&self, remover: mpsc::Sender<Vec<i64>>) {
+        let _ = self.usurpers.set(remover);
+    }
+
+    /// The view's revision.
+    pub(crate) fn revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    /// The instance holding lease `lease_id`.
+    pub(crate) fn lease_holder(&self, lease_id: &str) -> Option<Entry> {
+        let state = self.lock();
+        let id = state.leases.get(lease_id)?;
+        state.instances.get(id).cloned()
+    }
+
+    /// Instance `instance_id`, if `caller` registered it.
+    pub(crate) fn owned(&self, caller: &SpiffeId, instance_id: &str) -> Result<Entry, Status> {
+        let mut state = self.lock();
+        Self::owned_entry(&mut state, caller, instance_id).map(|e| e.clone())
+    }
+
+    pub(crate) fn count_registration(&self) {
+        self.counts.registrations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_deregistration(&self) {
+        self.counts.deregistrations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Replaces the view with what the store holds at `revision`, and
+    /// sends every watcher a fresh snapshot.
+    pub(crate) fn replace_view(
+        &self,
+        revision: u64,
+        entries: Vec<Entry>,
+        claims: HashMap<String, String>,
+        contracts: HashMap<String, Arc<Contract>>,
+    ) {
+        let mut state = self.lock();
+        let declared = std::mem::take(&mut state.declared);
+        *state = State {
+            revision,
+            declared,
+            claims,
+            ..State::default()
+        };
+        for entry in entries {
+            state
+                .leases
+                .insert(entry.lease_id.clone(), entry.instance.instance_id.clone());
+            state.index(&entry.instance);
+            state.serve(&entry.instance);
+            state
+                .instances
+                .insert(entry.instance.instance_id.clone(), entry);
+        }
+        // A contract goes with its service's last instance.
+        state.contracts = contracts
+            .into_iter()
+            .filter(|(service, _)| state.per_service.contains_key(service))
+            .collect();
+        self.contracts_version.send_modify(|v| *v += 1);
+        self.serving_changed();
+        let _ = self.changes.send(Arc::new(Change::Resync));
+    }
+
+    /// Applies changes read from the store, in its order.
+    pub(crate) fn apply(&self, events: Vec<ViewEvent>) {
+        let mut state = self.lock();
+        for event in events {
+            match event {
+                ViewEvent::Claim { grpc, service } => {
+                    state.claims.insert(grpc, service);
+                }
+                ViewEvent::Contract { service, contract } => {
+                    state.contracts.insert(service, contract);
+                    self.contracts_version.send_modify(|v| *v += 1);
+                }
+                ViewEvent::Instance { revision, entry } => {
+                    let entry = *entry;
+                    let id = entry.instance.instance_id.clone();
+                    let before = state.instances.remove(&id);
+                    let mut changed = false;
+                    match &before {
+                        Some(old) => {
+                            state.leases.remove(&old.lease_id);
+                            changed |= state.unserve(&old.instance);
+                        }
+                        None => state.index(&entry.instance),
+                    }
+                    changed |= state.serve(&entry.instance);
+                    if changed {
+                        self.serving_changed();
+                    }
+                    state.leases.insert(entry.lease_id.clone(), id.clone());
+                    let instance = entry.instance.clone();
+                    state.instances.insert(id, entry);
+                    self.publish_at(
+                        &mut state,
+                        revision,
+                        WatchEventKind::Upsert,
+                        RemovalReason::Unspecified,
+                        instance,
+                    );
+                }
+                ViewEvent::Removed {
+                    revision,
+                    instance_id,
+                    reason,
+                } => {
+                    if reason == RemovalReason::LeaseExpired
+                        && state.instances.contains_key(&instance_id)
+                    {
+                        self.counts.lease_expiries.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(instance.id = %instance_id, revision, "lease expired; instance removed");
+                    }
+                    self.remove_at(&mut state, &instance_id, reason, revision);
+                }
+            }
+        }
+    }
+
+    /// Moves the view's revision to `revision` (changes outside the
+    /// registry's keys move etcd's revision too).
+    pub(crate) fn advance(&self, revision: u64) {
+        let mut state = self.lock();
+        state.revision = state.revision.max(revision);
     }
 }
 
@@ -1340,12 +1722,32 @@ fn check_metadata(metadata: &HashMap<String, String>, violations: &mut FieldViol
 #[derive(Debug, Clone)]
 pub struct RegistryApi {
     registry: Arc<Registry>,
+    /// With etcd: where writes go (reads are served from the view).
+    replicated: Option<Arc<Replicated>>,
 }
 
 impl RegistryApi {
     /// Serves `registry`.
     pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+        Self {
+            registry,
+            replicated: None,
+        }
+    }
+
+    /// Serves a registry replicated on etcd: writes go to etcd.
+    pub fn replicated(replicated: Arc<Replicated>) -> Self {
+        Self {
+            registry: replicated.registry().clone(),
+            replicated: Some(replicated),
+        }
+    }
+
+    async fn renew(&self, caller: &SpiffeId, lease_id: &str) -> Result<Option<Duration>, Status> {
+        match &self.replicated {
+            Some(r) => r.renew(caller, lease_id).await,
+            None => self.registry.renew(caller, lease_id),
+        }
     }
 }
 
@@ -1360,9 +1762,11 @@ impl RegistryService for RegistryApi {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let caller = caller(&request)?;
-        self.registry
-            .register(&caller, request.into_inner())
-            .map(Response::new)
+        match &self.replicated {
+            Some(r) => r.register(&caller, request.into_inner()).await,
+            None => self.registry.register(&caller, request.into_inner()),
+        }
+        .map(Response::new)
     }
 
     type KeepAliveStream = ReceiverStream<Result<pb::KeepAliveResponse, Status>>;
@@ -1373,7 +1777,7 @@ impl RegistryService for RegistryApi {
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let caller = caller(&request)?;
         let mut inbound = request.into_inner();
-        let registry = self.registry.clone();
+        let api = self.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             loop {
@@ -1381,16 +1785,15 @@ impl RegistryService for RegistryApi {
                     m = inbound.message() => m,
                     () = tx.closed() => return,
                 };
-                let reply =
-                    match next {
-                        Ok(Some(ping)) => registry.renew(&caller, &ping.lease_id).map(|ttl| {
-                            pb::KeepAliveResponse {
-                                lease_id: ping.lease_id,
-                                ttl: Some(proto_duration(ttl.unwrap_or_default())),
-                            }
-                        }),
-                        Ok(None) | Err(_) => return,
-                    };
+                let reply = match next {
+                    Ok(Some(ping)) => api.renew(&caller, &ping.lease_id).await.map(|ttl| {
+                        pb::KeepAliveResponse {
+                            lease_id: ping.lease_id,
+                            ttl: Some(proto_duration(ttl.unwrap_or_default())),
+                        }
+                    }),
+                    Ok(None) | Err(_) => return,
+                };
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     return;
@@ -1406,7 +1809,7 @@ impl RegistryService for RegistryApi {
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
         let caller = caller(&request)?;
         let lease_id = request.into_inner().lease_id;
-        match self.registry.renew(&caller, &lease_id)? {
+        match self.renew(&caller, &lease_id).await? {
             Some(ttl) => Ok(Response::new(pb::RenewLeaseResponse {
                 lease_id,
                 ttl: Some(proto_duration(ttl)),
@@ -1422,9 +1825,11 @@ impl RegistryService for RegistryApi {
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let caller = caller(&request)?;
-        let revision = self
-            .registry
-            .deregister(&caller, &request.into_inner().instance_id)?;
+        let instance_id = request.into_inner().instance_id;
+        let revision = match &self.replicated {
+            Some(r) => r.deregister(&caller, &instance_id).await?,
+            None => self.registry.deregister(&caller, &instance_id)?,
+        };
         Ok(Response::new(pb::DeregisterResponse { revision }))
     }
 
@@ -1434,9 +1839,12 @@ impl RegistryService for RegistryApi {
     ) -> Result<Response<pb::SetHealthResponse>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        let revision = self
-            .registry
-            .set_health(&caller, &req.instance_id, req.health())?;
+        let revision = match &self.replicated {
+            Some(r) => r.set_health(&caller, &req.instance_id, req.health()).await?,
+            None => self
+                .registry
+                .set_health(&caller, &req.instance_id, req.health())?,
+        };
         Ok(Response::new(pb::SetHealthResponse { revision }))
     }
 
@@ -1445,6 +1853,7 @@ impl RegistryService for RegistryApi {
         request: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
         caller(&request)?;
+        self.registry.check_available()?;
         self.registry
             .resolve(&request.into_inner().target)
             .map(Response::new)
@@ -1457,6 +1866,7 @@ impl RegistryService for RegistryApi {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = caller(&request)?;
+        self.registry.check_available()?;
         let targets = request.into_inner().targets;
         for (i, t) in targets.iter().enumerate() {
             if t.is_empty() {
@@ -1474,6 +1884,7 @@ impl RegistryService for RegistryApi {
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         caller(&request)?;
+        self.registry.check_available()?;
         Ok(Response::new(self.registry.list_services()))
     }
 
@@ -1482,6 +1893,7 @@ impl RegistryService for RegistryApi {
         request: Request<pb::GetFileContainingRequest>,
     ) -> Result<Response<pb::GetFileContainingResponse>, Status> {
         caller(&request)?;
+        self.registry.check_available()?;
         let symbol = request.into_inner().symbol;
         if symbol.is_empty() {
             return Err(trellis::status::invalid_field(
@@ -1503,6 +1915,7 @@ impl RegistryService for RegistryApi {
         request: Request<pb::GetServiceDescriptorsRequest>,
     ) -> Result<Response<pb::GetServiceDescriptorsResponse>, Status> {
         caller(&request)?;
+        self.registry.check_available()?;
         let name = request.into_inner().grpc_service;
         if let Err(e) = validate::qualified_name(&name) {
             return Err(trellis::status::invalid_field("grpc_service", &e));
