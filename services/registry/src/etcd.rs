@@ -78,10 +78,7 @@ impl StoreUrl {
                     && !host.contains(['/', '@', '?', '#', ' '])
             });
             if !ok {
-                return Err(format!(
-                    "{s:?}: member {} ({m:?}) is not host:port",
-                    i + 1
-                ));
+                return Err(format!("{s:?}: member {} ({m:?}) is not host:port", i + 1));
             }
             if !members.iter().any(|x| x == m) {
                 members.push(m.to_owned());
@@ -359,9 +356,8 @@ impl Etcd {
                 }
             }
         }
-        Err(self.unreachable(
-            last.unwrap_or_else(|| Status::unavailable("lease keep-alive failed")),
-        ))
+        Err(self
+            .unreachable(last.unwrap_or_else(|| Status::unavailable("lease keep-alive failed"))))
     }
 
     /// Opens a watch on the current member (failing over if it is down).
@@ -380,8 +376,7 @@ impl Etcd {
                 // The request stream stays open (held by the server side's
                 // reader) until the watch ends: a stream that never yields
                 // again after the create request.
-                let requests =
-                    futures::stream::iter([first]).chain(futures::stream::pending());
+                let requests = futures::stream::iter([first]).chain(futures::stream::pending());
                 let mut request = tonic::Request::new(requests);
                 request
                     .metadata_mut()

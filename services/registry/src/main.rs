@@ -9,11 +9,11 @@ use trellis::cli::{IdentityArgs, exit_with};
 use trellis::pb::trellis::config::v1::config_service_server::ConfigServiceServer;
 use trellis::pb::trellis::registry::v1::registry_service_server::RegistryServiceServer;
 use trellis_registry::config::{ConfigApi, ConfigStore};
+use trellis_registry::etcd::StoreUrl;
 use trellis_registry::metrics::RegistryMetrics;
 use trellis_registry::quota::{Quotas, parse_bytes};
-use trellis_registry::registry::{MeshScope, Registry, RegistryApi};
-use trellis_registry::etcd::StoreUrl;
 use trellis_registry::registry::Availability;
+use trellis_registry::registry::{MeshScope, Registry, RegistryApi};
 use trellis_registry::replicated::Replicated;
 use trellis_registry::store::Store;
 

@@ -58,7 +58,7 @@ pub enum Change {
         /// Why a removed instance went.
         reason: RemovalReason,
         /// The instance, as it is now (or was, removed).
-        instance: pb::Instance,
+        instance: Box<pb::Instance>,
     },
     /// The view was replaced whole (the store was read again): every
     /// watcher is sent a fresh snapshot.
@@ -712,10 +712,10 @@ impl Registry {
     ) -> u64 {
         state.revision = state.revision.max(revision);
         let change = Arc::new(Change::Instance {
-            revision: state.revision,
+            revision,
             kind,
             reason,
-            instance,
+            instance: Box::new(instance),
         });
         // No receivers is fine: nobody is watching.
         let _ = self.changes.send(change);
@@ -791,7 +791,9 @@ impl Registry {
                 .filter_map(|id| state.instances.get(id).map(|e| e.etcd_lease))
                 .collect();
             if !leases.is_empty() && remover.try_send(leases).is_err() {
-                tracing::warn!("instances serving names config declares for another service are not removed yet: the removal queue is full; the next config change tries again");
+                tracing::warn!(
+                    "instances serving names config declares for another service are not removed yet: the removal queue is full; the next config change tries again"
+                );
             }
             return;
         }
@@ -1402,7 +1404,7 @@ impl Registry {
                         pb::WatchResponse {
                             revision: *revision,
                             kind: *kind as i32,
-                            instances: vec![instance.clone()],
+                            instances: vec![(**instance).clone()],
                             removal_reason: *reason as i32,
                             resync: false,
                         }
@@ -1479,10 +1481,7 @@ pub(crate) struct NewClaim {
 #[derive(Debug)]
 pub(crate) enum ViewEvent {
     /// An instance was written (registered, or its health changed).
-    Instance {
-        revision: u64,
-        entry: Box<Entry>,
-    },
+    Instance { revision: u64, entry: Box<Entry> },
     /// An instance key went.
     Removed {
         revision: u64,
@@ -1785,15 +1784,16 @@ impl RegistryService for RegistryApi {
                     m = inbound.message() => m,
                     () = tx.closed() => return,
                 };
-                let reply = match next {
-                    Ok(Some(ping)) => api.renew(&caller, &ping.lease_id).await.map(|ttl| {
-                        pb::KeepAliveResponse {
-                            lease_id: ping.lease_id,
-                            ttl: Some(proto_duration(ttl.unwrap_or_default())),
-                        }
-                    }),
-                    Ok(None) | Err(_) => return,
-                };
+                let reply =
+                    match next {
+                        Ok(Some(ping)) => api.renew(&caller, &ping.lease_id).await.map(|ttl| {
+                            pb::KeepAliveResponse {
+                                lease_id: ping.lease_id,
+                                ttl: Some(proto_duration(ttl.unwrap_or_default())),
+                            }
+                        }),
+                        Ok(None) | Err(_) => return,
+                    };
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     return;
@@ -1840,7 +1840,10 @@ impl RegistryService for RegistryApi {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let revision = match &self.replicated {
-            Some(r) => r.set_health(&caller, &req.instance_id, req.health()).await?,
+            Some(r) => {
+                r.set_health(&caller, &req.instance_id, req.health())
+                    .await?
+            }
             None => self
                 .registry
                 .set_health(&caller, &req.instance_id, req.health())?,

@@ -188,7 +188,11 @@ pub struct Replicated {
 impl Replicated {
     /// Replicates `registry` (new and empty) on the etcd cluster at `url`;
     /// it is unavailable until [`Replicated::spawn_feed`] has read etcd.
-    pub fn new(registry: Arc<Registry>, scope: &MeshScope, url: &StoreUrl) -> Result<Arc<Self>, String> {
+    pub fn new(
+        registry: Arc<Registry>,
+        scope: &MeshScope,
+        url: &StoreUrl,
+    ) -> Result<Arc<Self>, String> {
         let etcd = Etcd::new(url)?;
         registry.start_unavailable(format!("the registry has not read its store ({url}) yet"));
         Ok(Arc::new(Self {
@@ -507,7 +511,10 @@ impl Replicated {
                 ..Default::default()
             })
             .await?;
-        let revision = latest.kvs.first().map_or(0, |kv| kv.mod_revision.max(0) as u64);
+        let revision = latest
+            .kvs
+            .first()
+            .map_or(0, |kv| kv.mod_revision.max(0) as u64);
         if self.see(revision).await {
             Ok(())
         } else {
@@ -528,10 +535,10 @@ impl Replicated {
         let prepared = self.registry.prepare(caller, req)?;
         let (lease, ttl) = self.etcd.grant(prepared.ttl).await?;
         let registered = self.commit(caller, prepared, lease, ttl).await;
-        if registered.is_err() {
-            if let Err(e) = self.etcd.revoke(lease).await {
-                tracing::debug!(error = %e.message(), "unused lease not revoked; it expires");
-            }
+        if registered.is_err()
+            && let Err(e) = self.etcd.revoke(lease).await
+        {
+            tracing::debug!(error = %e.message(), "unused lease not revoked; it expires");
         }
         registered
     }
@@ -566,9 +573,9 @@ impl Replicated {
             .encode_to_vec()
         });
         for _ in 0..ATTEMPTS {
-            let claims =
-                self.registry
-                    .check_claims(caller, &service, &instance.grpc_services)?;
+            let claims = self
+                .registry
+                .check_claims(caller, &service, &instance.grpc_services)?;
             let instance_key = self.keys.key(Kind::Instance, &instance_id);
             let mut compares = vec![compare(
                 instance_key.clone(),
