@@ -50,6 +50,9 @@ const ATTEMPTS: usize = 3;
 /// Retry pace while etcd cannot be read.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// A watch that breaks again this soon after the last break means etcd
+/// is not there to follow (e.g. no member has a leader).
+const BROKEN_AGAIN: Duration = Duration::from_secs(1);
 /// Removals of instances whose names config gives another service, queued.
 const USURPER_QUEUE: usize = 16;
 
@@ -252,13 +255,28 @@ impl Replicated {
             backoff = RETRY_MIN;
             self.registry.set_availability(Availability::Serving);
             let mut from = revision + 1;
+            let mut last_break: Option<std::time::Instant> = None;
             // Follow etcd; a broken watch is opened again at once (on
             // another member if need be) from where it stopped. Only when
-            // it cannot be is the replica out of step.
+            // it cannot be (or breaks again at once: no member has a
+            // leader) is the replica out of step.
             loop {
                 match self.follow(from).await {
+                    Ended::Broken(status)
+                        if last_break.is_some_and(|at| at.elapsed() < BROKEN_AGAIN) =>
+                    {
+                        self.registry
+                            .set_availability(Availability::Unavailable(format!(
+                                "the registry lost its store ({}): {}; retrying",
+                                self.store,
+                                status.message()
+                            )));
+                        tokio::time::sleep(backoff).await;
+                        break;
+                    }
                     Ended::Broken(status) => {
                         tracing::info!(error = %status.message(), "etcd watch broke; resuming");
+                        last_break = Some(std::time::Instant::now());
                         from = *self.applied.borrow() + 1;
                     }
                     Ended::Compacted(at) => {

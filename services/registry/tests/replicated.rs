@@ -15,7 +15,7 @@ use tonic_health::pb::health_client::HealthClient;
 use trellis::Workload;
 use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
-use trellis_test_support::{ChildGuard, EtcdCluster, TestPki, free_port, wait_for_tcp};
+use trellis_test_support::{ChildGuard, EtcdCluster, TestPki, free_port, spawn_registry_with};
 
 use reg::registry_service_client::RegistryServiceClient;
 
@@ -47,28 +47,17 @@ impl Mesh {
     }
 
     fn replica_at(&self, store: &str, addr: SocketAddr) -> Replica {
-        let identity = self.pki.issue("registry", "registry");
-        let mut cmd = std::process::Command::new(REGISTRY);
-        cmd.arg("--listen")
-            .arg(addr.to_string())
-            .arg("--config-dir")
-            .arg(self.config.path())
-            .arg("--store")
-            .arg(store)
-            .arg("--cert")
-            .arg(&identity.cert)
-            .arg("--key")
-            .arg(&identity.key)
-            .arg("--ca")
-            .arg(&identity.ca)
-            .env("RUST_LOG", "info");
-        let process = ChildGuard::spawn("registry", cmd).expect("registry starts");
-        assert!(
-            wait_for_tcp(addr, Duration::from_secs(20)),
-            "registry did not listen on {addr}: {}",
-            process.output()
+        let r = spawn_registry_with(
+            REGISTRY,
+            &self.pki.issue("registry", "registry"),
+            self.config.path(),
+            addr,
+            &["--store", store],
         );
-        Replica { addr, process }
+        Replica {
+            addr: r.addr,
+            process: r.process,
+        }
     }
 
     fn channel(&self, replica: &Replica, service: &str) -> Channel {
