@@ -33,6 +33,18 @@ pub fn spawn_registry_at(
     config_dir: &Path,
     addr: SocketAddr,
 ) -> RunningRegistry {
+    spawn_registry_with(bin, identity, config_dir, addr, &[])
+}
+
+/// Starts the registry on `addr` with more flags (`--store etcd://…`, say)
+/// and waits until it listens.
+pub fn spawn_registry_with(
+    bin: &str,
+    identity: &IdentityPaths,
+    config_dir: &Path,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> RunningRegistry {
     let mut cmd = Command::new(bin);
     cmd.arg("--listen")
         .arg(addr.to_string())
@@ -44,6 +56,7 @@ pub fn spawn_registry_at(
         .arg(&identity.key)
         .arg("--ca")
         .arg(&identity.ca)
+        .args(extra)
         .env("RUST_LOG", "info");
     let process = ChildGuard::spawn("registry", cmd).expect("registry starts");
     assert!(
