@@ -98,6 +98,12 @@ impl Collector for RegistryMetrics {
         )?;
         gauge(
             &mut encoder,
+            "trellis_registry_serving",
+            "1 while the registry may serve its view: always with its own store; with etcd (--store), while it is in step with etcd.",
+            i64::from(self.registry.serving),
+        )?;
+        gauge(
+            &mut encoder,
             "trellis_registry_revision",
             "The registry's revision: bumped by every change watchers see.",
             self.registry.revision,
@@ -150,6 +156,7 @@ mod tests {
                 registrations: 5,
                 deregistrations: 1,
                 lease_expiries: 2,
+                serving: true,
             },
             config_watchers: 4,
             config_revision: 7,
@@ -162,6 +169,7 @@ mod tests {
             "trellis_registry_watchers{kind=\"registry\"} 3",
             "trellis_registry_watchers{kind=\"config\"} 4",
             "trellis_registry_revision 12",
+            "trellis_registry_serving 1",
             "trellis_registry_config_revision 7",
             "trellis_registry_config_problems 1",
             "trellis_registry_registrations_total 5",

@@ -314,6 +314,9 @@ pub struct RegistryStats {
     pub deregistrations: u64,
     /// Instances removed because their lease ran out, since the start.
     pub lease_expiries: u64,
+    /// Whether the registry may serve its view (always with its own
+    /// store; with etcd, while it is in step with etcd).
+    pub serving: bool,
 }
 
 /// Writing the state out: what is pending, and the store.
@@ -676,6 +679,7 @@ impl Registry {
             registrations: self.counts.registrations.load(Ordering::Relaxed),
             deregistrations: self.counts.deregistrations.load(Ordering::Relaxed),
             lease_expiries: self.counts.lease_expiries.load(Ordering::Relaxed),
+            serving: *self.available.borrow() == Availability::Serving,
         }
     }
 
