@@ -64,3 +64,118 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("{text:?} is not a duration with a unit such as 750ms, 5s or 2m: {e}"))
 }
+
+/// Most registry replicas `--registry` may name.
+pub const MAX_REGISTRY_TARGETS: usize = 16;
+
+/// Where the registry replicas are: `--registry host:port[,host:port...]`.
+/// Each entry is an IP address or a DNS name (resolved again on every
+/// connection, so a name listing every replica, such as a Kubernetes
+/// headless Service, works as one entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryTargets(Vec<String>);
+
+impl RegistryTargets {
+    /// Parses a comma-separated list of `host:port` entries.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut entries: Vec<String> = Vec::new();
+        for (i, entry) in text.split(',').enumerate() {
+            let entry = entry.trim();
+            let valid = entry.rsplit_once(':').is_some_and(|(host, port)| {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                !host.is_empty()
+                    && !host.contains(['/', '@', '?', '#', ' ', ','])
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !valid {
+                return Err(format!(
+                    "entry {} ({entry:?}) is not host:port (an IP address or DNS name, and a port)",
+                    i + 1
+                ));
+            }
+            if !entries.iter().any(|e| e == entry) {
+                entries.push(entry.to_owned());
+            }
+        }
+        if entries.len() > MAX_REGISTRY_TARGETS {
+            return Err(format!(
+                "{} registry addresses; at most {MAX_REGISTRY_TARGETS} may be given",
+                entries.len()
+            ));
+        }
+        Ok(Self(entries))
+    }
+
+    /// One address.
+    pub fn one(addr: std::net::SocketAddr) -> Self {
+        Self(vec![addr.to_string()])
+    }
+
+    /// The entries, in the order given.
+    pub fn entries(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The entries that are IP addresses with a port, resolved without
+    /// asking DNS, and the names resolved now (a name that does not
+    /// resolve is left out).
+    pub fn resolve_now(&self) -> Vec<std::net::SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let mut all = Vec::new();
+        for entry in &self.0 {
+            match entry.to_socket_addrs() {
+                Ok(addrs) => all.extend(addrs.take(MAX_REGISTRY_TARGETS)),
+                Err(e) => {
+                    tracing::warn!(registry = %entry, error = %e, "registry address does not resolve now")
+                }
+            }
+        }
+        all.dedup();
+        all
+    }
+}
+
+impl std::fmt::Display for RegistryTargets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+impl std::str::FromStr for RegistryTargets {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod registry_targets_tests {
+    use super::*;
+
+    #[test]
+    fn parses_lists_of_replicas() {
+        let t =
+            RegistryTargets::parse("127.0.0.1:7000, registry.trellis.svc:7000,[::1]:7000").unwrap();
+        assert_eq!(
+            t.entries(),
+            ["127.0.0.1:7000", "registry.trellis.svc:7000", "[::1]:7000"]
+        );
+        assert_eq!(
+            t.to_string(),
+            "127.0.0.1:7000,registry.trellis.svc:7000,[::1]:7000"
+        );
+        assert_eq!(
+            RegistryTargets::parse("a:1,a:1").unwrap().entries().len(),
+            1
+        );
+        for bad in [
+            "", "nonsense", "a:1,,b:2", "a:0", ":7000", "a:70000", "a/b:1",
+        ] {
+            let e = RegistryTargets::parse(bad).unwrap_err();
+            assert!(e.contains("host:port"), "{bad}: {e}");
+        }
+        let many: Vec<String> = (0..17).map(|i| format!("r{i}:7000")).collect();
+        let e = RegistryTargets::parse(&many.join(",")).unwrap_err();
+        assert!(e.contains("at most 16"), "{e}");
+    }
+}

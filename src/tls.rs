@@ -699,3 +699,54 @@ pub fn channel(
         })),
     )
 }
+
+/// A lazily connecting mTLS channel to `target` (`host:port`, a DNS name
+/// or an IP address), resolved again on every connection: its addresses
+/// are tried in turn, from the `start`-th (so a caller moving on from a
+/// replica that answers badly can start a new channel further along).
+pub fn channel_to(
+    workload: &Workload,
+    target: &str,
+    start: usize,
+    expected: ExpectedPeer,
+) -> Result<tonic::transport::Channel, IdentityError> {
+    /// Time for one address: a replica that is gone costs this, not the
+    /// whole handshake timeout.
+    const EACH: Duration = Duration::from_secs(3);
+    let config = workload.client_config(expected)?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+        .map_err(|e| IdentityError::Tls(rustls::Error::General(format!("{target}: {e}"))))?
+        .connect_timeout(HANDSHAKE_TIMEOUT);
+    let target = target.to_owned();
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let (config, target) = (config.clone(), target.clone());
+            async move {
+                let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(&target).await?.collect();
+                addrs.truncate(64);
+                if addrs.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{target} resolves to no address"),
+                    ));
+                }
+                let n = addrs.len();
+                addrs.rotate_left(start % n);
+                let mut last = None;
+                for addr in addrs {
+                    match tokio::time::timeout(EACH, connect(addr, config.clone())).await {
+                        Ok(Ok(stream)) => return Ok(hyper_util::rt::TokioIo::new(stream)),
+                        Ok(Err(e)) => last = Some(e),
+                        Err(_) => {
+                            last = Some(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("{addr} ({target}) did not complete mTLS within {EACH:?}"),
+                            ))
+                        }
+                    }
+                }
+                Err(last.expect("at least one address"))
+            }
+        })),
+    )
+}

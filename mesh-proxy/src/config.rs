@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use trellis::cli::IdentityArgs;
+use trellis::cli::{IdentityArgs, RegistryTargets};
 use trellis::identity::SpiffeId;
 
 use crate::discovery::StaticRoute;
@@ -41,10 +41,13 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_PROXY_ADMIN", default_value = "127.0.0.1:4191")]
     pub admin: SocketAddr,
 
-    /// The registry (Registry and Config APIs, mTLS). Without it only
+    /// The registry (Registry and Config APIs, mTLS): `host:port`, or
+    /// several replicas comma-separated (at most 16; DNS names resolved on
+    /// every connection). The proxy uses one at a time and moves to the
+    /// next when it fails or says it cannot serve. Without it only
     /// --static-route endpoints are known and nothing is registered.
-    #[arg(long, env = "TRELLIS_PROXY_REGISTRY")]
-    pub registry: Option<SocketAddr>,
+    #[arg(long, env = "TRELLIS_PROXY_REGISTRY", value_parser = RegistryTargets::parse)]
+    pub registry: Option<RegistryTargets>,
 
     /// The SPIFFE ID the registry must present. Default: service
     /// `registry` in this proxy's own trust domain and namespace.

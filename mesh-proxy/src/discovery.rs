@@ -16,6 +16,7 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::watch;
 use tonic::transport::Channel;
+use trellis::cli::RegistryTargets;
 use trellis::identity::{SpiffeId, Workload};
 use trellis::pb::trellis::config::v1 as config_pb;
 use trellis::pb::trellis::registry::v1 as registry_pb;
@@ -180,29 +181,147 @@ pub struct Discovery {
     fetched_contracts: HashSet<String>,
     /// The registry, when the local service may read its own settings
     /// through this sidecar (the Config API).
-    config_route: Option<(SocketAddr, SpiffeId)>,
+    config_route: Option<(Vec<SocketAddr>, SpiffeId)>,
     /// Config watches and contract fetches, stopped with discovery.
     tasks: tokio::task::JoinSet<()>,
 }
 
-/// Clients of the control plane.
+/// Clients of the control plane: one registry replica at a time, the
+/// next one after a failure.
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
+    inner: Arc<ControlInner>,
+}
+
+#[derive(Debug)]
+struct ControlInner {
+    workload: Arc<Workload>,
+    identity: SpiffeId,
+    targets: RegistryTargets,
+    current: std::sync::Mutex<Current>,
+}
+
+/// The replica in use.
+#[derive(Debug, Clone)]
+struct Current {
+    /// Which entry of the targets.
+    entry: usize,
+    /// How many times the proxy moved on: a failure seen on an older
+    /// channel does not move it twice.
+    generation: u64,
+    channel: Channel,
+}
+
+/// One use of the control plane: its clients, and the generation to name
+/// when reporting that they failed.
+#[derive(Debug, Clone)]
+pub struct ControlClients {
     /// The Registry API.
     pub registry: RegistryServiceClient<Channel>,
     /// The Config API.
     pub config: ConfigServiceClient<Channel>,
+    generation: u64,
 }
 
 impl ControlPlane {
-    /// Lazily connecting clients of the registry at `addr`, which must
-    /// present `identity`.
-    pub fn new(workload: &Workload, addr: SocketAddr, identity: SpiffeId) -> anyhow::Result<Self> {
-        let channel = trellis::tls::channel(workload, addr, ExpectedPeer::Exactly(identity))?;
+    /// Lazily connecting clients of the registry replicas `targets`, which
+    /// must present `identity`.
+    pub fn new(
+        workload: Arc<Workload>,
+        targets: RegistryTargets,
+        identity: SpiffeId,
+    ) -> anyhow::Result<Self> {
+        let channel = trellis::tls::channel_to(
+            &workload,
+            &targets.entries()[0],
+            0,
+            ExpectedPeer::Exactly(identity.clone()),
+        )?;
         Ok(Self {
-            registry: RegistryServiceClient::new(channel.clone()),
-            config: ConfigServiceClient::new(channel),
+            inner: Arc::new(ControlInner {
+                workload,
+                identity,
+                targets,
+                current: std::sync::Mutex::new(Current {
+                    entry: 0,
+                    generation: 0,
+                    channel,
+                }),
+            }),
         })
+    }
+
+    fn current(&self) -> Current {
+        self.inner
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many replicas (entries of `--registry`) there are.
+    pub fn replicas(&self) -> usize {
+        self.inner.targets.entries().len()
+    }
+
+    /// Clients of the replica in use.
+    pub fn clients(&self) -> ControlClients {
+        let current = self.current();
+        ControlClients {
+            registry: RegistryServiceClient::new(current.channel.clone()),
+            config: ConfigServiceClient::new(current.channel),
+            generation: current.generation,
+        }
+    }
+
+    /// Whether `status` says the replica (not the request) failed: it is
+    /// gone, or cannot serve (e.g. it lost its store).
+    pub fn replica_failed(status: &tonic::Status) -> bool {
+        matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        )
+    }
+
+    /// Moves on from the replica `used` came from to the next one (with
+    /// one replica: a fresh connection to it, its next address if its
+    /// name has several). A failure already moved on from is ignored.
+    pub fn fail_over(&self, used: &ControlClients, status: &tonic::Status) {
+        let mut current = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.generation != used.generation {
+            return;
+        }
+        let entries = self.inner.targets.entries();
+        let next = (current.entry + 1) % entries.len();
+        let generation = current.generation + 1;
+        // Addresses of one name are tried from a later one each time round.
+        let start = (generation as usize) / entries.len();
+        match trellis::tls::channel_to(
+            &self.inner.workload,
+            &entries[next],
+            start,
+            ExpectedPeer::Exactly(self.inner.identity.clone()),
+        ) {
+            Ok(channel) => {
+                if entries.len() > 1 {
+                    tracing::warn!(
+                        from = %entries[current.entry],
+                        to = %entries[next],
+                        code = ?status.code(),
+                        error = status.message(),
+                        "registry replica failed; moving to the next"
+                    );
+                }
+                *current = Current {
+                    entry: next,
+                    generation,
+                    channel,
+                };
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make a channel to the next registry replica")
+            }
+        }
     }
 }
 
@@ -250,11 +369,11 @@ impl Discovery {
     }
 
     /// Routes the Config API (`trellis.config.v1.ConfigService`) to the
-    /// registry at `addr`, over mTLS under this sidecar's identity, so the
+    /// registry replicas at `addrs`, over mTLS under this sidecar's identity, so the
     /// local service can follow its own settings without knowing where
     /// the control plane is. Sidecars only: the edge must not expose it.
-    pub fn with_config_route(mut self, addr: SocketAddr, identity: SpiffeId) -> Self {
-        self.config_route = Some((addr, identity));
+    pub fn with_config_route(mut self, addrs: Vec<SocketAddr>, identity: SpiffeId) -> Self {
+        self.config_route = Some((addrs, identity));
         self.rebuild();
         self
     }
@@ -277,8 +396,10 @@ impl Discovery {
         }
         let reconnect = self.settings.control.reconnect;
         let mut backoff = reconnect.min;
+        let mut tried_in_a_row = 0;
         loop {
-            let mut client = control.registry.clone();
+            let clients = control.clients();
+            let mut client = clients.registry.clone();
             match client
                 .watch(registry_pb::WatchRequest { targets: vec![] })
                 .await
@@ -298,16 +419,22 @@ impl Discovery {
                         match message {
                             Ok(Some(event)) => {
                                 backoff = reconnect.min;
+                                tried_in_a_row = 0;
                                 self.apply(&control, event);
                             }
                             Ok(None) => {
                                 tracing::warn!(
                                     "registry ended the watch; routing from the last known endpoints"
                                 );
+                                control.fail_over(
+                                    &clients,
+                                    &tonic::Status::unavailable("the watch ended"),
+                                );
                                 break;
                             }
                             Err(status) => {
                                 tracing::warn!(code = ?status.code(), message = status.message(), "registry watch lost; routing from the last known endpoints");
+                                control.fail_over(&clients, &status);
                                 break;
                             }
                         }
@@ -315,8 +442,18 @@ impl Discovery {
                 }
                 Err(status) => {
                     tracing::warn!(code = ?status.code(), message = status.message(), retry_ms = backoff.as_millis() as u64, "cannot watch the registry; routing from the last known endpoints");
+                    if ControlPlane::replica_failed(&status) {
+                        control.fail_over(&clients, &status);
+                    }
                 }
             }
+            // Another replica is tried at once; the same one (or all of
+            // them in turn) only after the backoff.
+            if control.replicas() > 1 && tried_in_a_row + 1 < control.replicas() {
+                tried_in_a_row += 1;
+                continue;
+            }
+            tried_in_a_row = 0;
             tokio::time::sleep(backoff).await;
             backoff = reconnect.next(backoff);
         }
@@ -560,14 +697,20 @@ impl Discovery {
                 (grpc, Upstream::labelled(mesh, endpoints, labels))
             })
             .collect();
-        if let Some((addr, identity)) = self.config_route.clone() {
-            used.insert((addr, identity.to_string()));
-            if let Some(endpoint) = self.endpoint(addr, Some(identity), true) {
+        if let Some((addrs, identity)) = self.config_route.clone() {
+            let endpoints: Vec<Arc<Endpoint>> = addrs
+                .iter()
+                .filter_map(|addr| {
+                    used.insert((*addr, identity.to_string()));
+                    self.endpoint(*addr, Some(identity.clone()), true)
+                })
+                .collect();
+            if !endpoints.is_empty() {
                 // No config file names "the registry", so calls get the
                 // built-in policy: no route timeout cutting a watch short.
                 routes.insert(
                     CONFIG_SERVICE.to_owned(),
-                    Upstream::new(CONTROL_PLANE.to_owned(), vec![endpoint]),
+                    Upstream::new(CONTROL_PLANE.to_owned(), endpoints),
                 );
             }
         }
@@ -631,14 +774,25 @@ async fn watch_config(
 ) {
     let mut backoff = reconnect.min;
     loop {
-        let mut client = control.config.clone();
+        let clients = control.clients();
+        let mut client = clients.config.clone();
         let request = config_pb::WatchConfigRequest {
             service: service.clone(),
         };
         match client.watch_config(request).await {
             Ok(response) => {
                 let mut stream = response.into_inner();
-                while let Ok(Some(update)) = stream.message().await {
+                loop {
+                    let update = match stream.message().await {
+                        Ok(Some(update)) => update,
+                        Ok(None) => break,
+                        Err(status) => {
+                            if ControlPlane::replica_failed(&status) {
+                                control.fail_over(&clients, &status);
+                            }
+                            break;
+                        }
+                    };
                     backoff = reconnect.min;
                     let Some(config) = update.config else {
                         continue;
@@ -654,6 +808,9 @@ async fn watch_config(
             }
             Err(status) => {
                 tracing::debug!(%service, code = ?status.code(), message = status.message(), "cannot watch config");
+                if ControlPlane::replica_failed(&status) {
+                    control.fail_over(&clients, &status);
+                }
             }
         }
         tokio::time::sleep(backoff).await;
@@ -664,7 +821,7 @@ async fn watch_config(
 /// Learns which methods of `grpc_service` its contract marks safe to
 /// repeat (`idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT).
 async fn fetch_contract(control: ControlPlane, view: Arc<MeshView>, grpc_service: String) {
-    let mut client = control.registry.clone();
+    let mut client = control.clients().registry;
     let request = registry_pb::GetServiceDescriptorsRequest {
         grpc_service: grpc_service.clone(),
     };

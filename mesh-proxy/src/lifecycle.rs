@@ -172,9 +172,11 @@ async fn run(
     };
     tracing::info!(service = %registration.service, grpc_services = ?grpc_services, "local service is serving");
 
-    let mut registry = control.registry.clone();
+    let mut clients = control.clients();
+    let replicas = control.replicas();
     let reconnect = settings.reconnect;
     let mut backoff = reconnect.min;
+    let mut tried_in_a_row = 0;
     loop {
         let request = pb::RegisterRequest {
             service: registration.service.clone(),
@@ -188,12 +190,23 @@ async fn run(
             file_descriptors: files.clone(),
         };
         let registered_now = tokio::select! {
-            r = registry.register(request) => r,
+            r = clients.registry.register(request) => r,
             _ = &mut stop => return,
         };
         let response = match registered_now {
             Ok(r) => r.into_inner(),
             Err(status) => {
+                if ControlPlane::replica_failed(&status) {
+                    control.fail_over(&clients, &status);
+                    clients = control.clients();
+                    // Another replica at once; all of them in turn after
+                    // the backoff.
+                    if replicas > 1 && tried_in_a_row + 1 < replicas {
+                        tried_in_a_row += 1;
+                        continue;
+                    }
+                }
+                tried_in_a_row = 0;
                 tracing::warn!(code = ?status.code(), message = status.message(), retry_ms = backoff.as_millis() as u64, "cannot register with the registry");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -204,6 +217,7 @@ async fn run(
             }
         };
         backoff = reconnect.min;
+        tried_in_a_row = 0;
         let instance_id = response.instance_id;
         let lease_id = response.lease_id;
         let ttl = response
@@ -225,35 +239,44 @@ async fn run(
                 // than up to a third of the lease later, while callers
                 // route from a view that lacks this instance.
                 Ok(()) = snapshots.changed() => {
-                    let r = registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
+                    let r = clients.registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
                     match r {
                         Ok(_) => {}
                         Err(s) if s.code() == tonic::Code::NotFound => break true,
-                        Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "cannot renew the lease after the registry watch reconnected; will keep trying"),
+                        Err(s) => {
+                            tracing::warn!(code = ?s.code(), message = s.message(), "cannot renew the lease after the registry watch reconnected; will keep trying");
+                            clients = failed_over(&control, &clients, &s);
+                        }
                     }
                 }
                 _ = renew.tick() => {
-                    let r = registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
+                    let r = clients.registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
                     match r {
                         Ok(_) => {}
                         Err(s) if s.code() == tonic::Code::NotFound => break true,
-                        Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "cannot renew the lease; will keep trying"),
+                        Err(s) => {
+                            tracing::warn!(code = ?s.code(), message = s.message(), "cannot renew the lease; will keep trying");
+                            clients = failed_over(&control, &clients, &s);
+                        }
                     }
                 }
                 changed = health.changed() => {
                     if changed.is_err() { break false; }
                     let status = *health.borrow_and_update();
                     tracing::info!(health = ?status, "local service health changed");
-                    let r = registry.set_health(pb::SetHealthRequest { instance_id: instance_id.clone(), health: status as i32 }).await;
+                    let r = clients.registry.set_health(pb::SetHealthRequest { instance_id: instance_id.clone(), health: status as i32 }).await;
                     match r {
                         Ok(_) => {}
                         Err(s) if s.code() == tonic::Code::NotFound => break true,
-                        Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "cannot report health"),
+                        Err(s) => {
+                            tracing::warn!(code = ?s.code(), message = s.message(), "cannot report health");
+                            clients = failed_over(&control, &clients, &s);
+                        }
                     }
                 }
                 _ = &mut stop => {
                     let _ = registered.send(false);
-                    let r = registry.deregister(pb::DeregisterRequest { instance_id: instance_id.clone() }).await;
+                    let r = clients.registry.deregister(pb::DeregisterRequest { instance_id: instance_id.clone() }).await;
                     match r {
                         Ok(_) => tracing::info!(instance = %instance_id, "deregistered"),
                         Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "deregistration failed; the lease will expire instead"),
@@ -268,6 +291,21 @@ async fn run(
         } else {
             return;
         }
+    }
+}
+
+/// The clients to use after a call failed with `status`: another
+/// replica's when the replica failed, the same ones otherwise.
+fn failed_over(
+    control: &ControlPlane,
+    used: &crate::discovery::ControlClients,
+    status: &tonic::Status,
+) -> crate::discovery::ControlClients {
+    if ControlPlane::replica_failed(status) {
+        control.fail_over(used, status);
+        control.clients()
+    } else {
+        used.clone()
     }
 }
 

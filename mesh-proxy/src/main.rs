@@ -157,16 +157,16 @@ async fn run(args: Args, workload: Arc<Workload>, service: String) -> anyhow::Re
     let view = discovery.view();
     // The proxy's phase, and the background tasks that end with it.
     let mut shutdown = Shutdown::default();
-    let control = match args.registry {
-        Some(addr) => {
+    let control = match args.registry.clone() {
+        Some(targets) => {
             let identity = match args.registry_identity.clone() {
                 Some(id) => id,
                 None => registry_identity(workload.id())?,
             };
             if args.edge.is_none() {
-                discovery = discovery.with_config_route(addr, identity.clone());
+                discovery = discovery.with_config_route(targets.resolve_now(), identity.clone());
             }
-            let control = ControlPlane::new(&workload, addr, identity)?;
+            let control = ControlPlane::new(workload.clone(), targets, identity)?;
             let own = args.app.map(|_| service.clone());
             shutdown.spawn(discovery.run(control.clone(), own));
             Some(control)
