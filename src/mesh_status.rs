@@ -28,6 +28,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
+use crate::cli::RegistryTargets;
 use crate::identity::{IdentityPaths, SpiffeId, Workload};
 use crate::pb::trellis::config::v1 as config_pb;
 use crate::pb::trellis::registry::v1 as registry_pb;
@@ -39,6 +40,9 @@ use registry_pb::{RemovalReason, ServingStatus, WatchEventKind};
 const PROGRAM: &str = "trellis status";
 /// How long one snapshot (both calls, connecting included) may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(12);
+/// How long each of several replicas has to answer before the next is
+/// asked.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often `--watch` refreshes without a pushed change, and retries an
 /// unreachable registry.
 const TICK: Duration = Duration::from_secs(1);
@@ -53,14 +57,16 @@ const RECENT_CHANGES: usize = 8;
 /// `trellis status` and `trellis top` share.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RegistryArgs {
-    /// The registry's address (its Registry and Config APIs, mTLS).
+    /// The registry's address (its Registry and Config APIs, mTLS), or
+    /// several replicas comma-separated: the first that answers is used.
     #[arg(
         long,
         env = "TRELLIS_REGISTRY",
         default_value = "127.0.0.1:7000",
-        value_name = "ADDR"
+        value_name = "ADDR[,ADDR...]",
+        value_parser = RegistryTargets::parse
     )]
-    pub registry: SocketAddr,
+    pub registry: RegistryTargets,
     /// SPIFFE ID the registry must present; default: service `registry`
     /// in this identity's trust domain and namespace.
     #[arg(long, env = "TRELLIS_REGISTRY_IDENTITY", value_name = "SPIFFE_ID")]
@@ -89,7 +95,7 @@ impl RegistryArgs {
     /// The registry access these flags stand for.
     pub fn access(&self) -> RegistryAccess {
         RegistryAccess {
-            registry: self.registry,
+            registry: self.registry.clone(),
             registry_identity: self.registry_identity.clone(),
             identity: IdentityPaths::in_dir(&self.certs, &self.identity),
         }
@@ -99,8 +105,8 @@ impl RegistryArgs {
 /// Where the registry is and how to call it.
 #[derive(Clone, Debug)]
 pub struct RegistryAccess {
-    /// The registry's address.
-    pub registry: SocketAddr,
+    /// The registry's replicas.
+    pub registry: RegistryTargets,
     /// The identity the registry must present; `None`: `registry` in the
     /// caller's trust domain and namespace.
     pub registry_identity: Option<SpiffeId>,
@@ -235,7 +241,7 @@ pub enum StatusError {
 /// nothing is registered). With `watch`, follows changes until Ctrl-C and
 /// returns the verdict on the last view.
 pub async fn run(options: StatusOptions, out: &mut impl Write) -> anyhow::Result<bool> {
-    let reader = RegistryReader::connect(&options.access)?;
+    let reader = RegistryReader::connect(&options.access).await?;
     let mut source = Source {
         config: ConfigServiceClient::new(reader.channel.clone()),
         reader,
@@ -292,8 +298,44 @@ pub struct Listing {
 
 impl RegistryReader {
     /// Loads the caller's identity and prepares an mTLS channel to the
-    /// registry (connected on first use).
-    pub fn connect(access: &RegistryAccess) -> anyhow::Result<Self> {
+    /// registry (connected on first use). Given several replicas, uses
+    /// the first that answers (and serves); when none does, the error
+    /// names each.
+    pub async fn connect(access: &RegistryAccess) -> anyhow::Result<Self> {
+        let addrs = access.registry.resolve_now();
+        let Some(&first) = addrs.first() else {
+            anyhow::bail!("--registry {}: no address resolves", access.registry);
+        };
+        if addrs.len() == 1 {
+            return Self::connect_to(access, first);
+        }
+        let mut failures = Vec::new();
+        for addr in addrs {
+            let mut reader = Self::connect_to(access, addr)?;
+            let probe = tokio::time::timeout(
+                PROBE_TIMEOUT,
+                reader
+                    .registry
+                    .list_services(registry_pb::ListServicesRequest {}),
+            )
+            .await;
+            match probe {
+                Ok(Ok(_)) => return Ok(reader),
+                Ok(Err(status)) => failures.push(format!(
+                    "{addr}: {}",
+                    reader.error("RegistryService/ListServices", status)
+                )),
+                Err(_) => failures.push(format!("{addr}: no answer within {PROBE_TIMEOUT:?}")),
+            }
+        }
+        anyhow::bail!(
+            "no registry replica of {} answered:\n  {}",
+            access.registry,
+            failures.join("\n  ")
+        )
+    }
+
+    fn connect_to(access: &RegistryAccess, addr: SocketAddr) -> anyhow::Result<Self> {
         let workload =
             Workload::load(&access.identity).map_err(|cause| StatusError::Identity { cause })?;
         let registry_id = match &access.registry_identity {
@@ -307,13 +349,9 @@ impl RegistryReader {
                 "registry",
             )?,
         };
-        let channel = crate::tls::channel(
-            &workload,
-            access.registry,
-            ExpectedPeer::Exactly(registry_id),
-        )?;
+        let channel = crate::tls::channel(&workload, addr, ExpectedPeer::Exactly(registry_id))?;
         Ok(Self {
-            addr: access.registry,
+            addr,
             caller: workload.id().clone(),
             registry: RegistryServiceClient::new(channel.clone()),
             channel,

@@ -134,7 +134,7 @@ pub async fn command(args: TopArgs) -> i32 {
 /// `once`, otherwise a refresh per interval until Ctrl-C. Returns the exit
 /// status (see [`main`]); an error when the registry cannot be asked.
 pub async fn run(options: TopOptions, out: &mut impl Write) -> anyhow::Result<i32> {
-    let mut reader = RegistryReader::connect(&options.access)?;
+    let mut reader = RegistryReader::connect(&options.access).await?;
     let listing = reader.instances().await?;
     let targets = Targets::select(&listing, options.service.as_deref());
     if let Some(name) = &options.service

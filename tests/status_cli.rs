@@ -263,3 +263,47 @@ fn shows_instances_health_leases_and_config_problems_and_follows_changes() {
     assert_eq!(code, 1, "the config problem remains:\n{one_left}");
     assert!(!one_left.contains(&b), "{one_left}");
 }
+
+/// Given several replicas, `trellis status` uses the first that answers,
+/// and says which; when none does, it names each.
+#[test]
+fn several_registry_replicas_the_first_that_answers_is_used() {
+    let pki = TestPki::new("trellis.local");
+    pki.issue("cli", "cli");
+    let config = tempfile::tempdir().unwrap();
+    let (registry, _registry_process) = spawn_registry(&pki, config.path());
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let both = format!("{nowhere},{registry}");
+
+    let out = status_with(&pki, &both);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("registry {registry}")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let elsewhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let out = status_with(&pki, &format!("{nowhere},{elsewhere}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for addr in [nowhere, elsewhere] {
+        assert!(stderr.contains(&format!("{addr}: ")), "{stderr}");
+    }
+
+    let out = status_with(&pki, "127.0.0.1:7000,,x");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("entry 2"), "{stderr}");
+}
+
+/// `trellis status --registry <list>` as `cli`.
+fn status_with(pki: &TestPki, registry: &str) -> Output {
+    Command::new(TRELLIS)
+        .args(["status", "--registry", registry, "--certs"])
+        .arg(pki.dir())
+        .env_remove("TRELLIS_CLI_IDENTITY")
+        .env_remove("TRELLIS_REGISTRY_IDENTITY")
+        .output()
+        .unwrap()
+}
