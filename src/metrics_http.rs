@@ -42,6 +42,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Produces the `/metrics` text; called once per scrape.
 pub type Scrape = Arc<dyn Fn() -> BoxFuture<'static, String> + Send + Sync>;
 
+/// Says whether the process is ready to serve (`/ready`): `Err` says why
+/// not.
+pub type Ready = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// The `--admin` flag (flatten it into a binary's own).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct AdminArgs {
@@ -73,13 +77,24 @@ impl AdminServer {
     /// Binds `addr` (naming it in the error when that fails) and serves
     /// the admin port there in the background.
     pub async fn start(name: &str, addr: SocketAddr, scrape: Scrape) -> anyhow::Result<Self> {
+        Self::start_with_ready(name, addr, scrape, None).await
+    }
+
+    /// [`AdminServer::start`], also answering `GET /ready`: 200 when
+    /// `ready` says so, 503 with its reason when not.
+    pub async fn start_with_ready(
+        name: &str,
+        addr: SocketAddr,
+        scrape: Scrape,
+        ready: Option<Ready>,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("--admin {addr}: cannot listen: {e}"))?;
         let addr = listener.local_addr()?;
-        tracing::info!(server = name, %addr, "admin port listening (/metrics, /live)");
+        tracing::info!(server = name, %addr, ready = ready.is_some(), "admin port listening (/metrics, /live)");
         let limit = ConnectionLimit::new(&format!("{name} admin"), MAX_CONNECTIONS);
-        let task = tokio::spawn(serve(listener, scrape, limit));
+        let task = tokio::spawn(serve(listener, scrape, ready, limit));
         Ok(Self { addr, task })
     }
 
@@ -97,7 +112,12 @@ impl Drop for AdminServer {
 
 /// Serves the admin port on `listener` until the task is dropped, with at
 /// most `limit` connections open.
-pub async fn serve(listener: TcpListener, scrape: Scrape, limit: ConnectionLimit) {
+pub async fn serve(
+    listener: TcpListener,
+    scrape: Scrape,
+    ready: Option<Ready>,
+    limit: ConnectionLimit,
+) {
     let mut backoff = AcceptBackoff::new();
     // Owned here: when the admin port stops, so do its connections.
     let mut connections = tokio::task::JoinSet::new();
@@ -109,14 +129,22 @@ pub async fn serve(listener: TcpListener, scrape: Scrape, limit: ConnectionLimit
         };
         while connections.try_join_next().is_some() {}
         let scrape = scrape.clone();
+        let ready = ready.clone();
         connections.spawn(async move {
             let _permit = permit;
             let service =
                 hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                     let scrape = scrape.clone();
+                    let ready = ready.clone();
                     async move {
                         Ok::<_, Infallible>(
-                            answer(request.method(), request.uri().path(), &scrape).await,
+                            answer(
+                                request.method(),
+                                request.uri().path(),
+                                &scrape,
+                                ready.as_ref(),
+                            )
+                            .await,
                         )
                     }
                 });
@@ -129,15 +157,28 @@ pub async fn serve(listener: TcpListener, scrape: Scrape, limit: ConnectionLimit
     }
 }
 
-async fn answer(method: &Method, path: &str, scrape: &Scrape) -> Response<Full<Bytes>> {
+async fn answer(
+    method: &Method,
+    path: &str,
+    scrape: &Scrape,
+    ready: Option<&Ready>,
+) -> Response<Full<Bytes>> {
     let get = method == Method::GET || method == Method::HEAD;
-    let (status, content_type, body) = match path {
-        "/metrics" if get => (StatusCode::OK, CONTENT_TYPE, scrape().await),
-        "/live" if get => (StatusCode::OK, "text/plain", "live\n".to_owned()),
+    let (status, content_type, body) = match (path, ready) {
+        ("/metrics", _) if get => (StatusCode::OK, CONTENT_TYPE, scrape().await),
+        ("/live", _) if get => (StatusCode::OK, "text/plain", "live\n".to_owned()),
+        ("/ready", Some(ready)) if get => match ready() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try GET /metrics or GET /live\n".to_owned(),
+            "not found; try GET /metrics, GET /live or GET /ready\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -444,6 +485,35 @@ mod tests {
         );
         let other = get(addr, &format!("GET /ready HTTP/1.1\r\n{close}")).await;
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        // With a readiness check, /ready follows it.
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = flag.clone();
+        let ready: Ready = Arc::new(move || {
+            if seen.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("the store is not read yet".to_owned())
+            }
+        });
+        let scrape: Scrape = Arc::new(|| Box::pin(async { String::new() }));
+        let with_ready = AdminServer::start_with_ready(
+            "test",
+            "127.0.0.1:0".parse().unwrap(),
+            scrape,
+            Some(ready),
+        )
+        .await
+        .unwrap();
+        let at = with_ready.local_addr();
+        let not_yet = get(at, &format!("GET /ready HTTP/1.1\r\n{close}")).await;
+        assert!(not_yet.starts_with("HTTP/1.1 503"), "{not_yet}");
+        assert!(
+            not_yet.ends_with("not ready: the store is not read yet\n"),
+            "{not_yet}"
+        );
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        let now = get(at, &format!("GET /ready HTTP/1.1\r\n{close}")).await;
+        assert!(now.starts_with("HTTP/1.1 200"), "{now}");
         let post = get(
             addr,
             &format!("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n{close}"),
@@ -459,7 +529,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let scrape: Scrape = Arc::new(|| Box::pin(async { String::new() }));
         let limit = ConnectionLimit::new("test admin", 1);
-        let _task = tokio::spawn(serve(listener, scrape, limit.clone()));
+        let _task = tokio::spawn(serve(listener, scrape, None, limit.clone()));
         let _held = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut buf = [0u8; 1];

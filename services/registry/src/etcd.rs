@@ -4,10 +4,10 @@
 //!
 //! It talks to one member at a time. A call that fails because the member
 //! is gone (UNAVAILABLE, or the connection broke) moves on to the next
-//! member; reads, lease grants, renewals and revocations are tried once on
-//! each member before the error is returned, while a transaction is never
-//! sent twice (its outcome would be unknown): the caller gets UNAVAILABLE
-//! and the next call goes to the next member.
+//! member; every call is tried once on each member before the error is
+//! returned. A transaction may so be applied by a member that failed before
+//! answering and sent again: the registry's transactions are written to
+//! be safe to repeat.
 
 use std::fmt;
 use std::sync::Arc;
@@ -240,17 +240,22 @@ impl Etcd {
         .await
     }
 
-    /// A transaction, sent once.
+    /// A transaction, tried on each member while members fail. A
+    /// transaction that committed on a member that failed before answering
+    /// may so be sent twice: callers make theirs safe to repeat (their
+    /// compares fail the second time, and they check whether the first
+    /// took).
     pub async fn txn(&self, req: rpc::TxnRequest) -> Result<rpc::TxnResponse, Status> {
-        let (i, channel) = self.pick();
-        match KvClient::new(channel).txn(Self::request(req)).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(status) if member_failed(&status) => {
-                self.fail_over(i, &status);
-                Err(self.unreachable(status))
+        self.retried(|c| {
+            let req = req.clone();
+            async move {
+                KvClient::new(c)
+                    .txn(Self::request(req))
+                    .await
+                    .map(tonic::Response::into_inner)
             }
-            Err(status) => Err(status),
-        }
+        })
+        .await
     }
 
     /// A new lease of `ttl` (rounded up to whole seconds, as etcd counts);

@@ -30,8 +30,10 @@ struct Args {
         default_value = "127.0.0.1:7000"
     )]
     listen: SocketAddr,
-    /// Address to serve `/metrics` (Prometheus text) and `/live` on, plain
-    /// HTTP/1.1, e.g. `127.0.0.1:7001`. Without it no admin port is opened.
+    /// Address to serve `/metrics` (Prometheus text), `/live` and `/ready`
+    /// (200 while the registry may serve; 503 with the reason while it is
+    /// out of step with its etcd store) on, plain HTTP/1.1, e.g.
+    /// `127.0.0.1:7001`. Without it no admin port is opened.
     #[arg(long, env = "TRELLIS_REGISTRY_ADMIN", value_name = "ADDR")]
     admin: Option<SocketAddr>,
     /// Directory of configuration files: defaults.toml and <service>.toml.
@@ -125,10 +127,20 @@ async fn main() {
 
     let _admin = match args.admin {
         Some(addr) => Some(
-            trellis::metrics_http::AdminServer::start(
+            trellis::metrics_http::AdminServer::start_with_ready(
                 "registry",
                 addr,
                 RegistryMetrics::scrape(registry.clone(), config.clone()),
+                Some({
+                    // Ready while the registry may serve its view: with
+                    // etcd, while it is in step with it.
+                    let registry = registry.clone();
+                    std::sync::Arc::new(move || {
+                        registry
+                            .check_available()
+                            .map_err(|s| s.message().to_owned())
+                    })
+                }),
             )
             .await
             .unwrap_or_else(|e| exit_with(PROGRAM, &format!("{e:#}"))),

@@ -633,13 +633,17 @@ impl Replicated {
                 })
                 .await
                 .map_err(store_error)?;
-            if !done.succeeded {
+            let revision = if done.succeeded {
+                revision_of(done.header.as_ref())
+            } else if let Some(at) = self.written(&instance_id, &record).await? {
+                // A member that failed after committing it, then sent again.
+                at
+            } else {
                 // Someone else claimed a name first: learn who, and check
                 // again (which refuses, naming the owner).
                 self.catch_up().await?;
                 continue;
-            }
-            let revision = revision_of(done.header.as_ref());
+            };
             self.see(revision).await;
             self.registry.count_registration();
             tracing::info!(
@@ -661,6 +665,23 @@ impl Replicated {
         Err(Status::aborted(format!(
             "registration of {service} raced others claiming the same gRPC service names {ATTEMPTS} times; try again"
         )))
+    }
+
+    /// The revision at which instance `id` was written as `record`, if it
+    /// was.
+    async fn written(&self, id: &str, record: &[u8]) -> Result<Option<u64>, Status> {
+        let found = self
+            .etcd
+            .range(rpc::RangeRequest {
+                key: self.keys.key(Kind::Instance, id),
+                ..Default::default()
+            })
+            .await?;
+        Ok(found
+            .kvs
+            .first()
+            .filter(|kv| kv.value == record)
+            .map(|kv| kv.mod_revision.max(0) as u64))
     }
 
     /// The view's entry for lease `lease_id`, catching up with etcd first

@@ -15,7 +15,9 @@ use tonic_health::pb::health_client::HealthClient;
 use trellis::Workload;
 use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
-use trellis_test_support::{ChildGuard, EtcdCluster, TestPki, free_port, spawn_registry_with};
+use trellis_test_support::{
+    ChildGuard, EtcdCluster, TestPki, free_port, http_get, metric_value, spawn_registry_with,
+};
 
 use reg::registry_service_client::RegistryServiceClient;
 
@@ -24,6 +26,7 @@ const ECHO: &str = "trellis.echo.v1.EchoService";
 
 struct Replica {
     addr: SocketAddr,
+    admin: SocketAddr,
     process: ChildGuard,
 }
 
@@ -47,15 +50,17 @@ impl Mesh {
     }
 
     fn replica_at(&self, store: &str, addr: SocketAddr) -> Replica {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let r = spawn_registry_with(
             REGISTRY,
             &self.pki.issue("registry", "registry"),
             self.config.path(),
             addr,
-            &["--store", store],
+            &["--store", store, "--admin", &admin.to_string()],
         );
         Replica {
             addr: r.addr,
+            admin,
             process: r.process,
         }
     }
@@ -360,10 +365,25 @@ async fn a_replica_without_etcd_says_so() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains(&store), "{}", refused.message());
+    // The admin port says so too: /ready (for Kubernetes) and a gauge.
+    let (code, body) = http_get(a.admin, "/ready");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&store), "{body}");
+    let (_, metrics) = http_get(a.admin, "/metrics");
+    assert_eq!(
+        metric_value(&metrics, "trellis_registry_serving", &[]),
+        Some(0.0)
+    );
 
     let mut etcd = EtcdCluster::start_on(&[port]);
     mesh.wait_health(&a, Health::Serving, Duration::from_secs(10))
         .await;
+    assert_eq!(http_get(a.admin, "/ready").0, 200);
+    let (_, metrics) = http_get(a.admin, "/metrics");
+    assert_eq!(
+        metric_value(&metrics, "trellis_registry_serving", &[]),
+        Some(1.0)
+    );
     let mut echo = mesh.client(&a, "echo");
     let registered = echo
         .register(instance("echo", 9001, &[ECHO], 30))
