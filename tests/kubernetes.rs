@@ -174,6 +174,14 @@ fn drift_is_reported_by_object() {
         &|m| set_arg(sidecar(m, "usage"), "--admin", "0.0.0.0:1"),
     );
     reported(
+        "the sidecar's program",
+        "Deployment usage: mesh-proxy does not run mesh-proxy",
+        &mesh,
+        &|m| {
+            sidecar(m, "usage")["command"] = Yaml::Array(vec![Yaml::String("sleep".into())]);
+        },
+    );
+    reported(
         "a sidecar's identity file",
         "Deployment usage: mesh-proxy --cert is /certs/edge.pem",
         &mesh,
@@ -353,7 +361,14 @@ fn check(mesh: &MeshFile, manifests: &Manifests) -> Vec<String> {
                 instances.len()
             ));
         }
-        check_service_pod(service, first, &object.doc, &at, &mut problems);
+        check_service_pod(
+            service,
+            first,
+            &registry_addr(&plan),
+            &object.doc,
+            &at,
+            &mut problems,
+        );
         check_pdb(manifests, &deployment, &object.doc, &mut problems);
     }
 
@@ -375,7 +390,7 @@ fn check(mesh: &MeshFile, manifests: &Manifests) -> Vec<String> {
             problems.push(format!("{at}: no container `edge`"));
             continue;
         };
-        let args = Args::of(&at, "edge", container, &mut problems);
+        let args = Args::of(&at, "edge", "mesh-proxy", container, &mut problems);
         let mut expected = vec![
             ("--edge", format!("0.0.0.0:{}", edge.listen.port())),
             ("--outbound", format!("127.0.0.1:{}", edge.outbound.port())),
@@ -458,6 +473,7 @@ fn check(mesh: &MeshFile, manifests: &Manifests) -> Vec<String> {
 fn check_service_pod(
     service: &trellis::up::mesh::ServiceSpec,
     first: &InstancePlan,
+    registry: &str,
     deployment: &Yaml,
     at: &str,
     problems: &mut Vec<String>,
@@ -477,14 +493,14 @@ fn check_service_pod(
             "{at}: mesh-proxy is not a native sidecar (restartPolicy: Always)"
         ));
     }
-    let args = Args::of(at, "mesh-proxy", sidecar, problems);
+    let args = Args::of(at, "mesh-proxy", "mesh-proxy", sidecar, problems);
     let mut expected = vec![
         ("--app", first.listen.to_string()),
         ("--inbound", format!("0.0.0.0:{}", first.inbound.port())),
         ("--advertise", format!("$(POD_IP):{}", first.inbound.port())),
         ("--outbound", first.outbound.to_string()),
         ("--admin", format!("0.0.0.0:{}", first.admin.port())),
-        ("--registry", format!("{REGISTRY_SERVICE}:7000")),
+        ("--registry", registry.to_owned()),
         ("--metadata", "instance=$(POD_NAME)".to_owned()),
     ];
     if let Some(version) = &service.version {
@@ -497,7 +513,7 @@ fn check_service_pod(
     // The entry's own sidecar_args come last, as trellis up gives them.
     let mut extra = service.sidecar_args.iter();
     while let (Some(flag), Some(value)) = (extra.next(), extra.next()) {
-        expected.push((leak(flag), value.clone()));
+        expected.push((flag.as_str(), value.clone()));
     }
     args.exactly(&expected, problems);
     for (var, field) in [("POD_IP", "status.podIP"), ("POD_NAME", "metadata.name")] {
@@ -623,7 +639,7 @@ fn check_registry(plan: &Plan, manifests: &Manifests, problems: &mut Vec<String>
         problems.push(format!("{at}: no container `registry`"));
         return;
     };
-    let args = Args::of(at, "registry", container, problems);
+    let args = Args::of(at, "registry", "trellis-registry", container, problems);
     let mut expected = vec![
         ("--listen", format!("0.0.0.0:{}", plan.registry.port())),
         ("--admin", format!("0.0.0.0:{}", plan.registry_admin.port())),
@@ -924,9 +940,20 @@ struct Args<'a> {
 }
 
 impl<'a> Args<'a> {
-    fn of(at: &'a str, name: &str, container: &Yaml, problems: &mut Vec<String>) -> Self {
-        let all: Vec<String> = strings(&container["command"])
-            .unwrap_or_default()
+    fn of(
+        at: &'a str,
+        name: &str,
+        program: &str,
+        container: &Yaml,
+        problems: &mut Vec<String>,
+    ) -> Self {
+        let command = strings(&container["command"]).unwrap_or_default();
+        if command.first().map(String::as_str) != Some(program) {
+            problems.push(format!(
+                "{at}: {name} does not run {program} (command {command:?})"
+            ));
+        }
+        let all: Vec<String> = command
             .into_iter()
             .skip(1)
             .chain(strings(&container["args"]).unwrap_or_default())
@@ -977,11 +1004,6 @@ impl<'a> Args<'a> {
             }
         }
     }
-}
-
-/// The flag names of `sidecar_args` live as long as the test.
-fn leak(s: &str) -> &'static str {
-    Box::leak(s.to_owned().into_boxed_str())
 }
 
 fn strings(y: &Yaml) -> Option<Vec<String>> {
