@@ -236,32 +236,7 @@ pub fn write_dev_certs(
     server_names: &[String],
     days: i64,
 ) -> Result<CertReport, anyhow::Error> {
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let ca_cert = dir.join("ca.pem");
-    let ca_key = dir.join("ca.key");
-    let (ca, created_ca) = if ca_cert.exists() || ca_key.exists() {
-        let read = |path: &Path| {
-            std::fs::read_to_string(path).map_err(|source| CertError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        };
-        let cert_pem = read(&ca_cert)?;
-        let key_pem = read(&ca_key)?;
-        let ca = CertAuthority::from_pem(&cert_pem, &key_pem).map_err(|e| CertError::BadCa {
-            path: ca_cert.clone(),
-            reason: e.to_string(),
-        })?;
-        (ca, false)
-    } else {
-        let ca = CertAuthority::generate(trust_domain, days.max(3650))?;
-        write_file(&ca_cert, ca.cert_pem(), false)?;
-        write_file(&ca_key, &ca.key_pem(), true)?;
-        (ca, true)
-    };
+    let (ca, created_ca) = load_or_create_ca(dir, trust_domain, days)?;
     let mut written = Vec::new();
     for name in workloads {
         let id = SpiffeId::for_service(trust_domain, namespace, name)?;
@@ -284,6 +259,182 @@ pub fn write_dev_certs(
         created_ca,
         workloads: written,
     })
+}
+
+/// The CA in `dir` (`ca.pem`, `ca.key`), or a new one written there; true
+/// when it was made now.
+fn load_or_create_ca(
+    dir: &Path,
+    trust_domain: &str,
+    days: i64,
+) -> Result<(CertAuthority, bool), anyhow::Error> {
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let ca_cert = dir.join("ca.pem");
+    let ca_key = dir.join("ca.key");
+    if ca_cert.exists() || ca_key.exists() {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CertError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let cert_pem = read(&ca_cert)?;
+        let key_pem = read(&ca_key)?;
+        let ca = CertAuthority::from_pem(&cert_pem, &key_pem).map_err(|e| CertError::BadCa {
+            path: ca_cert.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok((ca, false))
+    } else {
+        let ca = CertAuthority::generate(trust_domain, days.max(3650))?;
+        write_file(&ca_cert, ca.cert_pem(), false)?;
+        write_file(&ca_key, &ca.key_pem(), true)?;
+        Ok((ca, true))
+    }
+}
+
+/// The Secret holding a workload's identity in Kubernetes: keys `ca.pem`,
+/// `<workload>.pem` and `<workload>.key`, so that mounted on a directory it
+/// looks like a `trellis certs --dir` directory.
+pub fn kubernetes_identity_secret(workload: &str) -> String {
+    format!("identity-{workload}")
+}
+
+/// The Secret (type `kubernetes.io/tls`: `tls.crt`, `tls.key`) holding the
+/// TLS edge's server certificate, made with `--server-name`.
+pub const KUBERNETES_EDGE_SERVER_SECRET: &str = "edge-server-tls";
+
+/// Longest Kubernetes namespace or object name part we make (a DNS label).
+const MAX_DNS_LABEL: usize = 63;
+
+/// What `kubernetes_secrets` made.
+#[derive(Debug)]
+pub struct KubernetesSecrets {
+    /// Whether a new CA was made in the directory (false: the existing one
+    /// was kept).
+    pub created_ca: bool,
+    /// Every Secret's name with the identity its certificate carries
+    /// (`None` for the edge's server certificate).
+    pub secrets: Vec<(String, Option<SpiffeId>)>,
+    /// The Secret manifests: one YAML document per Secret. They hold
+    /// private keys: write them only where keys may be.
+    pub yaml: String,
+}
+
+/// Checks that `name` is a DNS-1123 label (lowercase letters, digits and
+/// `-`, starting and ending with a letter or digit, at most 63 characters),
+/// as Kubernetes namespaces and the names made from workloads must be.
+pub fn check_dns_label(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_DNS_LABEL
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} cannot name a Kubernetes object: use lowercase letters, digits and '-' (not first or last), at most {MAX_DNS_LABEL} characters"
+        ))
+    }
+}
+
+/// Makes (or keeps) the CA in `dir` and issues one certificate per
+/// workload, as Kubernetes Secrets in `namespace` (which is also the
+/// namespace of the SPIFFE IDs): one Secret per identity, named by
+/// [`kubernetes_identity_secret`], holding the CA certificate, the
+/// workload's certificate and its key; with `server_names`, the edge's
+/// TLS certificate as [`KUBERNETES_EDGE_SERVER_SECRET`]. The CA's key stays
+/// in `dir` and is in no Secret; workload keys are written nowhere else.
+pub fn kubernetes_secrets(
+    dir: &Path,
+    trust_domain: &str,
+    namespace: &str,
+    workloads: &[String],
+    server_names: &[String],
+    days: i64,
+) -> Result<KubernetesSecrets, anyhow::Error> {
+    check_dns_label("namespace", namespace).map_err(anyhow::Error::msg)?;
+    if workloads.is_empty() {
+        anyhow::bail!("no workloads: name them with --workload");
+    }
+    let mut ids = Vec::with_capacity(workloads.len());
+    for name in workloads {
+        check_dns_label("workload", name).map_err(anyhow::Error::msg)?;
+        ids.push(SpiffeId::for_service(trust_domain, namespace, name)?);
+    }
+    let (ca, created_ca) = load_or_create_ca(dir, trust_domain, days)?;
+    let mut yaml = String::new();
+    let mut secrets = Vec::new();
+    for (name, id) in workloads.iter().zip(ids) {
+        let issued = ca.issue(&id, days)?;
+        let secret = kubernetes_identity_secret(name);
+        push_secret(
+            &mut yaml,
+            &format!("The identity {id}, valid for {days} days."),
+            &secret,
+            namespace,
+            "Opaque",
+            &[
+                ("ca.pem".to_owned(), ca.cert_pem()),
+                (format!("{name}.pem"), &issued.cert_pem),
+                (format!("{name}.key"), &issued.key_pem),
+            ],
+        );
+        secrets.push((secret, Some(id)));
+    }
+    if !server_names.is_empty() {
+        let issued = ca.issue_server(server_names, days)?;
+        push_secret(
+            &mut yaml,
+            &format!(
+                "The TLS edge's server certificate for {}, valid for {days} days.",
+                server_names.join(", ")
+            ),
+            KUBERNETES_EDGE_SERVER_SECRET,
+            namespace,
+            "kubernetes.io/tls",
+            &[
+                ("tls.crt".to_owned(), &issued.cert_pem),
+                ("tls.key".to_owned(), &issued.key_pem),
+            ],
+        );
+        secrets.push((KUBERNETES_EDGE_SERVER_SECRET.to_owned(), None));
+    }
+    Ok(KubernetesSecrets {
+        created_ca,
+        secrets,
+        yaml,
+    })
+}
+
+/// Appends one Secret document. Names and namespace are DNS labels and the
+/// values PEM (base64 lines between `-----` lines), so nothing needs
+/// quoting; each value is a literal block, as readable as the PEM file.
+fn push_secret(
+    out: &mut String,
+    comment: &str,
+    name: &str,
+    namespace: &str,
+    kind: &str,
+    data: &[(String, &str)],
+) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        out,
+        "---\n# {comment}\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    app.kubernetes.io/part-of: trellis\ntype: {kind}\nstringData:\n"
+    );
+    for (key, pem) in data {
+        let _ = writeln!(out, "  {key}: |");
+        for line in pem.lines() {
+            let _ = writeln!(out, "    {}", line.trim_end_matches('\r'));
+        }
+    }
 }
 
 /// Writes a file; private files are created readable by the owner only.

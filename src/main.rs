@@ -16,32 +16,48 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create the development CA (kept if it exists) and one certificate
-    /// per workload, with SPIFFE IDs spiffe://<trust-domain>/ns/<namespace>/sa/<workload>.
+    /// per workload, with SPIFFE IDs spiffe://<trust-domain>/ns/<namespace>/sa/<workload>;
+    /// with --kubernetes, as Secret manifests for deploy/kubernetes instead.
     Certs {
-        /// Directory to write ca.pem, ca.key, <workload>.pem and <workload>.key into.
+        /// Directory to write ca.pem, ca.key, <workload>.pem and <workload>.key into
+        /// (with --kubernetes, only the CA: the workloads' keys go into the Secrets).
         #[arg(long, default_value = "certs", env = "TRELLIS_CERTS_DIR")]
         dir: PathBuf,
         /// SPIFFE trust domain of the mesh.
         #[arg(long, default_value = DEFAULT_TRUST_DOMAIN, env = "TRELLIS_TRUST_DOMAIN")]
         trust_domain: String,
-        /// Namespace part of every workload's SPIFFE ID.
-        #[arg(long, default_value = DEFAULT_NAMESPACE, env = "TRELLIS_NAMESPACE")]
-        namespace: String,
+        /// Namespace part of every workload's SPIFFE ID; with --kubernetes
+        /// also the Kubernetes namespace of the Secrets. Default: `default`;
+        /// with --kubernetes, `trellis` (that of deploy/kubernetes).
+        #[arg(long, env = "TRELLIS_NAMESPACE")]
+        namespace: Option<String>,
         /// Workloads to issue certificates for (repeat or comma-separate).
-        #[arg(
-            long = "workload",
-            value_delimiter = ',',
-            default_value = "registry,edge,user,usage,settlement"
-        )]
+        /// Default: registry, edge, user, usage, settlement; with
+        /// --kubernetes, registry, edge and every service of --mesh-file.
+        #[arg(long = "workload", value_delimiter = ',')]
         workloads: Vec<String>,
         /// Names external clients dial the edge by (DNS names or IP
         /// addresses; repeat or comma-separate): issues edge-server.pem and
-        /// edge-server.key, the edge's TLS certificate for --edge-tls-cert.
+        /// edge-server.key, the edge's TLS certificate for --edge-tls-cert
+        /// (with --kubernetes, the Secret edge-server-tls).
         #[arg(long = "server-name", value_delimiter = ',')]
         server_names: Vec<String>,
         /// Validity of each workload certificate, in days.
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(i64).range(1..=3650))]
         days: i64,
+        /// Write Kubernetes Secret manifests (one per identity: ca.pem,
+        /// <workload>.pem, <workload>.key) to stdout or --output, for
+        /// deploy/kubernetes; the CA is still made or kept in --dir.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: the file to write the Secrets to (created
+        /// readable by its owner only), instead of stdout.
+        #[arg(long, value_name = "FILE", requires = "kubernetes")]
+        output: Option<PathBuf>,
+        /// With --kubernetes and no --workload: the mesh file whose
+        /// services get identities.
+        #[arg(long, value_name = "FILE", default_value = "trellis.toml")]
+        mesh_file: PathBuf,
     },
     /// Build and run the mesh a mesh file (trellis.toml) describes, on this
     /// machine, and supervise it until Ctrl-C.
@@ -55,6 +71,11 @@ enum Command {
     /// sidecars' metrics. `--once` prints one table and exits.
     Top(trellis::top::TopArgs),
 }
+
+/// The workloads `trellis certs` issues for without --workload.
+const DEFAULT_WORKLOADS: [&str; 5] = ["registry", "edge", "user", "usage", "settlement"];
+/// The namespace of deploy/kubernetes.
+const KUBERNETES_NAMESPACE: &str = "trellis";
 
 fn main() {
     trellis::telemetry::init("warn");
@@ -70,7 +91,34 @@ fn main() {
             workloads,
             server_names,
             days,
+            kubernetes,
+            output,
+            mesh_file,
         } => {
+            if kubernetes {
+                let namespace = namespace.unwrap_or_else(|| KUBERNETES_NAMESPACE.to_owned());
+                let workloads = if workloads.is_empty() {
+                    mesh_workloads(&mesh_file)
+                } else {
+                    workloads
+                };
+                kubernetes_certs(
+                    &dir,
+                    &trust_domain,
+                    &namespace,
+                    &workloads,
+                    &server_names,
+                    days,
+                    output.as_deref(),
+                );
+                return;
+            }
+            let namespace = namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let workloads = if workloads.is_empty() {
+                DEFAULT_WORKLOADS.iter().map(|w| (*w).to_owned()).collect()
+            } else {
+                workloads
+            };
             let report = trellis::certs::write_dev_certs(
                 &dir,
                 &trust_domain,
@@ -96,6 +144,79 @@ fn main() {
                     server_names.join(", ")
                 );
             }
+        }
+    }
+}
+
+/// The identities a mesh file's mesh needs: the registry, the edge, and
+/// each of its services.
+fn mesh_workloads(mesh_file: &std::path::Path) -> Vec<String> {
+    let mesh = trellis::up::mesh::MeshFile::load(mesh_file).unwrap_or_else(|e| {
+        trellis::cli::exit_with(
+            "trellis certs",
+            &format!("{e} (--kubernetes takes its services from --mesh-file, or name them with --workload)"),
+        )
+    });
+    let mut workloads = vec!["registry".to_owned(), "edge".to_owned()];
+    for service in &mesh.services {
+        if !workloads.contains(&service.name) {
+            workloads.push(service.name.clone());
+        }
+    }
+    workloads
+}
+
+/// `trellis certs --kubernetes`: the Secrets to stdout or `output`, what
+/// was done to stderr (stdout is the manifests).
+fn kubernetes_certs(
+    dir: &std::path::Path,
+    trust_domain: &str,
+    namespace: &str,
+    workloads: &[String],
+    server_names: &[String],
+    days: i64,
+    output: Option<&std::path::Path>,
+) {
+    use std::io::Write;
+    fn fail(e: &dyn std::fmt::Display) -> ! {
+        trellis::cli::exit_with("trellis certs", e)
+    }
+    let made = trellis::certs::kubernetes_secrets(
+        dir,
+        trust_domain,
+        namespace,
+        workloads,
+        server_names,
+        days,
+    )
+    .unwrap_or_else(|e| fail(&format!("{e:#}")));
+    let ca = dir.join("ca.pem");
+    let kept = if made.created_ca {
+        "created"
+    } else {
+        "kept existing"
+    };
+    eprintln!("{kept} CA {} (its key stays there)", ca.display());
+    match output {
+        Some(path) => {
+            trellis::certs::write_file(path, &made.yaml, true).unwrap_or_else(|e| fail(&e));
+            eprintln!("wrote {} Secrets to {}", made.secrets.len(), path.display());
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(made.yaml.as_bytes())
+                .and_then(|()| stdout.flush())
+                .unwrap_or_else(|e| fail(&format!("writing the Secrets: {e}")));
+        }
+    }
+    for (secret, id) in &made.secrets {
+        match id {
+            Some(id) => eprintln!("secret/{secret} in {namespace}: {id}"),
+            None => eprintln!(
+                "secret/{secret} in {namespace}: the TLS edge's certificate for {}",
+                server_names.join(", ")
+            ),
         }
     }
 }
