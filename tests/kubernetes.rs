@@ -668,10 +668,11 @@ fn check_registry(plan: &Plan, manifests: &Manifests, problems: &mut Vec<String>
         )),
     }
     let admin = plan.registry_admin.port();
-    for probe in ["readinessProbe", "livenessProbe"] {
-        if !probes(container, probe, "/live", admin) {
+    // Ready while in step with etcd; live while the process runs.
+    for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/live")] {
+        if !probes(container, probe, path, admin) {
             problems.push(format!(
-                "{at}: {probe} is not GET /live on the admin port {admin}"
+                "{at}: {probe} is not GET {path} on the admin port {admin}"
             ));
         }
     }
