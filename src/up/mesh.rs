@@ -85,6 +85,21 @@ pub struct RegistrySection {
     /// Where the registry serves (mTLS), or `auto`.
     #[serde(default = "default_registry_listen")]
     pub listen: Spanned<String>,
+    /// Keep the mesh in etcd (`etcd://host:port[,host:port...]`, an etcd
+    /// that runs already) instead of the registry's state directory.
+    #[serde(default)]
+    pub store: Option<Spanned<String>>,
+    /// How many registry replicas to run (more than one needs `store`);
+    /// every sidecar and edge is given them all.
+    #[serde(default = "default_registry_replicas")]
+    pub replicas: Spanned<usize>,
+}
+
+/// Most registry replicas `trellis up` runs.
+pub const MAX_REGISTRY_REPLICAS: usize = 5;
+
+fn default_registry_replicas() -> Spanned<usize> {
+    Spanned::new(0..0, 1)
 }
 
 /// `[postgres]`.
@@ -223,6 +238,8 @@ fn default_mesh() -> MeshSection {
 fn default_registry() -> RegistrySection {
     RegistrySection {
         listen: default_registry_listen(),
+        store: None,
+        replicas: default_registry_replicas(),
     }
 }
 fn default_edge() -> EdgeSection {
@@ -317,6 +334,34 @@ impl MeshFile {
                 format!("[registry] listen: {m}"),
             )
         })?;
+        let replicas = &raw.registry.replicas;
+        if !(1..=MAX_REGISTRY_REPLICAS).contains(replicas.get_ref()) {
+            return Err(error(
+                Some(replicas.span()),
+                format!(
+                    "[registry] replicas = {}: must be 1 to {MAX_REGISTRY_REPLICAS}",
+                    replicas.get_ref()
+                ),
+            ));
+        }
+        match &raw.registry.store {
+            Some(store) if !store.get_ref().starts_with("etcd://") => {
+                return Err(error(
+                    Some(store.span()),
+                    format!(
+                        "[registry] store = {:?}: must be etcd://host:port[,host:port...] (an etcd that runs already)",
+                        store.get_ref()
+                    ),
+                ));
+            }
+            None if *replicas.get_ref() > 1 => {
+                return Err(error(
+                    Some(replicas.span()),
+                    "[registry] replicas: more than one replica needs a shared store: set [registry] store = \"etcd://host:port\"".to_owned(),
+                ));
+            }
+            _ => {}
+        }
         parse_port_spec(raw.edge.listen.get_ref())
             .map_err(|m| error(Some(raw.edge.listen.span()), format!("[edge] listen: {m}")))?;
         if let Some(tls) = &raw.edge.tls_listen {

@@ -579,38 +579,76 @@ async fn start(
     let fail = |e: anyhow::Error| StartFailure(format!("{e:#}"));
 
     start_traces(cx, running).await?;
-    let registry = cx.spec(
-        "registry",
-        cx.binary("trellis-registry"),
-        [
-            vec![
-                "--listen".to_owned(),
-                plan.registry.to_string(),
-                "--admin".to_owned(),
-                plan.registry_admin.to_string(),
-                "--config-dir".to_owned(),
-                resolve(cx.root, &cx.file.mesh.config_dir)
-                    .display()
-                    .to_string(),
-                "--read-only".to_owned(),
-                "edge,cli".to_owned(),
-                // Instances, leases and name ownership survive a restart.
+    let replicas: Vec<(String, SocketAddr, SocketAddr)> =
+        std::iter::once(("registry".to_owned(), plan.registry, plan.registry_admin))
+            .chain(
+                plan.more_registries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (listen, admin))| (format!("registry-{}", i + 2), *listen, *admin)),
+            )
+            .collect();
+    let mut registries = Vec::new();
+    for (name, listen, admin) in &replicas {
+        let store = match &cx.file.registry.store {
+            // Replicas share the mesh in etcd and hold nothing themselves.
+            Some(store) => vec!["--store".to_owned(), store.get_ref().clone()],
+            // Instances, leases and name ownership survive a restart.
+            None => vec![
                 "--state-dir".to_owned(),
                 cx.state.join("registry").display().to_string(),
             ],
-            cx.identity("registry"),
-        ]
-        .concat(),
-        Duration::from_secs(7),
-    );
-    cx.logs
-        .launcher(format!("starting the registry on {}", plan.registry));
-    let addr = plan.registry;
-    let stage = running.push(Stage::Plain, vec![cx.supervisor.spawn(registry)]);
-    wait_until(cx, stage, "the registry", || async move {
-        tcp_open(addr)
-            .then_some(())
-            .ok_or_else(|| format!("nothing listens on {addr} yet"))
+        };
+        registries.push(
+            cx.supervisor.spawn(
+                cx.spec(
+                    name,
+                    cx.binary("trellis-registry"),
+                    [
+                        vec![
+                            "--listen".to_owned(),
+                            listen.to_string(),
+                            "--admin".to_owned(),
+                            admin.to_string(),
+                            "--config-dir".to_owned(),
+                            resolve(cx.root, &cx.file.mesh.config_dir)
+                                .display()
+                                .to_string(),
+                            "--read-only".to_owned(),
+                            "edge,cli".to_owned(),
+                        ],
+                        store,
+                        cx.identity("registry"),
+                    ]
+                    .concat(),
+                    Duration::from_secs(7),
+                ),
+            ),
+        );
+    }
+    cx.logs.launcher(match &cx.file.registry.store {
+        Some(store) => format!(
+            "starting the registry on {} (store {})",
+            plan.registries(),
+            store.get_ref()
+        ),
+        None => format!("starting the registry on {}", plan.registry),
+    });
+    let stage = running.push(Stage::Plain, registries);
+    let admins: Vec<SocketAddr> = replicas.iter().map(|(_, _, admin)| *admin).collect();
+    wait_until(cx, stage, "the registry", || {
+        let admins = admins.clone();
+        async move {
+            // Ready: listening, and (with etcd) in step with its store.
+            for admin in admins {
+                match http_get(admin, "/ready").await {
+                    Some((200, _)) => {}
+                    Some((_, body)) => return Err(body.trim().to_owned()),
+                    None => return Err(format!("nothing answers on {admin} yet")),
+                }
+            }
+            Ok(())
+        }
     })
     .await?;
 
@@ -627,7 +665,7 @@ async fn start(
                     cx,
                     service,
                     instance,
-                    plan.registry,
+                    &plan.registries(),
                 )));
                 admins.push((instance.name.clone(), instance.admin));
             }
@@ -646,7 +684,7 @@ async fn start(
     let mut edges = Vec::new();
     let mut admins = Vec::new();
     for edge in &plan.edges {
-        edges.push(cx.supervisor.spawn(edge_spec(cx, edge, plan.registry)));
+        edges.push(cx.supervisor.spawn(edge_spec(cx, edge, &plan.registries())));
         admins.push((edge.name.clone(), edge.admin));
     }
     cx.logs.launcher("starting the edge".to_owned());
@@ -826,7 +864,7 @@ fn sidecar_spec(
     cx: &Launch<'_>,
     service: &ServiceSpec,
     instance: &InstancePlan,
-    registry: SocketAddr,
+    registry: &str,
 ) -> ProcessSpec {
     cx.spec(
         &format!("{}-proxy", instance.name),
@@ -842,7 +880,7 @@ fn sidecar_spec(
 fn sidecar_args(
     service: &ServiceSpec,
     instance: &InstancePlan,
-    registry: SocketAddr,
+    registry: &str,
     identity: Vec<String>,
 ) -> Vec<String> {
     let mut args = flags(&[
@@ -850,8 +888,8 @@ fn sidecar_args(
         ("--inbound", instance.inbound),
         ("--outbound", instance.outbound),
         ("--admin", instance.admin),
-        ("--registry", registry),
     ]);
+    args.extend(["--registry".to_owned(), registry.to_owned()]);
     args.extend([
         "--metadata".to_owned(),
         format!("instance={}", instance.name),
@@ -867,13 +905,13 @@ fn sidecar_args(
     args
 }
 
-fn edge_spec(cx: &Launch<'_>, edge: &EdgePlan, registry: SocketAddr) -> ProcessSpec {
+fn edge_spec(cx: &Launch<'_>, edge: &EdgePlan, registry: &str) -> ProcessSpec {
     let mut args = flags(&[
         ("--edge", edge.listen),
         ("--outbound", edge.outbound),
         ("--admin", edge.admin),
-        ("--registry", registry),
     ]);
+    args.extend(["--registry".to_owned(), registry.to_owned()]);
     if edge.tls {
         let file = |name: &str| cx.certs.join(name).display().to_string();
         args.extend([
@@ -1130,6 +1168,7 @@ fn write_run_file(
         "pid": std::process::id(),
         "registry": plan.registry.to_string(),
         "registry_admin": plan.registry_admin.to_string(),
+        "registries": plan.registries(),
         "certs": state.join("certs").display().to_string(),
         "postgres": server.map(|s| s.url()),
         "instances": instances,
@@ -1181,6 +1220,14 @@ fn banner(
         "registry: {} (mTLS; certificates in {certs})  metrics http://{}/metrics\n",
         plan.registry, plan.registry_admin
     ));
+    for (listen, admin) in &plan.more_registries {
+        out.push_str(&format!(
+            "registry replica: {listen}  metrics http://{admin}/metrics\n"
+        ));
+    }
+    if let Some(store) = &cx.file.registry.store {
+        out.push_str(&format!("registry store: {}\n", store.get_ref()));
+    }
     if let Some(server) = server {
         let names: Vec<String> = databases(cx.file).map(|(_, database)| database).collect();
         out.push_str(&format!(
@@ -1339,8 +1386,9 @@ fn banner_text(
 /// The flags `trellis status` needs when this mesh is not on the defaults.
 fn status_flags(cx: &Launch<'_>, plan: &Plan) -> String {
     let mut flags = String::new();
-    if plan.registry != SocketAddr::from(([127, 0, 0, 1], 7000)) {
-        flags.push_str(&format!(" --registry {}", plan.registry));
+    if plan.registry != SocketAddr::from(([127, 0, 0, 1], 7000)) || !plan.more_registries.is_empty()
+    {
+        flags.push_str(&format!(" --registry {}", plan.registries()));
     }
     let default_certs = cx.root.join(".trellis").join("certs");
     if cx.certs != default_certs {
@@ -1372,6 +1420,27 @@ mod tests {
     }
 
     #[test]
+    fn registry_replicas_take_ports_last_and_every_proxy_is_given_them_all() {
+        let service = "[[service]]\nname = \"echo\"\ncommand = [\"x\"]\n";
+        let one =
+            Plan::unchecked(&MeshFile::parse(Path::new("trellis.toml"), service).unwrap()).unwrap();
+        let text =
+            format!("[registry]\nstore = \"etcd://127.0.0.1:2379\"\nreplicas = 3\n{service}");
+        let file = MeshFile::parse(Path::new("trellis.toml"), &text).unwrap();
+        let three = Plan::unchecked(&file).unwrap();
+        // The other addresses stay where one replica had them.
+        assert_eq!(three.registry, one.registry);
+        assert_eq!(three.registry_admin, one.registry_admin);
+        assert_eq!(three.instances[0].listen, one.instances[0].listen);
+        assert_eq!(three.edges[0].admin, one.edges[0].admin);
+        assert_eq!(three.more_registries.len(), 2);
+        let all = three.registries();
+        assert_eq!(all.split(',').count(), 3, "{all}");
+        let args = sidecar_args(&file.services[0], &three.instances[0], &all, Vec::new());
+        assert_eq!(flag(&args, "--registry"), Some(all.as_str()));
+    }
+
+    #[test]
     fn sidecars_register_their_entrys_version_and_zone() {
         let file = mesh(CANARY);
         let plan = Plan::new(&file).unwrap();
@@ -1379,7 +1448,12 @@ mod tests {
         let args_of = |name: &str| {
             let instance = plan.instances.iter().find(|i| i.name == name).unwrap();
             let service = &file.services[instance.entry];
-            sidecar_args(service, instance, plan.registry, identity.clone())
+            sidecar_args(
+                service,
+                instance,
+                &plan.registry.to_string(),
+                identity.clone(),
+            )
         };
 
         let v1 = args_of("echo-v1-2");

@@ -64,6 +64,9 @@ pub struct Plan {
     pub registry: SocketAddr,
     /// The registry's admin port (`/metrics`, `/live`).
     pub registry_admin: SocketAddr,
+    /// More registry replicas (`[registry] replicas`), each where it
+    /// serves and its admin port.
+    pub more_registries: Vec<(SocketAddr, SocketAddr)>,
     /// Every instance, services in dependency order.
     pub instances: Vec<InstancePlan>,
     /// The edges, plaintext first.
@@ -314,13 +317,31 @@ impl Plan {
                 instance.metrics = Some(ports.take(&format!("{} admin", instance.name), path)?);
             }
         }
+        // Last again, for the same reason.
+        let mut more_registries = Vec::new();
+        for n in 2..=*file.registry.replicas.get_ref() {
+            more_registries.push((
+                ports.take(&format!("registry-{n}"), path)?,
+                ports.take(&format!("registry-{n} admin"), path)?,
+            ));
+        }
         Ok(Self {
             registry,
             registry_admin,
+            more_registries,
             instances,
             edges,
             ports,
         })
+    }
+
+    /// Every registry replica's address, for `--registry`.
+    pub fn registries(&self) -> String {
+        std::iter::once(self.registry)
+            .chain(self.more_registries.iter().map(|(listen, _)| *listen))
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// One more port from the range (a private PostgreSQL's).

@@ -338,3 +338,32 @@ fn a_cycle_names_each_service_once() {
     );
     assert!(cycle.contains("cycle: a, b"), "{cycle}");
 }
+
+#[test]
+fn registry_replicas_need_an_etcd_store() {
+    let service = "[[service]]\nname = \"a\"\ncommand = [\"x\"]\n";
+    let no_store = refused(&format!("[registry]\nreplicas = 2\n{service}"));
+    assert!(
+        no_store.starts_with("trellis.toml:2:") && no_store.contains("needs a shared store"),
+        "{no_store}"
+    );
+    let too_many = refused(&format!(
+        "[registry]\nstore = \"etcd://127.0.0.1:2379\"\nreplicas = 9\n{service}"
+    ));
+    assert!(
+        too_many.starts_with("trellis.toml:3:") && too_many.contains("1 to 5"),
+        "{too_many}"
+    );
+    let scheme = refused(&format!(
+        "[registry]\nstore = \"http://127.0.0.1:2379\"\n{service}"
+    ));
+    assert!(
+        scheme.starts_with("trellis.toml:2:") && scheme.contains("etcd://"),
+        "{scheme}"
+    );
+    let file = parse(&format!(
+        "[registry]\nstore = \"etcd://127.0.0.1:2379\"\nreplicas = 2\n{service}"
+    ))
+    .unwrap();
+    assert_eq!(*file.registry.replicas.get_ref(), 2);
+}
