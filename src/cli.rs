@@ -81,6 +81,18 @@ impl RegistryTargets {
         let mut entries: Vec<String> = Vec::new();
         for (i, entry) in text.split(',').enumerate() {
             let entry = entry.trim();
+            if entry.is_empty() {
+                return Err(format!(
+                    "entry {} is empty: give host:port entries separated by single commas",
+                    i + 1
+                ));
+            }
+            if i >= MAX_REGISTRY_TARGETS {
+                return Err(format!(
+                    "entry {} ({entry:?}) is one too many: at most {MAX_REGISTRY_TARGETS} registry addresses may be given",
+                    i + 1
+                ));
+            }
             let valid = entry.rsplit_once(':').is_some_and(|(host, port)| {
                 let host = host.trim_start_matches('[').trim_end_matches(']');
                 !host.is_empty()
@@ -96,12 +108,6 @@ impl RegistryTargets {
             if !entries.iter().any(|e| e == entry) {
                 entries.push(entry.to_owned());
             }
-        }
-        if entries.len() > MAX_REGISTRY_TARGETS {
-            return Err(format!(
-                "{} registry addresses; at most {MAX_REGISTRY_TARGETS} may be given",
-                entries.len()
-            ));
         }
         Ok(Self(entries))
     }
@@ -168,14 +174,31 @@ mod registry_targets_tests {
             RegistryTargets::parse("a:1,a:1").unwrap().entries().len(),
             1
         );
-        for bad in [
-            "", "nonsense", "a:1,,b:2", "a:0", ":7000", "a:70000", "a/b:1",
+        for (bad, named) in [
+            ("", "entry 1 is empty"),
+            ("nonsense", "entry 1 (\"nonsense\")"),
+            ("a:1,,b:2", "entry 2 is empty"),
+            ("a:1,", "entry 2 is empty"),
+            ("a:0", "entry 1 (\"a:0\")"),
+            ("a:1, :7000", "entry 2 (\":7000\")"),
+            ("a:70000", "entry 1 (\"a:70000\")"),
+            ("a/b:1", "entry 1 (\"a/b:1\")"),
         ] {
             let e = RegistryTargets::parse(bad).unwrap_err();
+            assert!(e.contains(named), "{bad}: {e}");
             assert!(e.contains("host:port"), "{bad}: {e}");
         }
-        let many: Vec<String> = (0..17).map(|i| format!("r{i}:7000")).collect();
+        let mut many: Vec<String> = (0..16).map(|i| format!("r{i}:7000")).collect();
+        assert_eq!(
+            RegistryTargets::parse(&many.join(","))
+                .unwrap()
+                .entries()
+                .len(),
+            16
+        );
+        many.push("r16:7000".into());
         let e = RegistryTargets::parse(&many.join(",")).unwrap_err();
+        assert!(e.contains("entry 17 (\"r16:7000\")"), "{e}");
         assert!(e.contains("at most 16"), "{e}");
     }
 }

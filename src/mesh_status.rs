@@ -19,7 +19,6 @@ use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -40,9 +39,6 @@ use registry_pb::{RemovalReason, ServingStatus, WatchEventKind};
 const PROGRAM: &str = "trellis status";
 /// How long one snapshot (both calls, connecting included) may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(12);
-/// How long each of several replicas has to answer before the next is
-/// asked.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often `--watch` refreshes without a pushed change, and retries an
 /// unreachable registry.
 const TICK: Duration = Duration::from_secs(1);
@@ -57,8 +53,9 @@ const RECENT_CHANGES: usize = 8;
 /// `trellis status` and `trellis top` share.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RegistryArgs {
-    /// The registry's address (its Registry and Config APIs, mTLS), or
-    /// several replicas comma-separated: the first that answers is used.
+    /// The registry's address (its Registry and Config APIs, mTLS):
+    /// `host:port`, or several replicas comma-separated (at most 16); the
+    /// first that answers is used.
     #[arg(
         long,
         env = "TRELLIS_REGISTRY",
@@ -194,7 +191,7 @@ pub enum StatusError {
     #[error("cannot reach the registry at {addr}: {detail}\n  ({hint})")]
     Unreachable {
         /// Where it was expected.
-        addr: SocketAddr,
+        addr: String,
         /// The innermost cause (connection refused, TLS alert, ...).
         detail: String,
         /// What to check.
@@ -204,7 +201,7 @@ pub enum StatusError {
     #[error("the registry at {addr} refused {rpc} to {caller}: {code:?}: {message}")]
     Refused {
         /// The registry.
-        addr: SocketAddr,
+        addr: String,
         /// The call, e.g. `RegistryService/Watch`.
         rpc: &'static str,
         /// Our identity.
@@ -218,7 +215,7 @@ pub enum StatusError {
     #[error("{rpc} at the registry {addr} failed: {code:?}: {message}")]
     Failed {
         /// The registry.
-        addr: SocketAddr,
+        addr: String,
         /// The call.
         rpc: &'static str,
         /// The gRPC status code.
@@ -226,11 +223,19 @@ pub enum StatusError {
         /// The message.
         message: String,
     },
+    /// No replica of several answered.
+    #[error("no registry replica answered (tried {}):{}", tried.join(", "), failures.iter().map(|f| format!("\n  - {f}")).collect::<String>())]
+    NoneAnswered {
+        /// Every address tried, in order.
+        tried: Vec<String>,
+        /// What each said, in order.
+        failures: Vec<String>,
+    },
     /// No answer in time.
     #[error("the registry at {addr} did not answer within {timeout:?}")]
     TimedOut {
         /// The registry.
-        addr: SocketAddr,
+        addr: String,
         /// How long we waited.
         timeout: Duration,
     },
@@ -241,14 +246,10 @@ pub enum StatusError {
 /// nothing is registered). With `watch`, follows changes until Ctrl-C and
 /// returns the verdict on the last view.
 pub async fn run(options: StatusOptions, out: &mut impl Write) -> anyhow::Result<bool> {
-    let reader = RegistryReader::connect(&options.access).await?;
-    let mut source = Source {
-        config: ConfigServiceClient::new(reader.channel.clone()),
-        reader,
-    };
+    let reader = RegistryReader::connect(&options.access)?;
+    let mut source = Source { reader };
     let workload_id = source.reader.caller.clone();
     let style = Style {
-        addr: source.reader.addr,
         trust_domain: workload_id.trust_domain().to_owned(),
         caller: workload_id,
         json: options.json,
@@ -278,13 +279,25 @@ pub async fn run(options: StatusOptions, out: &mut impl Write) -> anyhow::Result
 }
 
 /// A read-only client of the registry: the listing of instances that
-/// `trellis status` and `trellis top` share.
+/// `trellis status` and `trellis top` share. Given several replicas, it
+/// asks the one that answered last, and the others in turn when that one
+/// cannot answer.
 #[derive(Debug, Clone)]
 pub struct RegistryReader {
-    addr: SocketAddr,
+    caller: SpiffeId,
+    /// Every replica, in the order given.
+    replicas: Vec<Replica>,
+    /// The one in use: the last that answered.
+    current: usize,
+}
+
+/// One registry replica, for one question.
+#[derive(Debug, Clone)]
+struct Replica {
+    /// Its entry of `--registry`.
+    addr: String,
     caller: SpiffeId,
     channel: Channel,
-    registry: RegistryServiceClient<Channel>,
 }
 
 /// Every instance the registry knows, at one revision.
@@ -296,46 +309,26 @@ pub struct Listing {
     pub instances: Vec<registry_pb::Instance>,
 }
 
-impl RegistryReader {
-    /// Loads the caller's identity and prepares an mTLS channel to the
-    /// registry (connected on first use). Given several replicas, uses
-    /// the first that answers (and serves); when none does, the error
-    /// names each.
-    pub async fn connect(access: &RegistryAccess) -> anyhow::Result<Self> {
-        let addrs = access.registry.resolve_now();
-        let Some(&first) = addrs.first() else {
-            anyhow::bail!("--registry {}: no address resolves", access.registry);
-        };
-        if addrs.len() == 1 {
-            return Self::connect_to(access, first);
+impl StatusError {
+    /// Whether another replica may answer where this one did not: it is
+    /// unreachable, silent or says it cannot serve. A refusal is an answer.
+    fn replica_down(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::TimedOut { .. } => true,
+            Self::Failed { code, .. } => matches!(
+                code,
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+            ),
+            Self::Identity { .. } | Self::Refused { .. } | Self::NoneAnswered { .. } => false,
         }
-        let mut failures = Vec::new();
-        for addr in addrs {
-            let mut reader = Self::connect_to(access, addr)?;
-            let probe = tokio::time::timeout(
-                PROBE_TIMEOUT,
-                reader
-                    .registry
-                    .list_services(registry_pb::ListServicesRequest {}),
-            )
-            .await;
-            match probe {
-                Ok(Ok(_)) => return Ok(reader),
-                Ok(Err(status)) => failures.push(format!(
-                    "{addr}: {}",
-                    reader.error("RegistryService/ListServices", status)
-                )),
-                Err(_) => failures.push(format!("{addr}: no answer within {PROBE_TIMEOUT:?}")),
-            }
-        }
-        anyhow::bail!(
-            "no registry replica of {} answered:\n  {}",
-            access.registry,
-            failures.join("\n  ")
-        )
     }
+}
 
-    fn connect_to(access: &RegistryAccess, addr: SocketAddr) -> anyhow::Result<Self> {
+impl RegistryReader {
+    /// Loads the caller's identity and prepares an mTLS channel to each
+    /// registry replica (connected on first use; names resolved on every
+    /// connection).
+    pub fn connect(access: &RegistryAccess) -> anyhow::Result<Self> {
         let workload =
             Workload::load(&access.identity).map_err(|cause| StatusError::Identity { cause })?;
         let registry_id = match &access.registry_identity {
@@ -349,18 +342,40 @@ impl RegistryReader {
                 "registry",
             )?,
         };
-        let channel = crate::tls::channel(&workload, addr, ExpectedPeer::Exactly(registry_id))?;
+        let caller = workload.id().clone();
+        let replicas = access
+            .registry
+            .entries()
+            .iter()
+            .map(|entry| {
+                let channel = crate::tls::channel_to(
+                    &workload,
+                    entry,
+                    0,
+                    ExpectedPeer::Exactly(registry_id.clone()),
+                )?;
+                Ok(Replica {
+                    addr: entry.clone(),
+                    caller: caller.clone(),
+                    channel,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!replicas.is_empty(), "no registry address given");
         Ok(Self {
-            addr,
-            caller: workload.id().clone(),
-            registry: RegistryServiceClient::new(channel.clone()),
-            channel,
+            caller,
+            replicas,
+            current: 0,
         })
     }
 
-    /// The registry's address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// The address of the replica in use (the last that answered).
+    pub fn addr(&self) -> String {
+        self.replica().addr.clone()
+    }
+
+    fn replica(&self) -> &Replica {
+        &self.replicas[self.current]
     }
 
     /// Who we are to the registry.
@@ -370,24 +385,58 @@ impl RegistryReader {
 
     /// Every instance, sorted by service and instance ID, from the first
     /// message of a Watch with no targets; an error after 12 s without an
-    /// answer.
+    /// answer (per replica).
     pub async fn instances(&mut self) -> Result<Listing, StatusError> {
-        tokio::time::timeout(FETCH_TIMEOUT, self.fetch_instances())
+        self.first_answer(|replica| async move { replica.fetch_instances().await })
             .await
-            .map_err(|_| StatusError::TimedOut {
-                addr: self.addr,
-                timeout: FETCH_TIMEOUT,
-            })?
     }
 
-    async fn fetch_instances(&mut self) -> Result<Listing, StatusError> {
+    /// `ask`'s answer from the replica in use or, when it cannot answer,
+    /// from the next one that does (which is then in use); with several
+    /// replicas and none answering, an error naming each and what it said.
+    async fn first_answer<T, F, Fut>(&mut self, mut ask: F) -> Result<T, StatusError>
+    where
+        F: FnMut(Replica) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StatusError>>,
+    {
+        let n = self.replicas.len();
+        let (mut tried, mut failures) = (Vec::new(), Vec::new());
+        for k in 0..n {
+            let i = (self.current + k) % n;
+            let replica = self.replicas[i].clone();
+            let addr = replica.addr.clone();
+            let answer = tokio::time::timeout(FETCH_TIMEOUT, ask(replica))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StatusError::TimedOut {
+                        addr: addr.clone(),
+                        timeout: FETCH_TIMEOUT,
+                    })
+                });
+            match answer {
+                Err(e) if n > 1 && e.replica_down() => {
+                    failures.push(e.to_string().replace('\n', "\n    "));
+                    tried.push(addr);
+                }
+                answer => {
+                    self.current = i;
+                    return answer;
+                }
+            }
+        }
+        Err(StatusError::NoneAnswered { tried, failures })
+    }
+}
+
+impl Replica {
+    async fn fetch_instances(&self) -> Result<Listing, StatusError> {
         let mut stream = self.open_watch().await?;
         let first = stream
             .message()
             .await
             .map_err(|s| self.error("RegistryService/Watch", s))?
             .ok_or_else(|| StatusError::Failed {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 rpc: "RegistryService/Watch",
                 code: Code::Unavailable,
                 message: "the stream ended before its first snapshot".into(),
@@ -402,12 +451,21 @@ impl RegistryReader {
     }
 
     /// A Watch of the whole registry; its first message is a snapshot.
-    async fn open_watch(&mut self) -> Result<Streaming<registry_pb::WatchResponse>, StatusError> {
-        self.registry
+    async fn open_watch(&self) -> Result<Streaming<registry_pb::WatchResponse>, StatusError> {
+        RegistryServiceClient::new(self.channel.clone())
             .watch(registry_pb::WatchRequest { targets: vec![] })
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| self.error("RegistryService/Watch", s))
+    }
+
+    /// The configuration's revision and problems.
+    async fn config_status(&self) -> Result<config_pb::GetConfigStatusResponse, StatusError> {
+        ConfigServiceClient::new(self.channel.clone())
+            .get_config_status(config_pb::GetConfigStatusRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.error("ConfigService/GetConfigStatus", s))
     }
 
     /// Says what a failed call means for the person running the command.
@@ -417,31 +475,34 @@ impl RegistryReader {
                 std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut => {
                     "is `trellis up` running? Start it, or point --registry (TRELLIS_REGISTRY) at the registry"
                 }
+                std::io::ErrorKind::NotFound => {
+                    "check the name given with --registry (TRELLIS_REGISTRY)"
+                }
                 _ => {
                     "mTLS with it failed: check that --certs holds this mesh's ca.pem and a certificate that CA issued, and that the address is the registry's"
                 }
             };
             return StatusError::Unreachable {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 detail: io.to_string(),
                 hint,
             };
         }
         match status.code() {
             Code::Unavailable => StatusError::Unreachable {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 detail: deepest_message(&status),
                 hint: "is `trellis up` running? Start it, or point --registry (TRELLIS_REGISTRY) at the registry",
             },
             Code::PermissionDenied | Code::Unauthenticated => StatusError::Refused {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 rpc,
                 caller: self.caller.clone(),
                 code: status.code(),
                 message: status.message().to_owned(),
             },
             code => StatusError::Failed {
-                addr: self.addr,
+                addr: self.addr.clone(),
                 rpc,
                 code,
                 message: status.message().to_owned(),
@@ -454,34 +515,25 @@ impl RegistryReader {
 #[derive(Debug)]
 struct Source {
     reader: RegistryReader,
-    config: ConfigServiceClient<Channel>,
 }
 
 impl Source {
-    /// Every instance at one revision, and the configuration's status.
+    /// Every instance at one revision, and the configuration's status,
+    /// from one replica (the first that answers).
     async fn snapshot(&mut self) -> Result<View, StatusError> {
-        tokio::time::timeout(FETCH_TIMEOUT, self.fetch())
+        self.reader
+            .first_answer(|replica| async move {
+                let listing = replica.fetch_instances().await?;
+                let config = replica.config_status().await?;
+                Ok(View {
+                    registry: replica.addr,
+                    revision: listing.revision,
+                    instances: listing.instances,
+                    config,
+                    at: SystemTime::now(),
+                })
+            })
             .await
-            .map_err(|_| StatusError::TimedOut {
-                addr: self.reader.addr,
-                timeout: FETCH_TIMEOUT,
-            })?
-    }
-
-    async fn fetch(&mut self) -> Result<View, StatusError> {
-        let listing = self.reader.fetch_instances().await?;
-        let config = self
-            .config
-            .get_config_status(config_pb::GetConfigStatusRequest {})
-            .await
-            .map_err(|s| self.reader.error("ConfigService/GetConfigStatus", s))?
-            .into_inner();
-        Ok(View {
-            revision: listing.revision,
-            instances: listing.instances,
-            config,
-            at: SystemTime::now(),
-        })
     }
 }
 
@@ -512,6 +564,8 @@ fn deepest_message(error: &(dyn std::error::Error + 'static)) -> String {
 /// One look at the mesh.
 #[derive(Debug, Clone)]
 struct View {
+    /// The replica that answered.
+    registry: String,
     revision: u64,
     /// By service, then instance ID.
     instances: Vec<registry_pb::Instance>,
@@ -643,13 +697,13 @@ async fn follow(
         }
 
         if stream.is_none() {
-            match tokio::time::timeout(TICK * 2, source.reader.open_watch()).await {
+            match tokio::time::timeout(TICK * 2, source.reader.replica().open_watch()).await {
                 Ok(Ok(s)) => stream = Some(s),
                 Ok(Err(e)) => error = Some(e.to_string()),
                 Err(_) => {
                     error = Some(
                         StatusError::TimedOut {
-                            addr: source.reader.addr,
+                            addr: source.reader.addr(),
                             timeout: TICK * 2,
                         }
                         .to_string(),
@@ -668,7 +722,7 @@ async fn follow(
                             stream = None;
                             error = Some(format!(
                                 "the registry at {} ended the watch; reconnecting",
-                                source.reader.addr
+                                source.reader.addr()
                             ));
                             break;
                         }
@@ -676,7 +730,7 @@ async fn follow(
                             stream = None;
                             error = Some(format!(
                                 "lost the watch on the registry at {} ({:?}: {}); reconnecting",
-                                source.reader.addr,
+                                source.reader.addr(),
                                 status.code(),
                                 status.message()
                             ));
@@ -807,7 +861,6 @@ fn health_name(health: ServingStatus) -> &'static str {
 /// How views are written.
 #[derive(Debug)]
 struct Style {
-    addr: SocketAddr,
     trust_domain: String,
     caller: SpiffeId,
     json: bool,
@@ -829,7 +882,7 @@ impl Style {
         let _ = write!(
             s,
             "registry {}  revision {}  as {}",
-            self.addr, view.revision, self.caller
+            view.registry, view.revision, self.caller
         );
         if watching {
             s.push_str("  (watching; Ctrl-C to stop)");
@@ -1023,7 +1076,7 @@ impl Style {
             })
             .collect();
         json!({
-            "registry": self.addr.to_string(),
+            "registry": view.registry,
             "revision": view.revision,
             "services": services,
             "instances": instances,
@@ -1216,6 +1269,7 @@ mod tests {
 
     fn view(instances: Vec<registry_pb::Instance>, problems: usize) -> View {
         View {
+            registry: "127.0.0.1:7000".into(),
             revision: 3,
             instances,
             config: config_pb::GetConfigStatusResponse {
@@ -1318,7 +1372,6 @@ mod tests {
     #[test]
     fn shortens_identities_of_the_own_trust_domain_only() {
         let style = Style {
-            addr: "127.0.0.1:7000".parse().unwrap(),
             trust_domain: "trellis.local".into(),
             caller: SpiffeId::parse("spiffe://trellis.local/ns/default/sa/cli").unwrap(),
             json: false,

@@ -722,7 +722,15 @@ pub fn channel_to(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
             let (config, target) = (config.clone(), target.clone());
             async move {
-                let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(&target).await?.collect();
+                let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(&target)
+                    .await
+                    .map_err(|e| {
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("{target} does not resolve: {e}"),
+                        )
+                    })?
+                    .collect();
                 addrs.truncate(64);
                 if addrs.is_empty() {
                     return Err(io::Error::new(

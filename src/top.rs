@@ -15,7 +15,6 @@ pub mod stats;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -134,7 +133,7 @@ pub async fn command(args: TopArgs) -> i32 {
 /// `once`, otherwise a refresh per interval until Ctrl-C. Returns the exit
 /// status (see [`main`]); an error when the registry cannot be asked.
 pub async fn run(options: TopOptions, out: &mut impl Write) -> anyhow::Result<i32> {
-    let mut reader = RegistryReader::connect(&options.access).await?;
+    let mut reader = RegistryReader::connect(&options.access)?;
     let listing = reader.instances().await?;
     let targets = Targets::select(&listing, options.service.as_deref());
     if let Some(name) = &options.service
@@ -220,6 +219,11 @@ async fn follow(
         };
         let current = read_all(&targets).await;
         let view = View::build(&targets, &previous, &current, true, error);
+        // The replica that answered last (another, after a failover).
+        let style = Style {
+            registry: reader.addr(),
+            ..style.clone()
+        };
         screen.draw(out, &style.text(&view))?;
         previous = current;
     }
@@ -606,9 +610,10 @@ impl View {
 }
 
 /// How views are written.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Style {
-    registry: SocketAddr,
+    /// The registry replica in use.
+    registry: String,
     caller: String,
     interval: Duration,
     live: bool,
@@ -794,7 +799,7 @@ impl Style {
             })
             .collect();
         json!({
-            "registry": self.registry.to_string(),
+            "registry": self.registry,
             "interval_ms": u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX),
             "services": services,
             "instances": instances,
@@ -932,7 +937,7 @@ mod tests {
         assert_eq!((row.reporting.len(), row.known.len()), (1, 3));
         assert_eq!(row.total.rps, 20.0);
         let style = Style {
-            registry: "127.0.0.1:7000".parse().unwrap(),
+            registry: "127.0.0.1:7000".into(),
             caller: "cli".into(),
             interval: Duration::from_secs(2),
             live: false,

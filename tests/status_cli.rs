@@ -23,10 +23,15 @@ fn bin(name: &str) -> PathBuf {
 
 /// `trellis status` as the `cli` identity of `pki`, with `extra` flags.
 fn status_command(pki: &TestPki, registry: SocketAddr, extra: &[&str]) -> Command {
+    status_of(pki, &registry.to_string(), extra)
+}
+
+/// `trellis status --registry LIST` (`A,B,...`).
+fn status_of(pki: &TestPki, registry: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(TRELLIS);
     cmd.arg("status")
         .arg("--registry")
-        .arg(registry.to_string())
+        .arg(registry)
         .arg("--certs")
         .arg(pki.dir())
         .args(extra)
@@ -36,11 +41,15 @@ fn status_command(pki: &TestPki, registry: SocketAddr, extra: &[&str]) -> Comman
 }
 
 fn status(pki: &TestPki, registry: SocketAddr, extra: &[&str]) -> (i32, String, String) {
+    run(status_command(pki, registry, extra))
+}
+
+fn run(mut command: Command) -> (i32, String, String) {
     let Output {
         status,
         stdout,
         stderr,
-    } = status_command(pki, registry, extra).output().unwrap();
+    } = command.output().unwrap();
     (
         status.code().expect("exited, not killed"),
         String::from_utf8_lossy(&stdout).into_owned(),
@@ -120,6 +129,28 @@ fn an_unreachable_registry_or_a_missing_identity_exits_2_with_a_readable_message
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("nobody.pem"), "{stderr}");
     assert!(stderr.contains("--certs"), "{stderr}");
+
+    // Several replicas, none answering: each is named with what it said.
+    let elsewhere = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (code, stdout, stderr) = run(status_of(&pki, &format!("{nowhere},{elsewhere}"), &[]));
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "no registry replica answered (tried {nowhere}, {elsewhere})"
+        )),
+        "{stderr}"
+    );
+    for addr in [nowhere, elsewhere] {
+        assert!(
+            stderr.contains(&format!("cannot reach the registry at {addr}")),
+            "{stderr}"
+        );
+    }
+
+    // A bad list is refused before anything is asked, naming the entry.
+    let (code, _, stderr) = run(status_of(&pki, &format!("{nowhere},,{elsewhere}"), &[]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("entry 2 is empty"), "{stderr}");
 }
 
 #[test]
@@ -191,6 +222,31 @@ fn shows_instances_health_leases_and_config_problems_and_follows_changes() {
         assert!(line_a.contains(wanted), "no {wanted:?} in {line_a:?}");
     }
     assert!(line_with(&all_up, &b).contains(" SERVING "), "{all_up}");
+
+    // Given a dead replica first, the live one answers, and says so.
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (code, failed_over, stderr) = run(status_of(&pki, &format!("{dead},{registry}"), &[]));
+    assert_eq!(code, 0, "{failed_over}{stderr}");
+    assert!(
+        failed_over.contains("2 instances in 1 service, all serving"),
+        "{failed_over}"
+    );
+    assert!(
+        failed_over.contains(&format!("registry {registry}")),
+        "{failed_over}"
+    );
+    let (code, json, stderr) = run(status_of(
+        &pki,
+        &format!("{dead},localhost:{}", registry.port()),
+        &["--json"],
+    ));
+    assert_eq!(code, 0, "{json}{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        json["registry"],
+        format!("localhost:{}", registry.port()),
+        "{json}"
+    );
 
     // Follow along from here, as a pipe (a new block per change).
     let mut watch =

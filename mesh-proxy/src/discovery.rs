@@ -188,6 +188,11 @@ pub struct Discovery {
 
 /// Clients of the control plane: one registry replica at a time, the
 /// next one after a failure.
+///
+/// Every user (the registry watch, config watches, contract fetches, the
+/// lifecycle) takes [`ControlPlane::clients`] before each call and reports
+/// a replica failure with [`ControlPlane::fail_over`]; the first report
+/// moves them all, later reports about the same replica are ignored.
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
     inner: Arc<ControlInner>,
@@ -220,7 +225,57 @@ pub struct ControlClients {
     pub registry: RegistryServiceClient<Channel>,
     /// The Config API.
     pub config: ConfigServiceClient<Channel>,
+    /// The entry of `--registry` they call.
+    pub replica: String,
     generation: u64,
+}
+
+/// Where to go after entry `entry` failed, the proxy having moved
+/// `generation` times before: the next entry (wrapping around), and from
+/// which of its resolved addresses to start (one further each time round
+/// the list, so a name with several addresses is not stuck on a dead one).
+fn next_replica(entry: usize, generation: u64, entries: usize) -> (usize, usize) {
+    let entries = entries.max(1);
+    let next = (entry + 1) % entries;
+    let start = ((generation + 1) / entries as u64) as usize;
+    (next, start)
+}
+
+/// Counts the failures in a row of one user of the control plane: another
+/// replica is tried at once, and the reconnect backoff applies only once
+/// every replica has failed in a row.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempts {
+    replicas: usize,
+    failed_in_a_row: usize,
+}
+
+impl Attempts {
+    /// For a control plane of `replicas` replicas.
+    pub fn new(replicas: usize) -> Self {
+        Self {
+            replicas: replicas.max(1),
+            failed_in_a_row: 0,
+        }
+    }
+
+    /// A call succeeded: the next failure starts a new round.
+    pub fn succeeded(&mut self) {
+        self.failed_in_a_row = 0;
+    }
+
+    /// A call failed (and the proxy moved on); returns whether every
+    /// replica has now failed in a row, i.e. whether to back off before
+    /// the next try.
+    pub fn failed(&mut self) -> bool {
+        self.failed_in_a_row += 1;
+        if self.failed_in_a_row >= self.replicas {
+            self.failed_in_a_row = 0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl ControlPlane {
@@ -264,18 +319,30 @@ impl ControlPlane {
         self.inner.targets.entries().len()
     }
 
+    /// The entry of `--registry` in use.
+    pub fn replica(&self) -> String {
+        self.inner.targets.entries()[self.current().entry].clone()
+    }
+
+    /// A fresh count of failures in a row (see [`Attempts`]).
+    pub fn attempts(&self) -> Attempts {
+        Attempts::new(self.replicas())
+    }
+
     /// Clients of the replica in use.
     pub fn clients(&self) -> ControlClients {
         let current = self.current();
         ControlClients {
             registry: RegistryServiceClient::new(current.channel.clone()),
             config: ConfigServiceClient::new(current.channel),
+            replica: self.inner.targets.entries()[current.entry].clone(),
             generation: current.generation,
         }
     }
 
     /// Whether `status` says the replica (not the request) failed: it is
-    /// gone, or cannot serve (e.g. it lost its store).
+    /// gone or unreachable (transport errors come as UNAVAILABLE or
+    /// UNKNOWN), or cannot serve (e.g. it lost its store).
     pub fn replica_failed(status: &tonic::Status) -> bool {
         matches!(
             status.code(),
@@ -292,10 +359,7 @@ impl ControlPlane {
             return;
         }
         let entries = self.inner.targets.entries();
-        let next = (current.entry + 1) % entries.len();
-        let generation = current.generation + 1;
-        // Addresses of one name are tried from a later one each time round.
-        let start = (generation as usize) / entries.len();
+        let (next, start) = next_replica(current.entry, current.generation, entries.len());
         match trellis::tls::channel_to(
             &self.inner.workload,
             &entries[next],
@@ -314,12 +378,36 @@ impl ControlPlane {
                 }
                 *current = Current {
                     entry: next,
-                    generation,
+                    generation: current.generation + 1,
                     channel,
                 };
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot make a channel to the next registry replica")
+            }
+        }
+    }
+
+    /// Makes one call (`call` is given the clients to use) on the replica
+    /// in use, and again on the next while replicas fail, each replica at
+    /// most once: the result of the first that answers, or the last
+    /// replica's failure.
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(ControlClients) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut attempts = self.attempts();
+        loop {
+            let clients = self.clients();
+            match call(clients.clone()).await {
+                Err(status) if Self::replica_failed(&status) => {
+                    self.fail_over(&clients, &status);
+                    if attempts.failed() {
+                        return Err(status);
+                    }
+                }
+                answered => return answered,
             }
         }
     }
@@ -396,11 +484,13 @@ impl Discovery {
         }
         let reconnect = self.settings.control.reconnect;
         let mut backoff = reconnect.min;
-        let mut tried_in_a_row = 0;
+        let mut attempts = control.attempts();
         loop {
             let clients = control.clients();
             let mut client = clients.registry.clone();
-            match client
+            // Whatever ends the watch moves to the next replica: one that
+            // cannot keep a watch open is of no use to follow.
+            let lost = match client
                 .watch(registry_pb::WatchRequest { targets: vec![] })
                 .await
             {
@@ -419,43 +509,39 @@ impl Discovery {
                         match message {
                             Ok(Some(event)) => {
                                 backoff = reconnect.min;
-                                tried_in_a_row = 0;
+                                attempts.succeeded();
                                 self.apply(&control, event);
                             }
                             Ok(None) => {
                                 tracing::warn!(
+                                    registry = %clients.replica,
                                     "registry ended the watch; routing from the last known endpoints"
                                 );
-                                control.fail_over(
-                                    &clients,
-                                    &tonic::Status::unavailable("the watch ended"),
-                                );
-                                break;
+                                break tonic::Status::unavailable("the registry ended the watch");
                             }
                             Err(status) => {
-                                tracing::warn!(code = ?status.code(), message = status.message(), "registry watch lost; routing from the last known endpoints");
-                                control.fail_over(&clients, &status);
-                                break;
+                                tracing::warn!(registry = %clients.replica, code = ?status.code(), message = status.message(), "registry watch lost; routing from the last known endpoints");
+                                break status;
                             }
                         }
                     }
                 }
                 Err(status) => {
-                    tracing::warn!(code = ?status.code(), message = status.message(), retry_ms = backoff.as_millis() as u64, "cannot watch the registry; routing from the last known endpoints");
-                    if ControlPlane::replica_failed(&status) {
-                        control.fail_over(&clients, &status);
-                    }
+                    tracing::warn!(registry = %clients.replica, code = ?status.code(), message = status.message(), "cannot watch the registry; routing from the last known endpoints");
+                    status
                 }
-            }
+            };
+            control.fail_over(&clients, &lost);
             // Another replica is tried at once; the same one (or all of
             // them in turn) only after the backoff.
-            if control.replicas() > 1 && tried_in_a_row + 1 < control.replicas() {
-                tried_in_a_row += 1;
-                continue;
+            if attempts.failed() {
+                tracing::debug!(
+                    retry_ms = backoff.as_millis() as u64,
+                    "no registry replica keeps a watch open; waiting"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = reconnect.next(backoff);
             }
-            tried_in_a_row = 0;
-            tokio::time::sleep(backoff).await;
-            backoff = reconnect.next(backoff);
         }
     }
 
@@ -471,33 +557,47 @@ impl Discovery {
                     .collect();
                 let previous = std::mem::replace(&mut self.instances, fresh);
                 let first = !self.view.synced.swap(true, Ordering::AcqRel);
-                // Revisions only grow within one registry's life: a
-                // resubscription that goes back in time is a registry that
-                // restarted and forgot its instances, not one that saw
-                // them go. Keep what it forgot until the old leases run
-                // out; the instances register again long before.
-                let forgot = !first && !event.resync && event.revision < last_revision;
+                // A snapshot at the last revision seen or later (the same
+                // registry, or another replica of one shared store, whose
+                // revisions are the same) is the whole truth: it replaces
+                // the view, and what it lacks is gone. One that goes back
+                // in time is a registry that restarted and forgot its
+                // instances, or a replica with a store of its own (or one
+                // not caught up), not one that saw them go. Keep what it
+                // lacks until the old leases run out; the instances
+                // register again long before.
+                let behind = !first && !event.resync && event.revision < last_revision;
+                if !behind {
+                    self.held.clear();
+                }
+                // What the registry lists is no longer only held.
+                let listed = &self.instances;
+                self.held.retain(|id, _| !listed.contains_key(id));
                 for (id, instance) in previous {
-                    if self.instances.contains_key(&id) {
+                    if !behind || self.instances.contains_key(&id) {
                         continue;
                     }
-                    if forgot && !self.held.contains_key(&id) {
+                    if !self.held.contains_key(&id) {
                         self.held.insert(
                             id.clone(),
                             held_until(&instance, self.settings.control.hold_without_lease),
                         );
                     }
-                    if self.held.contains_key(&id) {
-                        self.instances.insert(id, instance);
-                    }
+                    self.instances.insert(id, instance);
                 }
                 if first {
-                    tracing::info!(instances = self.instances.len(), "first registry snapshot");
+                    tracing::info!(
+                        instances = self.instances.len(),
+                        revision = event.revision,
+                        "first registry snapshot"
+                    );
                 } else {
                     tracing::info!(
                         instances = self.instances.len(),
                         held = self.held.len(),
-                        registry_restarted = forgot,
+                        revision = event.revision,
+                        last_revision,
+                        behind,
                         "registry resubscribed"
                     );
                 }
@@ -513,11 +613,13 @@ impl Discovery {
                             self.fetched_contracts.remove(s);
                         }
                     }
+                    self.held.remove(&i.instance_id);
                     self.instances.insert(i.instance_id.clone(), i);
                 }
             }
             Kind::Remove => {
                 for i in event.instances {
+                    self.held.remove(&i.instance_id);
                     self.instances.remove(&i.instance_id);
                 }
             }
@@ -764,8 +866,15 @@ fn held_until(instance: &registry_pb::Instance, otherwise: Duration) -> SystemTi
         .unwrap_or_else(|| SystemTime::now() + otherwise)
 }
 
-/// Follows one mesh service's configuration, watching again after
-/// `reconnect` when the watch ends.
+/// Follows one mesh service's configuration, watching again when the
+/// watch ends: at once on the next replica, after `reconnect` once every
+/// replica has failed in a row.
+///
+/// Config revisions are not compared across watches: each replica reads
+/// its own `--config-dir` and numbers its versions itself, so another
+/// replica's first value (its version in force, whatever its number)
+/// replaces the policy. Until that value arrives, and whenever a watch
+/// breaks, the last policy stays in force.
 async fn watch_config(
     control: ControlPlane,
     view: Arc<MeshView>,
@@ -773,32 +882,31 @@ async fn watch_config(
     reconnect: settings::Backoff,
 ) {
     let mut backoff = reconnect.min;
+    let mut attempts = control.attempts();
     loop {
         let clients = control.clients();
         let mut client = clients.config.clone();
         let request = config_pb::WatchConfigRequest {
             service: service.clone(),
         };
-        match client.watch_config(request).await {
+        let lost = match client.watch_config(request).await {
             Ok(response) => {
                 let mut stream = response.into_inner();
                 loop {
                     let update = match stream.message().await {
                         Ok(Some(update)) => update,
-                        Ok(None) => break,
-                        Err(status) => {
-                            if ControlPlane::replica_failed(&status) {
-                                control.fail_over(&clients, &status);
-                            }
-                            break;
+                        Ok(None) => {
+                            break tonic::Status::unavailable("the registry ended the watch");
                         }
+                        Err(status) => break status,
                     };
                     backoff = reconnect.min;
+                    attempts.succeeded();
                     let Some(config) = update.config else {
                         continue;
                     };
                     let policy = Arc::new(ServicePolicy::from_proto(&config));
-                    tracing::debug!(%service, revision = update.revision, "config updated");
+                    tracing::debug!(%service, registry = %clients.replica, revision = update.revision, "config updated");
                     view.policies.rcu(|current| {
                         let mut next = HashMap::clone(current);
                         next.insert(service.clone(), policy.clone());
@@ -806,12 +914,17 @@ async fn watch_config(
                     });
                 }
             }
-            Err(status) => {
-                tracing::debug!(%service, code = ?status.code(), message = status.message(), "cannot watch config");
-                if ControlPlane::replica_failed(&status) {
-                    control.fail_over(&clients, &status);
-                }
+            Err(status) => status,
+        };
+        tracing::debug!(%service, registry = %clients.replica, code = ?lost.code(), message = lost.message(), "config watch lost; keeping the last policy");
+        if ControlPlane::replica_failed(&lost) {
+            control.fail_over(&clients, &lost);
+            if !attempts.failed() {
+                continue;
             }
+        } else {
+            // Refused (say, an invalid name): no replica would do better.
+            attempts.succeeded();
         }
         tokio::time::sleep(backoff).await;
         backoff = reconnect.next(backoff);
@@ -821,11 +934,16 @@ async fn watch_config(
 /// Learns which methods of `grpc_service` its contract marks safe to
 /// repeat (`idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT).
 async fn fetch_contract(control: ControlPlane, view: Arc<MeshView>, grpc_service: String) {
-    let mut client = control.clients().registry;
     let request = registry_pb::GetServiceDescriptorsRequest {
         grpc_service: grpc_service.clone(),
     };
-    let files = match client.get_service_descriptors(request).await {
+    let fetched = control
+        .call(|mut clients| {
+            let request = request.clone();
+            async move { clients.registry.get_service_descriptors(request).await }
+        })
+        .await;
+    let files = match fetched {
         Ok(r) => r.into_inner().file_descriptors,
         Err(status) => {
             // Registered without descriptors: only config can mark methods safe.
@@ -901,6 +1019,208 @@ pub fn contract_methods(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trellis_test_support::TestPki;
+
+    #[test]
+    fn failing_over_goes_round_the_replicas_in_order() {
+        // Three entries: 0 -> 1 -> 2 -> 0 ..., each name's addresses tried
+        // from one further each time round the list.
+        let mut entry = 0;
+        let mut order = Vec::new();
+        for generation in 0..7 {
+            let (next, start) = next_replica(entry, generation, 3);
+            order.push((next, start));
+            entry = next;
+        }
+        assert_eq!(
+            order,
+            [(1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2), (1, 2)]
+        );
+        // One entry: always itself, from its next address.
+        assert_eq!(next_replica(0, 0, 1), (0, 1));
+        assert_eq!(next_replica(0, 4, 1), (0, 5));
+    }
+
+    #[test]
+    fn backoff_only_once_every_replica_failed_in_a_row() {
+        let mut one = Attempts::new(1);
+        assert!(one.failed());
+        assert!(one.failed());
+
+        let mut three = Attempts::new(3);
+        let rounds: Vec<bool> = (0..6).map(|_| three.failed()).collect();
+        assert_eq!(rounds, [false, false, true, false, false, true]);
+        assert!(!three.failed());
+        three.succeeded();
+        assert!(!three.failed());
+        assert!(!three.failed());
+        assert!(three.failed());
+    }
+
+    fn workload(pki: &TestPki, service: &str) -> Arc<Workload> {
+        Arc::new(Workload::load(&pki.issue(service, service)).unwrap())
+    }
+
+    #[tokio::test]
+    async fn one_failure_moves_every_user_once() {
+        let pki = TestPki::new("trellis.local");
+        let targets = RegistryTargets::parse("127.0.0.1:1,registry.invalid:2,127.0.0.1:3").unwrap();
+        let control =
+            ControlPlane::new(workload(&pki, "echo"), targets, pki.id("registry")).unwrap();
+        assert_eq!(control.replicas(), 3);
+        let down = tonic::Status::unavailable("gone");
+
+        // Two users hold clients of the first replica; both see it fail.
+        let (a, b) = (control.clients(), control.clients());
+        assert_eq!(a.replica, "127.0.0.1:1");
+        control.fail_over(&a, &down);
+        assert_eq!(control.replica(), "registry.invalid:2");
+        // The second report is about a replica already left.
+        control.fail_over(&b, &down);
+        assert_eq!(control.replica(), "registry.invalid:2");
+
+        let c = control.clients();
+        assert_eq!(c.replica, "registry.invalid:2");
+        control.fail_over(&c, &down);
+        assert_eq!(control.replica(), "127.0.0.1:3");
+        control.fail_over(&control.clients(), &down);
+        assert_eq!(control.replica(), "127.0.0.1:1", "wraps around");
+    }
+
+    #[tokio::test]
+    async fn a_call_tries_each_replica_once_and_stops_at_an_answer() {
+        let pki = TestPki::new("trellis.local");
+        let targets = RegistryTargets::parse("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3").unwrap();
+        let control =
+            ControlPlane::new(workload(&pki, "echo"), targets, pki.id("registry")).unwrap();
+
+        // Every replica down: each is asked once, then the failure.
+        let mut asked = Vec::new();
+        let r: Result<(), _> = control
+            .call(|c| {
+                asked.push(c.replica.clone());
+                async { Err(tonic::Status::unavailable("gone")) }
+            })
+            .await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(asked, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+
+        // A replica that answers, even NOT_FOUND, ends the call there.
+        let mut asked = Vec::new();
+        let r: Result<(), _> = control
+            .call(|c| {
+                asked.push(c.replica.clone());
+                let answer = if c.replica == "127.0.0.1:2" {
+                    tonic::Status::not_found("no such lease")
+                } else {
+                    tonic::Status::unavailable("gone")
+                };
+                async move { Err(answer) }
+            })
+            .await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(asked, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(control.replica(), "127.0.0.1:2");
+    }
+
+    fn instance(id: &str, port: u16) -> registry_pb::Instance {
+        registry_pb::Instance {
+            instance_id: id.into(),
+            service: "echo".into(),
+            address: format!("127.0.0.1:{port}"),
+            identity: "spiffe://trellis.local/ns/default/sa/echo".into(),
+            grpc_services: vec!["trellis.echo.v1.EchoService".into()],
+            health: registry_pb::ServingStatus::Serving as i32,
+            lease_expires_at: Some((SystemTime::now() + Duration::from_secs(60)).into()),
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(revision: u64, instances: &[registry_pb::Instance]) -> registry_pb::WatchResponse {
+        registry_pb::WatchResponse {
+            revision,
+            kind: registry_pb::WatchEventKind::Snapshot as i32,
+            instances: instances.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn ids(discovery: &Discovery) -> Vec<String> {
+        let mut ids: Vec<String> = discovery.instances.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_from_another_replica_replaces_the_view_unless_it_is_behind() {
+        let pki = TestPki::new("trellis.local");
+        let workload = workload(&pki, "caller");
+        let control = ControlPlane::new(
+            workload.clone(),
+            RegistryTargets::parse("127.0.0.1:1,127.0.0.1:2").unwrap(),
+            pki.id("registry"),
+        )
+        .unwrap();
+        let mut discovery = Discovery::new(
+            workload,
+            Vec::new(),
+            false,
+            settings::Settings::default(),
+            "",
+        );
+        let (x, y, z) = (
+            instance("x", 1001),
+            instance("y", 1002),
+            instance("z", 1003),
+        );
+
+        discovery.apply(&control, snapshot(10, &[x.clone(), y.clone()]));
+        assert!(discovery.view.synced.load(Ordering::Acquire));
+        assert_eq!(ids(&discovery), ["x", "y"]);
+
+        // A replica at a later revision (or the same): its view, whole.
+        discovery.apply(&control, snapshot(12, std::slice::from_ref(&x)));
+        assert_eq!(ids(&discovery), ["x"]);
+        assert!(discovery.held.is_empty());
+        discovery.apply(&control, snapshot(12, &[]));
+        assert!(ids(&discovery).is_empty());
+
+        // One behind (a store of its own, or not caught up): what it lacks
+        // is held until its lease runs out...
+        discovery.apply(&control, snapshot(30, &[x.clone(), y.clone()]));
+        discovery.apply(&control, snapshot(4, std::slice::from_ref(&z)));
+        assert_eq!(ids(&discovery), ["x", "y", "z"]);
+        assert_eq!(discovery.held.len(), 2);
+        // ...or until it is listed again, under its ID or, registered
+        // again, under a new one at the same address and identity.
+        let y_again = registry_pb::Instance {
+            instance_id: "y2".into(),
+            ..y.clone()
+        };
+        discovery.apply(
+            &control,
+            registry_pb::WatchResponse {
+                revision: 5,
+                kind: registry_pb::WatchEventKind::Upsert as i32,
+                instances: vec![y_again],
+                ..Default::default()
+            },
+        );
+        assert_eq!(ids(&discovery), ["x", "y2", "z"]);
+        assert_eq!(discovery.held.keys().collect::<Vec<_>>(), ["x"]);
+        // A later snapshot at or past the last revision seen ends holding.
+        discovery.apply(&control, snapshot(5, std::slice::from_ref(&z)));
+        assert_eq!(ids(&discovery), ["z"]);
+        assert!(discovery.held.is_empty());
+
+        // Behind again with an expired lease: not held at all.
+        let mut old = instance("old", 1004);
+        old.lease_expires_at = Some((SystemTime::now() - Duration::from_secs(1)).into());
+        discovery.apply(&control, snapshot(9, &[z.clone(), old]));
+        discovery.apply(&control, snapshot(2, std::slice::from_ref(&z)));
+        assert_eq!(ids(&discovery), ["z"]);
+        assert!(discovery.held.is_empty());
+    }
 
     #[test]
     fn contract_marks_read_and_idempotent_methods_safe() {

@@ -172,11 +172,8 @@ async fn run(
     };
     tracing::info!(service = %registration.service, grpc_services = ?grpc_services, "local service is serving");
 
-    let mut clients = control.clients();
-    let replicas = control.replicas();
     let reconnect = settings.reconnect;
     let mut backoff = reconnect.min;
-    let mut tried_in_a_row = 0;
     loop {
         let request = pb::RegisterRequest {
             service: registration.service.clone(),
@@ -189,25 +186,18 @@ async fn run(
             lease_ttl: Some(duration(registration.lease_ttl)),
             file_descriptors: files.clone(),
         };
+        // Every replica is tried in turn before the backoff.
         let registered_now = tokio::select! {
-            r = clients.registry.register(request) => r,
+            r = control.call(|mut c| {
+                let request = request.clone();
+                async move { c.registry.register(request).await }
+            }) => r,
             _ = &mut stop => return,
         };
         let response = match registered_now {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                if ControlPlane::replica_failed(&status) {
-                    control.fail_over(&clients, &status);
-                    clients = control.clients();
-                    // Another replica at once; all of them in turn after
-                    // the backoff.
-                    if replicas > 1 && tried_in_a_row + 1 < replicas {
-                        tried_in_a_row += 1;
-                        continue;
-                    }
-                }
-                tried_in_a_row = 0;
-                tracing::warn!(code = ?status.code(), message = status.message(), retry_ms = backoff.as_millis() as u64, "cannot register with the registry");
+                tracing::warn!(registry = %control.replica(), code = ?status.code(), message = status.message(), retry_ms = backoff.as_millis() as u64, "cannot register with the registry");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = &mut stop => return,
@@ -217,66 +207,73 @@ async fn run(
             }
         };
         backoff = reconnect.min;
-        tried_in_a_row = 0;
         let instance_id = response.instance_id;
         let lease_id = response.lease_id;
         let ttl = response
             .ttl
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
             .unwrap_or(registration.lease_ttl);
-        tracing::info!(instance = %instance_id, address = %registration.advertise, ttl_ms = ttl.as_millis() as u64, "registered");
+        tracing::info!(instance = %instance_id, address = %registration.advertise, registry = %control.replica(), ttl_ms = ttl.as_millis() as u64, "registered");
         let _ = registered.send(true);
 
-        // Hold the lease; mirror health; until stopped or forgotten.
+        // Hold the lease; mirror health; until stopped or forgotten. Each
+        // call goes to the replica in use (a lease granted through one
+        // replica of a shared store renews through any other); NOT_FOUND
+        // means the replica does not know the instance (a restarted
+        // registry, or a replica with a store of its own): register again.
+        let renew_lease = || {
+            control.call(|mut c| {
+                let request = pb::RenewLeaseRequest {
+                    lease_id: lease_id.clone(),
+                };
+                async move { c.registry.renew_lease(request).await }
+            })
+        };
         let mut renew = tokio::time::interval(ttl / 3);
         renew.tick().await;
         // Snapshots before this registration say nothing about it.
         snapshots.mark_unchanged();
         let forgotten = loop {
             tokio::select! {
-                // A new watch may be a restarted registry that lost the
-                // lease: renewing now finds out at once (NOT_FOUND) rather
-                // than up to a third of the lease later, while callers
-                // route from a view that lacks this instance.
+                // A new watch may be a restarted registry, or another
+                // replica, that does not know the lease: renewing now finds
+                // out at once (NOT_FOUND) rather than up to a third of the
+                // lease later, while callers route from a view that lacks
+                // this instance.
                 Ok(()) = snapshots.changed() => {
-                    let r = clients.registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
-                    match r {
+                    match renew_lease().await {
                         Ok(_) => {}
                         Err(s) if s.code() == tonic::Code::NotFound => break true,
-                        Err(s) => {
-                            tracing::warn!(code = ?s.code(), message = s.message(), "cannot renew the lease after the registry watch reconnected; will keep trying");
-                            clients = failed_over(&control, &clients, &s);
-                        }
+                        Err(s) => tracing::warn!(registry = %control.replica(), code = ?s.code(), message = s.message(), "cannot renew the lease after the registry watch reconnected; will keep trying"),
                     }
                 }
                 _ = renew.tick() => {
-                    let r = clients.registry.renew_lease(pb::RenewLeaseRequest { lease_id: lease_id.clone() }).await;
-                    match r {
+                    match renew_lease().await {
                         Ok(_) => {}
                         Err(s) if s.code() == tonic::Code::NotFound => break true,
-                        Err(s) => {
-                            tracing::warn!(code = ?s.code(), message = s.message(), "cannot renew the lease; will keep trying");
-                            clients = failed_over(&control, &clients, &s);
-                        }
+                        Err(s) => tracing::warn!(registry = %control.replica(), code = ?s.code(), message = s.message(), "cannot renew the lease; will keep trying"),
                     }
                 }
                 changed = health.changed() => {
                     if changed.is_err() { break false; }
                     let status = *health.borrow_and_update();
                     tracing::info!(health = ?status, "local service health changed");
-                    let r = clients.registry.set_health(pb::SetHealthRequest { instance_id: instance_id.clone(), health: status as i32 }).await;
+                    let r = control.call(|mut c| {
+                        let request = pb::SetHealthRequest { instance_id: instance_id.clone(), health: status as i32 };
+                        async move { c.registry.set_health(request).await }
+                    }).await;
                     match r {
                         Ok(_) => {}
                         Err(s) if s.code() == tonic::Code::NotFound => break true,
-                        Err(s) => {
-                            tracing::warn!(code = ?s.code(), message = s.message(), "cannot report health");
-                            clients = failed_over(&control, &clients, &s);
-                        }
+                        Err(s) => tracing::warn!(registry = %control.replica(), code = ?s.code(), message = s.message(), "cannot report health"),
                     }
                 }
                 _ = &mut stop => {
                     let _ = registered.send(false);
-                    let r = clients.registry.deregister(pb::DeregisterRequest { instance_id: instance_id.clone() }).await;
+                    let r = control.call(|mut c| {
+                        let request = pb::DeregisterRequest { instance_id: instance_id.clone() };
+                        async move { c.registry.deregister(request).await }
+                    }).await;
                     match r {
                         Ok(_) => tracing::info!(instance = %instance_id, "deregistered"),
                         Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "deregistration failed; the lease will expire instead"),
@@ -287,25 +284,10 @@ async fn run(
         };
         let _ = registered.send(false);
         if forgotten {
-            tracing::warn!(instance = %instance_id, "the registry no longer knows this instance; registering again");
+            tracing::warn!(instance = %instance_id, registry = %control.replica(), "the registry no longer knows this instance; registering again");
         } else {
             return;
         }
-    }
-}
-
-/// The clients to use after a call failed with `status`: another
-/// replica's when the replica failed, the same ones otherwise.
-fn failed_over(
-    control: &ControlPlane,
-    used: &crate::discovery::ControlClients,
-    status: &tonic::Status,
-) -> crate::discovery::ControlClients {
-    if ControlPlane::replica_failed(status) {
-        control.fail_over(used, status);
-        control.clients()
-    } else {
-        used.clone()
     }
 }
 
