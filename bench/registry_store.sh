@@ -244,7 +244,7 @@ def by_position(values, sep, form="{:.2f}"):
 watchers = sorted({int(r["watchers"]) for runs in rows.values() for r in runs})
 watchers = "/".join(f"{w:,}" for w in watchers) or "?"
 print(f"| setup | registrations/s, no watchers | registrations/s, {watchers} watchers "
-      f"| change reaches all {watchers} watchers, median | p99 "
+      f"| change reaches all {watchers} watchers, median | p99 (the rounds' median) "
       "| per replica (written through / other) | registry RSS (MiB) |")
 print("|---|---|---|---|---|---|---|")
 for setup, runs in rows.items():

@@ -190,7 +190,8 @@ impl EtcdCluster {
         }
     }
 
-    /// Whether member `i` runs.
+    /// Whether member `i` runs: started, and not killed since (a member
+    /// that exits by itself is not noticed here).
     pub fn is_running(&self, i: usize) -> bool {
         self.members[i].process.is_some()
     }
