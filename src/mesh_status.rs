@@ -489,6 +489,18 @@ impl Replica {
             };
         }
         match status.code() {
+            // The registry answered, but cannot serve (e.g. a replica that
+            // lost its etcd store): its own message says why.
+            Code::Unavailable
+                if !status.message().is_empty() && std::error::Error::source(&status).is_none() =>
+            {
+                StatusError::Failed {
+                    addr: self.addr.clone(),
+                    rpc,
+                    code: Code::Unavailable,
+                    message: status.message().to_owned(),
+                }
+            }
             Code::Unavailable => StatusError::Unreachable {
                 addr: self.addr.clone(),
                 detail: deepest_message(&status),
