@@ -6,16 +6,10 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::up::Up;
-use tonic::transport::Channel;
-use trellis::pb::trellis::echo::v1 as echo;
-use trellis_test_support::{EtcdCluster, workspace_binary};
-
-use echo::echo_service_client::EchoServiceClient;
+use trellis_test_support::{EchoLoad, EtcdCluster, workspace_binary};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn trellis_up_runs_registry_replicas_on_etcd() {
@@ -43,8 +37,14 @@ async fn trellis_up_runs_registry_replicas_on_etcd() {
     assert!(store.contains(&etcd.store_url()), "{store}");
 
     // Every proxy was given both replicas; trellis status reads either.
+    let run_file = state.join("run").join("up.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !run_file.exists() {
+        assert!(Instant::now() < deadline, "no {}", run_file.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let run: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.join("run").join("up.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(&run_file).unwrap()).unwrap();
     let registries = run["registries"].as_str().unwrap().to_owned();
     assert_eq!(registries.split(',').count(), 2, "{run}");
     let status = std::process::Command::new(workspace_binary("trellis"))
@@ -57,47 +57,17 @@ async fn trellis_up_runs_registry_replicas_on_etcd() {
 
     // Steady calls through the edge while a replica is SIGKILLed (and
     // restarted by the launcher) and an etcd member is down.
-    let client = EchoServiceClient::new(
-        Channel::from_shared(format!("http://{}", up.edge))
-            .unwrap()
-            .connect_lazy(),
-    );
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let (ok, failed, stop, client) = (ok.clone(), failed.clone(), stop.clone(), client.clone());
-        tokio::spawn(async move {
-            let mut last_error = None;
-            while !stop.load(Ordering::Relaxed) {
-                let mut client = client.clone();
-                let call = client.echo(echo::EchoRequest {
-                    message: "up".into(),
-                    payload: Vec::new(),
-                });
-                match call.await {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        last_error = Some(e);
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            last_error
-        })
-    };
+    let load = EchoLoad::start(up.edge);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let restarted = up
         .kill_and_wait_restart("registry", Duration::from_secs(20))
         .await;
     etcd.kill(1);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let last_error = load.await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed, errors) = load.stop().await;
     eprintln!("registry restarted in {restarted:?}; {ok} calls, {failed} failed");
     assert!(ok > 100, "too few calls: {ok}");
-    assert_eq!(failed, 0, "{last_error:?}");
+    assert_eq!(failed, 0, "{errors:?}");
 
     // With the etcd member still down, a SIGKILLed sidecar, restarted by
     // the launcher, registers again: the control plane takes

@@ -8,8 +8,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
@@ -17,8 +15,8 @@ use trellis::pb::trellis::echo::v1 as echo;
 use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
 use trellis_test_support::{
-    ProxyOptions, RunningEcho, RunningProxy, RunningRegistry, TestPki, free_port, sibling_binary,
-    spawn_echo, spawn_proxy, spawn_registry,
+    EchoLoad, ProxyOptions, RunningEcho, RunningProxy, RunningRegistry, TestPki, free_port,
+    sibling_binary, spawn_echo, spawn_proxy, spawn_registry,
 };
 
 use echo::echo_service_client::EchoServiceClient;
@@ -144,47 +142,6 @@ fn say(message: &str) -> echo::EchoRequest {
     }
 }
 
-/// Calls through `client` every 5 ms until `stop`, counting successes and
-/// failures (and keeping the first few errors).
-fn steady_load(
-    client: EchoServiceClient<Channel>,
-    stop: Arc<AtomicBool>,
-) -> (
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-    tokio::task::JoinHandle<Vec<String>>,
-) {
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (ok2, failed2) = (ok.clone(), failed.clone());
-    let task = tokio::spawn(async move {
-        let mut errors = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        while !stop.load(Ordering::Relaxed) {
-            tick.tick().await;
-            let mut client = client.clone();
-            match tokio::time::timeout(Duration::from_secs(5), client.echo(say("x"))).await {
-                Ok(Ok(_)) => {
-                    ok2.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Err(status)) => {
-                    failed2.fetch_add(1, Ordering::Relaxed);
-                    if errors.len() < 10 {
-                        errors.push(format!("{:?}: {}", status.code(), status.message()));
-                    }
-                }
-                Err(_) => {
-                    failed2.fetch_add(1, Ordering::Relaxed);
-                    if errors.len() < 10 {
-                        errors.push("no answer within 5 s".to_owned());
-                    }
-                }
-            }
-        }
-        errors
-    });
-    (ok, failed, task)
-}
-
 /// Calls through `client` until one is served by instance `name`.
 async fn until_served_by(client: &EchoServiceClient<Channel>, name: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -236,10 +193,9 @@ async fn a_sidecar_follows_the_next_registry_when_the_one_in_use_dies() {
         sidecar.process.output()
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, load) = steady_load(calls.clone(), stop.clone());
+    let load = EchoLoad::start(sidecar.outbound);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = failed.load(Ordering::Relaxed);
+    let before = load.failed();
 
     // SIGKILL A: the sidecar registers at B within a few seconds.
     a.process.kill();
@@ -281,13 +237,11 @@ async fn a_sidecar_follows_the_next_registry_when_the_one_in_use_dies() {
     let routed_within = seen.elapsed();
 
     // From here on nothing fails.
-    let during = failed.load(Ordering::Relaxed) - before;
-    let settled = failed.load(Ordering::Relaxed);
+    let during = load.failed() - before;
+    let settled = load.failed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let errors = load.await.unwrap();
-    let after = failed.load(Ordering::Relaxed) - settled;
-    let ok = ok.load(Ordering::Relaxed);
+    let (ok, failed, errors) = load.stop().await;
+    let after = failed - settled;
     eprintln!(
         "registered at B {registered_at_b:?} after A was killed; routed to an instance only B knows within {routed_within:?}; \
          {ok} calls succeeded, {during} failed during the failover, {after} after"

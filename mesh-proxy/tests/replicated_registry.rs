@@ -6,8 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
@@ -15,8 +13,8 @@ use trellis::pb::trellis::echo::v1 as echo;
 use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
 use trellis_test_support::{
-    EtcdCluster, ProxyOptions, RunningEcho, RunningProxy, RunningRegistry, TestPki, free_port,
-    sibling_binary, spawn_echo, spawn_proxy, spawn_registry_with,
+    EchoLoad, EtcdCluster, ProxyOptions, RunningEcho, RunningProxy, RunningRegistry, TestPki,
+    free_port, sibling_binary, spawn_echo, spawn_proxy, spawn_registry_with,
 };
 
 use echo::echo_service_client::EchoServiceClient;
@@ -155,39 +153,6 @@ fn say(message: &str) -> echo::EchoRequest {
     }
 }
 
-/// Calls through `client` until `stop`, counting successes and failures.
-fn steady_load(
-    client: EchoServiceClient<Channel>,
-    stop: Arc<AtomicBool>,
-) -> (
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-    tokio::task::JoinHandle<Vec<String>>,
-) {
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (ok2, failed2) = (ok.clone(), failed.clone());
-    let task = tokio::spawn(async move {
-        let mut errors = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        while !stop.load(Ordering::Relaxed) {
-            tick.tick().await;
-            match client.clone().echo(say("steady")).await {
-                Ok(_) => {
-                    ok2.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(status) => {
-                    failed2.fetch_add(1, Ordering::Relaxed);
-                    if errors.len() < 10 {
-                        errors.push(format!("{:?}: {}", status.code(), status.message()));
-                    }
-                }
-            }
-        }
-        errors
-    });
-    (ok, failed, task)
-}
-
 #[tokio::test]
 async fn losing_a_replica_and_an_etcd_member_costs_no_call() {
     let mut plane = ControlPlane::start(2);
@@ -265,8 +230,8 @@ async fn losing_a_replica_and_an_etcd_member_costs_no_call() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, load) = steady_load(through_edge, stop.clone());
+    drop(through_edge);
+    let load = EchoLoad::start(edge_addr);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // SIGKILL replica A: calls go on; a new instance given both replicas
@@ -303,9 +268,7 @@ async fn losing_a_replica_and_an_etcd_member_costs_no_call() {
     assert_eq!(on_a, on_b, "the restarted replica serves the same mesh");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    stop.store(true, Ordering::Relaxed);
-    let errors = load.await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed, errors) = load.stop().await;
     eprintln!(
         "seen through B within {seen_within:?}; a killed instance gone from both within {expired_within:?}; {ok} calls through the edge, {failed} failed"
     );

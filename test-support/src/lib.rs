@@ -15,8 +15,8 @@ pub mod registry;
 pub use billing::{BillingMesh, Databases, Instance, binary_dir, repo_root, workspace_binary};
 pub use etcd::EtcdCluster;
 pub use mesh::{
-    ProxyOptions, RunningEcho, RunningProxy, TestMesh, http_get, metric_value, sibling_binary,
-    spawn_echo, spawn_proxy, write_atomically,
+    EchoLoad, ProxyOptions, RunningEcho, RunningProxy, TestMesh, http_get, metric_value,
+    sibling_binary, spawn_echo, spawn_proxy, write_atomically,
 };
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pki::TestPki;

@@ -299,6 +299,87 @@ pub fn write_atomically(dir: &Path, name: &str, text: &str) {
         .unwrap_or_else(|e| panic!("renaming {} to {name}: {e}", temporary.display()));
 }
 
+/// Echo calls every 5 ms through one address (an edge, or a sidecar's
+/// outbound port) until stopped, each given 5 s, counting what succeeded
+/// and what failed (and keeping the first few errors): the steady load of
+/// failure tests.
+#[derive(Debug)]
+pub struct EchoLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl EchoLoad {
+    /// Starts calling `trellis.echo.v1.EchoService/Echo` at `target` (h2c).
+    pub fn start(target: SocketAddr) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use trellis::pb::trellis::echo::v1 as echo;
+        let client = echo::echo_service_client::EchoServiceClient::new(
+            tonic::transport::Channel::from_shared(format!("http://{target}"))
+                .expect("an address is a URI")
+                .connect_lazy(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (ok2, failed2, stop2) = (ok.clone(), failed.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut errors = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            while !stop2.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let mut client = client.clone();
+                let request = echo::EchoRequest {
+                    message: "steady".into(),
+                    payload: Vec::new(),
+                };
+                let error = match tokio::time::timeout(Duration::from_secs(5), client.echo(request))
+                    .await
+                {
+                    Ok(Ok(_)) => {
+                        ok2.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
+                    Err(_) => "no answer within 5 s".to_owned(),
+                };
+                failed2.fetch_add(1, Ordering::Relaxed);
+                if errors.len() < 10 {
+                    errors.push(error);
+                }
+            }
+            errors
+        });
+        Self {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    /// Calls that succeeded so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Calls that failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops, and returns (succeeded, failed, the first errors).
+    pub async fn stop(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = (self.ok.clone(), self.failed.clone());
+        let errors = self.task.await.expect("the load task ends");
+        let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        (count(&ok), count(&failed), errors)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
