@@ -194,6 +194,19 @@ impl State {
         }
     }
 
+    /// Adds a new instance: its lease, its indexes, and its count among
+    /// its version's serving instances; true if that version had no
+    /// serving instance until now.
+    fn add(&mut self, entry: Entry) -> bool {
+        self.leases
+            .insert(entry.lease_id.clone(), entry.instance.instance_id.clone());
+        self.index(&entry.instance);
+        let first = self.serve(&entry.instance);
+        self.instances
+            .insert(entry.instance.instance_id.clone(), entry);
+        first
+    }
+
     /// Counts `instance` among its version's serving instances, if it is
     /// serving; true if its version had none until now.
     fn serve(&mut self, instance: &pb::Instance) -> bool {
@@ -491,24 +504,16 @@ impl Registry {
             if instance.instance_id.is_empty() || s.lease_id.is_empty() {
                 return Err(what("no instance or lease id"));
             }
-            state
-                .leases
-                .insert(s.lease_id.clone(), instance.instance_id.clone());
-            state.index(&instance);
-            state.serve(&instance);
-            state.instances.insert(
-                instance.instance_id.clone(),
-                Entry {
-                    instance,
-                    owner,
-                    lease_id: s.lease_id,
-                    ttl,
-                    // A lease never outlasts its ttl, whatever the clock did.
-                    expires: monotonic + left.min(ttl),
-                    mod_revision: 0,
-                    etcd_lease: 0,
-                },
-            );
+            state.add(Entry {
+                instance,
+                owner,
+                lease_id: s.lease_id,
+                ttl,
+                // A lease never outlasts its ttl, whatever the clock did.
+                expires: monotonic + left.min(ttl),
+                mod_revision: 0,
+                etcd_lease: 0,
+            });
             kept += 1;
         }
         for c in stored.contracts {
@@ -1043,21 +1048,16 @@ impl Registry {
             state.contracts.insert(instance.service.clone(), contract);
             self.contracts_version.send_modify(|v| *v += 1);
         }
-        state.instances.insert(
-            instance_id.clone(),
-            Entry {
-                instance: instance.clone(),
-                owner: caller.clone(),
-                lease_id: lease_id.clone(),
-                ttl,
-                expires: Instant::now() + ttl,
-                mod_revision: 0,
-                etcd_lease: 0,
-            },
-        );
-        state.leases.insert(lease_id.clone(), instance_id.clone());
-        state.index(&instance);
-        if state.serve(&instance) {
+        let first = state.add(Entry {
+            instance: instance.clone(),
+            owner: caller.clone(),
+            lease_id: lease_id.clone(),
+            ttl,
+            expires: Instant::now() + ttl,
+            mod_revision: 0,
+            etcd_lease: 0,
+        });
+        if first {
             self.serving_changed();
         }
         let revision = self.publish(
@@ -1417,24 +1417,20 @@ impl Registry {
                         let _ = tx.send(Err(Status::unavailable(why.clone()))).await;
                         return;
                     }
-                    Ok(Change::Resync) => {
+                    // The view was replaced, or this watcher fell too far
+                    // behind: a fresh snapshot, then changes after it.
+                    Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         let Some(registry) = registry.upgrade() else {
                             return;
                         };
                         let snapshot = Self::snapshot(&registry.lock(), &targets, true);
-                        floor = snapshot.revision;
-                        snapshot
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        let Some(registry) = registry.upgrade() else {
-                            return;
-                        };
-                        let snapshot = Self::snapshot(&registry.lock(), &targets, true);
-                        tracing::debug!(
-                            missed,
-                            revision = snapshot.revision,
-                            "slow watcher resynced"
-                        );
+                        if let Err(broadcast::error::RecvError::Lagged(missed)) = &received {
+                            tracing::debug!(
+                                missed,
+                                revision = snapshot.revision,
+                                "slow watcher resynced"
+                            );
+                        }
                         floor = snapshot.revision;
                         snapshot
                     }
@@ -1596,14 +1592,7 @@ impl Registry {
             ..State::default()
         };
         for entry in entries {
-            state
-                .leases
-                .insert(entry.lease_id.clone(), entry.instance.instance_id.clone());
-            state.index(&entry.instance);
-            state.serve(&entry.instance);
-            state
-                .instances
-                .insert(entry.instance.instance_id.clone(), entry);
+            state.add(entry);
         }
         // A contract goes with its service's last instance.
         state.contracts = contracts
@@ -1615,8 +1604,10 @@ impl Registry {
         let _ = self.changes.send(Arc::new(Change::Resync));
     }
 
-    /// Applies changes read from the store, in its order.
-    pub(crate) fn apply(&self, events: Vec<ViewEvent>) {
+    /// Applies changes read from the store, in its order, through its
+    /// revision `through` (changes outside the registry's keys move etcd's
+    /// revision too).
+    pub(crate) fn apply(&self, events: Vec<ViewEvent>, through: u64) {
         let mut state = self.lock();
         for event in events {
             match event {
@@ -1628,24 +1619,20 @@ impl Registry {
                     self.contracts_version.send_modify(|v| *v += 1);
                 }
                 ViewEvent::Instance { revision, entry } => {
-                    let entry = *entry;
-                    let id = entry.instance.instance_id.clone();
-                    let before = state.instances.remove(&id);
-                    let mut changed = false;
-                    match &before {
+                    let instance = entry.instance.clone();
+                    // An update replaces the entry whole: out, then in.
+                    let left = match state.instances.remove(&instance.instance_id) {
                         Some(old) => {
                             state.leases.remove(&old.lease_id);
-                            changed |= state.unserve(&old.instance);
+                            state.unindex(&old.instance);
+                            state.unserve(&old.instance)
                         }
-                        None => state.index(&entry.instance),
-                    }
-                    changed |= state.serve(&entry.instance);
-                    if changed {
+                        None => false,
+                    };
+                    let joined = state.add(*entry);
+                    if left || joined {
                         self.serving_changed();
                     }
-                    state.leases.insert(entry.lease_id.clone(), id.clone());
-                    let instance = entry.instance.clone();
-                    state.instances.insert(id, entry);
                     self.publish_at(
                         &mut state,
                         revision,
@@ -1669,13 +1656,7 @@ impl Registry {
                 }
             }
         }
-    }
-
-    /// Moves the view's revision to `revision` (changes outside the
-    /// registry's keys move etcd's revision too).
-    pub(crate) fn advance(&self, revision: u64) {
-        let mut state = self.lock();
-        state.revision = state.revision.max(revision);
+        state.revision = state.revision.max(through);
     }
 }
 

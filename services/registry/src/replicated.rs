@@ -261,23 +261,14 @@ impl Replicated {
             // it cannot be (or breaks again at once: no member has a
             // leader) is the replica out of step.
             loop {
-                match self.follow(from).await {
+                let lost = match self.follow(from).await {
                     Ended::Broken(status)
-                        if last_break.is_some_and(|at| at.elapsed() < BROKEN_AGAIN) =>
+                        if last_break.is_none_or(|at| at.elapsed() >= BROKEN_AGAIN) =>
                     {
-                        self.registry
-                            .set_availability(Availability::Unavailable(format!(
-                                "the registry lost its store ({}): {}; retrying",
-                                self.store,
-                                status.message()
-                            )));
-                        tokio::time::sleep(backoff).await;
-                        break;
-                    }
-                    Ended::Broken(status) => {
                         tracing::info!(error = %status.message(), "etcd watch broke; resuming");
                         last_break = Some(std::time::Instant::now());
                         from = *self.applied.borrow() + 1;
+                        continue;
                     }
                     Ended::Compacted(at) => {
                         tracing::warn!(
@@ -286,17 +277,16 @@ impl Replicated {
                         );
                         break;
                     }
-                    Ended::Unreachable(status) => {
-                        self.registry
-                            .set_availability(Availability::Unavailable(format!(
-                                "the registry lost its store ({}): {}; retrying",
-                                self.store,
-                                status.message()
-                            )));
-                        tokio::time::sleep(backoff).await;
-                        break;
-                    }
-                }
+                    Ended::Broken(status) | Ended::Unreachable(status) => status,
+                };
+                self.registry
+                    .set_availability(Availability::Unavailable(format!(
+                        "the registry lost its store ({}): {}; retrying",
+                        self.store,
+                        lost.message()
+                    )));
+                tokio::time::sleep(backoff).await;
+                break;
             }
         }
     }
@@ -494,10 +484,9 @@ impl Replicated {
             }
         }
         changes.sort_by_key(|(revision, rank, _)| (*revision, *rank));
-        self.registry
-            .apply(changes.into_iter().map(|(_, _, c)| c).collect());
         let last = last.max(0) as u64;
-        self.registry.advance(last);
+        self.registry
+            .apply(changes.into_iter().map(|(_, _, c)| c).collect(), last);
         self.applied.send_if_modified(|applied| {
             let moved = last > *applied;
             *applied = (*applied).max(last);
