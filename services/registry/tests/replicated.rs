@@ -65,6 +65,16 @@ impl Mesh {
         }
     }
 
+    /// Two replicas on `store`, once both serve.
+    async fn two_serving_replicas(&self, store: &str) -> (Replica, Replica) {
+        let (a, b) = (self.replica(store), self.replica(store));
+        for r in [&a, &b] {
+            self.wait_health(r, Health::Serving, Duration::from_secs(10))
+                .await;
+        }
+        (a, b)
+    }
+
     fn channel(&self, replica: &Replica, service: &str) -> Channel {
         let paths = self.pki.issue(service, service);
         channel(
@@ -155,12 +165,7 @@ async fn watch(
 async fn two_replicas_serve_one_mesh() {
     let etcd = EtcdCluster::start(3);
     let mesh = Mesh::new();
-    let a = mesh.replica(&etcd.store_url());
-    let b = mesh.replica(&etcd.store_url());
-    mesh.wait_health(&a, Health::Serving, Duration::from_secs(10))
-        .await;
-    mesh.wait_health(&b, Health::Serving, Duration::from_secs(10))
-        .await;
+    let (a, b) = mesh.two_serving_replicas(&etcd.store_url()).await;
 
     let mut watch_a = watch(&mut mesh.client(&a, "observer")).await;
     let mut watch_b = watch(&mut mesh.client(&b, "observer")).await;
@@ -281,12 +286,7 @@ async fn two_replicas_serve_one_mesh() {
 async fn racing_claims_are_decided_by_etcd() {
     let etcd = EtcdCluster::start(1);
     let mesh = Mesh::new();
-    let a = mesh.replica(&etcd.store_url());
-    let b = mesh.replica(&etcd.store_url());
-    mesh.wait_health(&a, Health::Serving, Duration::from_secs(10))
-        .await;
-    mesh.wait_health(&b, Health::Serving, Duration::from_secs(10))
-        .await;
+    let (a, b) = mesh.two_serving_replicas(&etcd.store_url()).await;
     let echo = mesh.client(&a, "echo");
     let usage = mesh.client(&b, "usage");
     for round in 0..20 {
@@ -318,12 +318,7 @@ async fn racing_claims_are_decided_by_etcd() {
 async fn leases_expire_across_replicas() {
     let etcd = EtcdCluster::start(1);
     let mesh = Mesh::new();
-    let a = mesh.replica(&etcd.store_url());
-    let b = mesh.replica(&etcd.store_url());
-    mesh.wait_health(&a, Health::Serving, Duration::from_secs(10))
-        .await;
-    mesh.wait_health(&b, Health::Serving, Duration::from_secs(10))
-        .await;
+    let (a, b) = mesh.two_serving_replicas(&etcd.store_url()).await;
     let mut watch_a = watch(&mut mesh.client(&a, "observer")).await;
     let mut watch_b = watch(&mut mesh.client(&b, "observer")).await;
     let registered = mesh
