@@ -635,20 +635,14 @@ async fn start(
         None => format!("starting the registry on {}", plan.registry),
     });
     let stage = running.push(Stage::Plain, registries);
-    let admins: Vec<SocketAddr> = replicas.iter().map(|(_, _, admin)| *admin).collect();
+    let admins: Vec<(String, SocketAddr)> = replicas
+        .iter()
+        .map(|(name, _, admin)| (name.clone(), *admin))
+        .collect();
+    // Ready: listening, and (with etcd) in step with its store.
     wait_until(cx, stage, "the registry", || {
         let admins = admins.clone();
-        async move {
-            // Ready: listening, and (with etcd) in step with its store.
-            for admin in admins {
-                match http_get(admin, "/ready").await {
-                    Some((200, _)) => {}
-                    Some((_, body)) => return Err(body.trim().to_owned()),
-                    None => return Err(format!("nothing answers on {admin} yet")),
-                }
-            }
-            Ok(())
-        }
+        async move { all_ready(&admins).await }
     })
     .await?;
 
@@ -951,25 +945,29 @@ async fn wait_ready_admins(
     let admins = admins.to_vec();
     wait_until_all(cx, &watched, what, move || {
         let admins = admins.clone();
-        async move {
-            let mut waiting = Vec::new();
-            for (name, admin) in &admins {
-                match http_get(*admin, "/ready").await {
-                    Some((200, _)) => {}
-                    Some((_, body)) => waiting.push(format!("{name}: {}", body.trim())),
-                    None => waiting.push(format!(
-                        "{name}: its sidecar's admin port {admin} does not answer yet"
-                    )),
-                }
-            }
-            if waiting.is_empty() {
-                Ok(())
-            } else {
-                Err(waiting.join("; "))
-            }
-        }
+        async move { all_ready(&admins).await }
     })
     .await
+}
+
+/// Whether every process of `admins` (name, admin port) answers `/ready`
+/// with 200; if not, what each one that does not says.
+async fn all_ready(admins: &[(String, SocketAddr)]) -> Result<(), String> {
+    let mut waiting = Vec::new();
+    for (name, admin) in admins {
+        match http_get(*admin, "/ready").await {
+            Some((200, _)) => {}
+            Some((_, body)) => waiting.push(format!("{name}: {}", body.trim())),
+            None => waiting.push(format!(
+                "{name}: its admin port {admin} does not answer yet"
+            )),
+        }
+    }
+    if waiting.is_empty() {
+        Ok(())
+    } else {
+        Err(waiting.join("; "))
+    }
 }
 
 async fn wait_until<F, Fut>(
