@@ -1,0 +1,3 @@
+//! The browser dashboard (`trellis dashboard`).
+
+pub mod schema;
