@@ -517,3 +517,31 @@ fn comments_are_rejoined_into_paragraphs() {
     );
     assert_eq!(tidy_comment("\n"), "");
 }
+
+/// form.js's conversions and checks, through node's own test runner (no
+/// packages needed). Skipped, saying so, where node is not installed.
+#[test]
+fn form_js_passes_its_node_tests() {
+    let test_file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/dashboard/static/form.test.js"
+    );
+    let output = match std::process::Command::new("node")
+        .args(["--test", test_file])
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipped: node is not on PATH, so {test_file} was not run");
+            return;
+        }
+        Err(e) => panic!("running node --test {test_file}: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "node --test {test_file} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
