@@ -19,9 +19,15 @@
  * Items of lists and map values are always sent; an empty number there is
  * an error rather than a silent 0.
  *
+ * Each field's row (div.tf-field) has `data-row` set to the field's path,
+ * to find its buttons: [data-row="items"] > div > .tf-add adds an item,
+ * .tf-remove in an item removes it, .tf-toggle sets or clears a nested
+ * message. A oneof's radios share a generated name; each has `data-oneof`
+ * (the oneof's name) and `value` (the member's JSON name, '' for none).
+ *
  * CSS hooks: .tf-form .tf-field .tf-type .tf-message .tf-list .tf-oneof
- * .tf-add .tf-remove .tf-toggle, and .invalid (with aria-invalid) on the
- * input collect() rejected.
+ * .tf-entry .tf-add .tf-remove .tf-toggle .unsupported, and .invalid (with
+ * aria-invalid) on the input collect() rejected.
  */
 (function () {
   'use strict';
@@ -386,10 +392,14 @@
     if (control.input) control.input.id = id;
     const label = h('label', { htmlFor: control.input ? id : '', title: field.doc || '' },
       field.name, ' ', h('span', { class: 'tf-type', textContent: describeType(field) }));
-    const el = h('div', { class: 'tf-field' }, label, control.el);
+    // data-row: the field's path on its whole row, to find its add/set buttons.
+    const el = h('div', { class: 'tf-field', 'data-row': path }, label, control.el);
     return {
       el,
-      setPath(parent) { control.setPath(join(parent, field.json)); },
+      setPath(parent) {
+        el.setAttribute('data-row', join(parent, field.json));
+        control.setPath(join(parent, field.json));
+      },
       collect() {
         const r = control.collect();
         return r.ok ? { ok: true, key: field.json, value: r.value } : r;
