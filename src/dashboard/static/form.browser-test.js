@@ -60,7 +60,7 @@
     // Lists, maps, bytes, a Duration.
     const register = 'trellis.registry.v1.RegistryService/Register';
     div = form(register, null);
-    const add = (path) => row(div, path).querySelector('.tf-add').click();
+    const add = (path) => row(div, path).querySelector(':scope > div > .tf-add').click();
     add('grpcServices'); add('grpcServices');
     set(div, 'grpcServices[0]', 'a.A');
     set(div, 'grpcServices[1]', 'b.B');
@@ -123,7 +123,7 @@
     // A singular nested message starts unset behind a set/clear toggle.
     const deliver = 'trellis.events.v1.EventSubscriberService/Deliver';
     div = form(deliver, null);
-    const toggle = row(div, 'event').querySelector('.tf-toggle');
+    const toggle = row(div, 'event').querySelector(':scope > fieldset > .tf-toggle');
     check('a nested message starts unset', toggle.textContent === 'set' && !at(div, 'event.id')
       && same(TrellisForm.collect(div), { ok: true, value: {} }), div.innerHTML);
     toggle.click();

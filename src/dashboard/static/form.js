@@ -15,7 +15,8 @@
  * What is sent (proto3 semantics): an empty input, an unchecked box, an
  * enum left at its zero value, an unset message and an empty list are left
  * out. A proto3 `optional` field, a oneof member and a wrapper type can be
- * explicitly set to their zero value: their empty choice means "unset".
+ * explicitly set to their zero value: their empty choice means "unset" (so
+ * an optional or wrapped string cannot be set to "", nor bytes to empty).
  * Items of lists and map values are always sent; an empty number there is
  * an error rather than a silent 0.
  *
