@@ -391,8 +391,8 @@ async fn every_view_renders_the_running_mesh() {
     );
     assert!(echoed.contains("\"message\":\"who am I\""), "{echoed}");
     assert!(
-        echoed.contains("apikey:you") || echoed.contains("you"),
-        "{echoed}"
+        echoed.contains("\"x-trellis-principal\":\"api-key:you\""),
+        "the edge's verified principal for the printed key (named `you`):\n{echoed}"
     );
     // A server stream arrives message by message.
     let (_, counted) = post(
