@@ -140,8 +140,13 @@ async fn every_view_renders_the_running_mesh() {
         .unwrap()
         .trim_end_matches('/')
         .to_owned();
-    let run: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(state.path().join("run/up.json")).unwrap()).unwrap();
+    // Written just after the banner.
+    let run_file = state.path().join("run/up.json");
+    let run: serde_json::Value = eventually("run/up.json", Duration::from_secs(10), || {
+        let read = std::fs::read(&run_file).map_err(|e| e.to_string());
+        async move { serde_json::from_slice(&read?).map_err(|e| e.to_string()) }
+    })
+    .await;
     assert_eq!(run["dashboard"], format!("{base}/"), "up.json names it");
     let key = output
         .split("(API key ")
@@ -433,6 +438,36 @@ async fn every_view_renders_the_running_mesh() {
         changes.contains("<tr data-kind=\"health\" data-service=\"echo\">"),
         "{changes}"
     );
+
+    // A new registration of a service changes the console's contract
+    // fingerprint, which makes an open console fetch the contract again.
+    let fingerprint = |html: &str| {
+        html.split("data-fingerprint=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .map(str::to_owned)
+    };
+    let before = fingerprint(&get(
+        &base,
+        "/console?method=trellis.echo.v1.EchoService/Echo",
+    ))
+    .expect("the console's live part carries the contract's fingerprint");
+    let sidecar = up.pid("echo-2-proxy").expect("echo-2's sidecar runs");
+    signal(sidecar, "KILL");
+    eventually(
+        "a new fingerprint once echo-2 registers again",
+        Duration::from_secs(30),
+        || {
+            let base = base.clone();
+            let before = before.clone();
+            async move {
+                let html = get(&base, "/console?method=trellis.echo.v1.EchoService/Echo");
+                let now = fingerprint(&html);
+                shown(html, now.is_some_and(|f| f != before))
+            }
+        },
+    )
+    .await;
     drop(up);
 }
 
