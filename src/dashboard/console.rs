@@ -372,24 +372,34 @@ pub async fn schema(State(d): State<Arc<Dashboard>>, Query(q): Query<MethodQuery
     }
 }
 
+/// The edge and the operator's credential for a request from the
+/// browser, or why it is refused: from another site, without a
+/// credential, or with no edge to call.
+fn admit<'a>(
+    d: &'a Dashboard,
+    headers: &HeaderMap,
+) -> Result<(&'a Edge, Credential), (StatusCode, String)> {
+    if foreign(headers) {
+        return Err((StatusCode::FORBIDDEN, "not from another site".into()));
+    }
+    let credential = credential(headers).map_err(|e| (StatusCode::UNAUTHORIZED, e))?;
+    let edge = d.edge.as_ref().ok_or_else(|| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this dashboard has no edge to call: start it with --edge https://HOST:PORT".into(),
+        )
+    })?;
+    Ok((edge, credential))
+}
+
 /// `POST /api/sign-in`: whether the edge's policy accepts the credential.
 /// It is shown a request the edge refuses without credentials whatever
 /// its routes say (a call it will not find): an edge that does not know
 /// the credential answers UNAUTHENTICATED first.
 pub async fn sign_in(State(d): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
-    if foreign(&headers) {
-        return refuse(StatusCode::FORBIDDEN, "not from another site", None);
-    }
-    let credential = match credential(&headers) {
-        Ok(c) => c,
-        Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, None),
-    };
-    let Some(edge) = &d.edge else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this dashboard has no edge to call: start it with --edge https://HOST:PORT",
-            None,
-        );
+    let (edge, credential) = match admit(&d, &headers) {
+        Ok(admitted) => admitted,
+        Err((status, why)) => return refuse(status, why, None),
     };
     let answer = match edge
         .post("/grpc.health.v1.Health/Check", &credential, b"{}".to_vec())
@@ -449,19 +459,9 @@ struct CallRequest {
 /// `{"message": …}` line per response message, then one `{"end": {…}}`
 /// with the gRPC status, the edge's response headers and timing.
 pub async fn call(State(d): State<Arc<Dashboard>>, headers: HeaderMap, body: Bytes) -> Response {
-    if foreign(&headers) {
-        return refuse(StatusCode::FORBIDDEN, "not from another site", None);
-    }
-    let credential = match credential(&headers) {
-        Ok(c) => c,
-        Err(e) => return refuse(StatusCode::UNAUTHORIZED, e, None),
-    };
-    let Some(edge) = &d.edge else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this dashboard has no edge to call: start it with --edge https://HOST:PORT",
-            None,
-        );
+    let (edge, credential) = match admit(&d, &headers) {
+        Ok(admitted) => admitted,
+        Err((status, why)) => return refuse(status, why, None),
     };
     if body.len() > MAX_BODY {
         return refuse(
