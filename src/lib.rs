@@ -10,6 +10,7 @@
 
 pub mod certs;
 pub mod cli;
+pub mod dashboard;
 pub mod db;
 pub mod events;
 pub mod identity;

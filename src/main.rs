@@ -70,6 +70,11 @@ enum Command {
     /// per second, success rate and p50/p99 latency, read from the
     /// sidecars' metrics. `--once` prints one table and exits.
     Top(trellis::top::TopArgs),
+    /// Serve the mesh in a browser: services and instances with their
+    /// health, live golden metrics, a call map, the registry's and the
+    /// configuration's state, recent changes, and a console that calls
+    /// any registered method through the edge.
+    Dashboard(trellis::dashboard::DashboardArgs),
 }
 
 /// The workloads `trellis certs` issues for without --workload.
@@ -84,6 +89,7 @@ fn main() {
         Command::Up(args) => std::process::exit(trellis::up::main(args)),
         Command::Status(args) => std::process::exit(trellis::mesh_status::main(args)),
         Command::Top(args) => std::process::exit(trellis::top::main(args)),
+        Command::Dashboard(args) => std::process::exit(trellis::dashboard::main(args)),
         Command::Certs {
             dir,
             trust_domain,

@@ -391,6 +391,47 @@ impl RegistryReader {
             .await
     }
 
+    /// A Watch of the whole registry, opened on the replica in use or the
+    /// next that answers: its first message is a snapshot. Returns the
+    /// replica's address with the stream.
+    pub async fn watch(
+        &mut self,
+    ) -> Result<(String, Streaming<registry_pb::WatchResponse>), StatusError> {
+        self.first_answer(|replica| async move {
+            let stream = replica.open_watch().await?;
+            Ok((replica.addr, stream))
+        })
+        .await
+    }
+
+    /// The configuration's revision, when it was loaded, and its problems.
+    pub async fn config(&mut self) -> Result<config_pb::GetConfigStatusResponse, StatusError> {
+        self.first_answer(|replica| async move { replica.config_status().await })
+            .await
+    }
+
+    /// The registered contract of a gRPC service: the descriptor of its
+    /// file first, then every dependency's.
+    pub async fn contract(
+        &mut self,
+        grpc_service: &str,
+    ) -> Result<registry_pb::GetServiceDescriptorsResponse, StatusError> {
+        let name = grpc_service.to_owned();
+        self.first_answer(|replica| {
+            let name = name.clone();
+            async move {
+                RegistryServiceClient::new(replica.channel.clone())
+                    .get_service_descriptors(registry_pb::GetServiceDescriptorsRequest {
+                        grpc_service: name,
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|s| replica.error("RegistryService/GetServiceDescriptors", s))
+            }
+        })
+        .await
+    }
+
     /// `ask`'s answer from the replica in use or, when it cannot answer,
     /// from the next one that does (which is then in use); with several
     /// replicas and none answering, an error naming each and what it said.

@@ -353,6 +353,13 @@ async fn read_all(targets: &Targets) -> HashMap<String, Reading> {
 
 /// One instance's inbound counters, from its admin port at `admin`.
 async fn read(admin: &str) -> Result<Scrape, String> {
+    let text = read_text(admin).await?;
+    stats::parse(&text).map_err(|e| format!("{admin}/metrics: {e}"))
+}
+
+/// One instance's `/metrics` text, from its admin port at `admin`, within
+/// [`SCRAPE_TIMEOUT`]; the error names the address.
+pub(crate) async fn read_text(admin: &str) -> Result<String, String> {
     let body = tokio::time::timeout(SCRAPE_TIMEOUT, http_get(admin, "/metrics"))
         .await
         .map_err(|_| {
@@ -362,8 +369,7 @@ async fn read(admin: &str) -> Result<Scrape, String> {
             )
         })?
         .map_err(|e| format!("{admin}/metrics: {e}"))?;
-    let text = String::from_utf8_lossy(&body);
-    stats::parse(&text).map_err(|e| format!("{admin}/metrics: {e}"))
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// A plain HTTP/1.1 GET of `path` at `addr` (`host:port`): the body of a

@@ -253,6 +253,61 @@ pub fn parse(text: &str) -> Result<Scrape, ParseError> {
     Ok(scrape)
 }
 
+/// Calls one proxy received, by caller (the `caller` label: the calling
+/// mesh service, `edge`, or for the edge's own side the API key's name)
+/// and gRPC service, by final status.
+pub type Callers = BTreeMap<(String, String), BTreeMap<String, f64>>;
+
+/// Reads the inbound calls by caller out of a proxy's Prometheus text;
+/// the same bounds and skipping as [`parse`].
+pub fn parse_callers(text: &str) -> Result<Callers, ParseError> {
+    let mut callers = Callers::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if !line.starts_with(REQUESTS) {
+            continue;
+        }
+        let Some(sample) = Sample::parse(line) else {
+            continue;
+        };
+        if sample.name != REQUESTS
+            || sample.label("direction") != Some("inbound")
+            || !sample.value.is_finite()
+            || sample.value < 0.0
+        {
+            continue;
+        }
+        let (Some(caller), Some(service), Some(status)) = (
+            sample.label("caller"),
+            sample.label("service"),
+            sample.label("grpc_status"),
+        ) else {
+            continue;
+        };
+        let key = (caller.to_owned(), service.to_owned());
+        let pairs = callers.len();
+        let statuses = match callers.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                if pairs >= MAX_METHODS {
+                    return Err(ParseError::TooManyMethods);
+                }
+                e.insert(BTreeMap::new())
+            }
+        };
+        if !statuses.contains_key(status) && statuses.len() >= MAX_STATUSES {
+            return Err(ParseError::TooManyValues {
+                service: service.to_owned(),
+                method: format!("(caller {caller})"),
+                label: "grpc_status",
+                limit: MAX_STATUSES,
+            });
+        }
+        *statuses.entry(status.to_owned()).or_default() += sample.value;
+    }
+    Ok(callers)
+}
+
 /// The calls one proxy handled between two readings. A counter lower
 /// than before (or gone) means the proxy restarted in between, which
 /// resets every counter it has: then the calls since its start, `after`

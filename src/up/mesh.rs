@@ -41,6 +41,9 @@ pub struct MeshFile {
     pub postgres: PostgresSection,
     /// `[edge]`.
     pub edge: EdgeSection,
+    /// `[dashboard]`: the mesh in a browser; none when the section is
+    /// absent.
+    pub dashboard: Option<DashboardSection>,
     /// `[[service]]` entries, in dependency order (an entry after every
     /// entry of each service it depends on; otherwise in file order). A
     /// service run in several versions has an entry per version.
@@ -130,6 +133,16 @@ pub struct EdgeSection {
     pub tls_listen: Option<Spanned<String>>,
 }
 
+/// `[dashboard]`: `trellis dashboard`, reading the registry and the
+/// sidecars' metrics, its console calling through the TLS edge (else the
+/// plaintext one).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardSection {
+    /// Where it serves (plain HTTP); or `auto`.
+    pub listen: Spanned<String>,
+}
+
 /// One `[[service]]` entry.
 #[derive(Debug, Clone)]
 pub struct ServiceSpec {
@@ -177,6 +190,7 @@ struct RawFile {
     postgres: PostgresSection,
     #[serde(default = "default_edge")]
     edge: EdgeSection,
+    dashboard: Option<DashboardSection>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
     banner: Option<Banner>,
@@ -368,6 +382,10 @@ impl MeshFile {
             parse_port_spec(tls.get_ref())
                 .map_err(|m| error(Some(tls.span()), format!("[edge] tls_listen: {m}")))?;
         }
+        if let Some(d) = &raw.dashboard {
+            parse_port_spec(d.listen.get_ref())
+                .map_err(|m| error(Some(d.listen.span()), format!("[dashboard] listen: {m}")))?;
+        }
         for (i, step) in raw.build.iter().enumerate() {
             if step.command.is_empty() || step.command[0].is_empty() {
                 return Err(error(
@@ -406,11 +424,11 @@ impl MeshFile {
                     ),
                 ));
             }
-            if matches!(name.as_str(), "registry" | "edge" | "cli") {
+            if matches!(name.as_str(), "registry" | "edge" | "cli" | "dashboard") {
                 return Err(error(
                     Some(service.name.span()),
                     format!(
-                        "service name {name:?} is taken by the mesh itself (registry, edge, cli)"
+                        "service name {name:?} is taken by the mesh itself (registry, edge, cli, dashboard)"
                     ),
                 ));
             }
@@ -543,6 +561,7 @@ impl MeshFile {
             registry: raw.registry,
             postgres: raw.postgres,
             edge: raw.edge,
+            dashboard: raw.dashboard,
             services,
             banner: raw.banner.map(|b| b.text),
         })
@@ -579,6 +598,13 @@ impl MeshFile {
             .map(|s| parse_port_spec(s.get_ref()).expect("checked when parsed"))
     }
 
+    /// The dashboard's address, if the mesh has one.
+    pub fn dashboard_listen(&self) -> Option<PortSpec> {
+        self.dashboard
+            .as_ref()
+            .map(|d| parse_port_spec(d.listen.get_ref()).expect("checked when parsed"))
+    }
+
     /// Every port becomes `auto`: for tests and for running a second mesh
     /// beside the first.
     pub fn use_any_free_ports(&mut self) {
@@ -588,6 +614,9 @@ impl MeshFile {
         auto(&mut self.edge.listen);
         if let Some(tls) = &mut self.edge.tls_listen {
             auto(tls);
+        }
+        if let Some(d) = &mut self.dashboard {
+            auto(&mut d.listen);
         }
     }
 
@@ -710,7 +739,14 @@ fn check_label(label: &str) -> Result<(), String> {
 
 /// The processes `trellis up` runs besides instances and their sidecars:
 /// their names are taken (log and pid files are named after processes).
-const OWN_PROCESSES: [&str; 5] = ["registry", "edge", "edge-tls", "postgres", "trellis-up"];
+const OWN_PROCESSES: [&str; 6] = [
+    "registry",
+    "edge",
+    "edge-tls",
+    "postgres",
+    "trellis-up",
+    "dashboard",
+];
 
 /// Every instance and its sidecar (`<instance>-proxy`) need a process name
 /// of their own; otherwise the entry (its index) whose instance would

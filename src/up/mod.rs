@@ -337,6 +337,9 @@ async fn prepare(
     run_builds(args, file, root)?;
     let plan = Plan::new(file)?;
     let mut workloads = vec!["registry".to_owned(), "edge".to_owned(), "cli".to_owned()];
+    if plan.dashboard.is_some() {
+        workloads.push("dashboard".to_owned());
+    }
     // One identity per service, however many entries (versions) it has.
     workloads.extend(file.service_names().into_iter().map(str::to_owned));
     crate::certs::write_dev_certs(
@@ -615,7 +618,7 @@ async fn start(
                                 .display()
                                 .to_string(),
                             "--read-only".to_owned(),
-                            "edge,cli".to_owned(),
+                            "edge,cli,dashboard".to_owned(),
                         ],
                         store,
                         cx.identity("registry"),
@@ -684,6 +687,20 @@ async fn start(
     cx.logs.launcher("starting the edge".to_owned());
     running.push(Stage::Plain, edges);
     wait_ready_admins(cx, running, &admins, "the edge").await?;
+
+    if let Some(listen) = plan.dashboard {
+        cx.logs
+            .launcher(format!("starting the dashboard on http://{listen}/"));
+        let spec = dashboard_spec(cx, plan, listen);
+        let stage = running.push(Stage::Plain, vec![cx.supervisor.spawn(spec)]);
+        let admins = vec![("dashboard".to_owned(), listen)];
+        // Ready: it has read the registry once.
+        wait_until(cx, stage, "the dashboard", || {
+            let admins = admins.clone();
+            async move { all_ready(&admins).await }
+        })
+        .await?;
+    }
     Ok(server)
 }
 
@@ -923,6 +940,34 @@ fn edge_spec(cx: &Launch<'_>, edge: &EdgePlan, registry: &str) -> ProcessSpec {
         cx.binary("mesh-proxy"),
         args,
         Duration::from_secs(15),
+    )
+}
+
+/// `trellis dashboard`, reading the registry as `dashboard`; its console
+/// calls through the TLS edge (where the API key printed in the banner
+/// signs in), else the plaintext one.
+fn dashboard_spec(cx: &Launch<'_>, plan: &Plan, listen: SocketAddr) -> ProcessSpec {
+    let edge = match plan.edges.iter().find(|e| e.tls) {
+        Some(tls) => format!("https://{}", tls.listen),
+        None => format!("http://{}", plan.edges[0].listen),
+    };
+    cx.spec(
+        "dashboard",
+        cx.binary("trellis"),
+        vec![
+            "dashboard".to_owned(),
+            "--listen".to_owned(),
+            listen.to_string(),
+            "--registry".to_owned(),
+            plan.registries(),
+            "--certs".to_owned(),
+            cx.certs.display().to_string(),
+            "--identity".to_owned(),
+            "dashboard".to_owned(),
+            "--edge".to_owned(),
+            edge,
+        ],
+        Duration::from_secs(5),
     )
 }
 
@@ -1171,6 +1216,7 @@ fn write_run_file(
         "postgres": server.map(|s| s.url()),
         "instances": instances,
         "edges": edges,
+        "dashboard": plan.dashboard.map(|d| format!("http://{d}/")),
     });
     let path = state.join("run").join("up.json");
     let tmp = path.with_extension("json.tmp");
@@ -1213,6 +1259,14 @@ fn banner(
             "edge (TLS): {}  (API key {key}; CA {certs}/ca.pem)\n",
             tls.listen
         ));
+    }
+    if let Some(dashboard) = plan.dashboard {
+        let sign_in = if api_key.is_some() {
+            "  (its console signs in with the TLS edge's API key)"
+        } else {
+            ""
+        };
+        out.push_str(&format!("dashboard: http://{dashboard}/{sign_in}\n"));
     }
     out.push_str(&format!(
         "registry: {} (mTLS; certificates in {certs})  metrics http://{}/metrics\n",

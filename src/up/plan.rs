@@ -71,6 +71,8 @@ pub struct Plan {
     pub instances: Vec<InstancePlan>,
     /// The edges, plaintext first.
     pub edges: Vec<EdgePlan>,
+    /// The dashboard (`[dashboard]`), if the mesh has one.
+    pub dashboard: Option<SocketAddr>,
     ports: PortSource,
 }
 
@@ -325,7 +327,23 @@ impl Plan {
                 ports.take(&format!("registry-{n} admin"), path)?,
             ));
         }
+        // Last of all, for the same reason.
+        let dashboard = file
+            .dashboard_listen()
+            .map(|spec| match spec {
+                PortSpec::Fixed(_) => fixed_or_free(
+                    spec,
+                    "the dashboard",
+                    "[dashboard] listen",
+                    path,
+                    &mut ports.used,
+                    check,
+                ),
+                PortSpec::Auto => ports.take("the dashboard", path),
+            })
+            .transpose()?;
         Ok(Self {
+            dashboard,
             registry,
             registry_admin,
             more_registries,

@@ -212,7 +212,10 @@ pub async fn answer(
     if let Some(code) = grpc::status_of(&parts.headers)
         && code != Code::Ok
     {
-        return error(code, &grpc::message_of(&parts.headers));
+        // Trailers-only: the headers are the trailers.
+        let mut answer = error(code, &grpc::message_of(&parts.headers));
+        copy_metadata(&parts.headers, "grpc-trailer-", answer.headers_mut());
+        return answer;
     }
     let mut reader = Reader {
         body,
@@ -220,6 +223,7 @@ pub async fn answer(
         buffer: BytesMut::new(),
         messages: VecDeque::new(),
         status: None,
+        trailers: None,
         done: false,
         limit,
     };
@@ -238,7 +242,7 @@ pub async fn answer(
         return response;
     }
     let mut first: Option<serde_json::Value> = None;
-    loop {
+    let mut answer = loop {
         match std::future::poll_fn(|cx| reader.poll_next(cx)).await {
             Some(Item::Message(m)) => {
                 if first.is_some() {
@@ -249,13 +253,54 @@ pub async fn answer(
                 }
                 first = Some(m);
             }
-            Some(Item::End(Code::Ok, _)) | None => break,
-            Some(Item::End(code, message)) => return error(code, &message),
+            Some(Item::End(Code::Ok, _)) | None => {
+                break match first.take() {
+                    Some(value) => json_response(StatusCode::OK, &value),
+                    None => error(Code::Internal, "the service answered with no message"),
+                };
+            }
+            Some(Item::End(code, message)) => break error(code, &message),
         }
+    };
+    // The service's own metadata, as grpc-gateway passes it on: response
+    // headers as `grpc-metadata-<name>`, trailers as `grpc-trailer-<name>`
+    // (a unary answer is whole before it is sent, so both fit in headers).
+    let headers = answer.headers_mut();
+    copy_metadata(&parts.headers, "grpc-metadata-", headers);
+    if let Some(trailers) = &reader.trailers {
+        copy_metadata(trailers, "grpc-trailer-", headers);
     }
-    match first {
-        Some(value) => json_response(StatusCode::OK, &value),
-        None => error(Code::Internal, "the service answered with no message"),
+    answer
+}
+
+/// Most metadata entries passed on from one answer.
+const MAX_METADATA: usize = 64;
+
+/// Copies the application's metadata in `from` into `to`, each name
+/// prefixed; gRPC's and HTTP's own headers stay behind.
+fn copy_metadata(from: &HeaderMap, prefix: &str, to: &mut HeaderMap) {
+    const RESERVED: [&str; 12] = [
+        "content-type",
+        "content-length",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "connection",
+        "date",
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+    ];
+    for (name, value) in from
+        .iter()
+        .filter(|(name, _)| !RESERVED.contains(&name.as_str()))
+        .take(MAX_METADATA)
+    {
+        if let Ok(name) = header::HeaderName::from_bytes(format!("{prefix}{name}").as_bytes()) {
+            to.append(name, value.clone());
+        }
     }
 }
 
@@ -271,6 +316,8 @@ struct Reader {
     buffer: BytesMut,
     messages: VecDeque<serde_json::Value>,
     status: Option<(Code, String)>,
+    /// The answer's trailers, once read.
+    trailers: Option<HeaderMap>,
     done: bool,
     /// Largest message read, in bytes.
     limit: usize,
@@ -306,9 +353,10 @@ impl Reader {
                         }
                     }
                     Err(frame) => {
-                        if let Some(trailers) = frame.trailers_ref() {
-                            let code = grpc::status_of(trailers).unwrap_or(Code::Unknown);
-                            self.status = Some((code, grpc::message_of(trailers)));
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let code = grpc::status_of(&trailers).unwrap_or(Code::Unknown);
+                            self.status = Some((code, grpc::message_of(&trailers)));
+                            self.trailers = Some(trailers);
                         }
                     }
                 },
