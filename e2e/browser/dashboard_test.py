@@ -52,7 +52,11 @@ def parse_args():
     )
     p.add_argument("--services", default=DEFAULT_SERVICES, help="comma-separated mesh services expected healthy")
     p.add_argument("--load-service", default="echo", help="the service the driver loads")
-    p.add_argument("--kill-instance", default="echo-1", help="the instance the driver SIGKILLs")
+    p.add_argument("--kill-instance", default="echo-1", help="the instance the driver SIGKILLs (trellis up's name)")
+    p.add_argument(
+        "--kill-address",
+        help="its sidecar's inbound address (up.json), which the registry lists: how its row is found",
+    )
     p.add_argument("--wait", type=float, default=30.0, help="longest wait of one step, seconds")
     p.add_argument(
         "--no-driver",
@@ -68,8 +72,11 @@ def announce(what):
     print(f"@@ ready: {what}", flush=True)
 
 
+STARTED = time.monotonic()
+
+
 def say(text):
-    print(f"dashboard_test: {text}", flush=True)
+    print(f"dashboard_test: [{time.monotonic() - STARTED:5.1f}s] {text}", flush=True)
 
 
 def rate_value(text):
@@ -238,10 +245,16 @@ class Run:
         for field, value in values.items():
             self.need(f'#form [data-field="{field}"]', f"the form's {field} input")
             self.page.fill(f'#form [data-field="{field}"]', value)
+        before = self.text("#status")
         self.page.click("button#send")
+        # #status holds a placeholder ("–") until an answer comes.
         self.wait_fn(
-            "() => { const s = document.querySelector('#status'); return s && s.innerText.trim() !== ''; }",
-            what="#status showing the call's outcome",
+            """(before) => {
+                const t = (document.querySelector('#status')?.innerText || '').trim();
+                return t !== '' && t !== before && t !== '–' && !/^(sending|calling)/i.test(t);
+            }""",
+            before,
+            what=f"#status showing the call's outcome (it held {before!r} before)",
         )
         status = self.text("#status")
         response = self.text("#response") or ""
@@ -334,8 +347,22 @@ class Run:
         the services view) records the moment either shows it, and the
         pages stay open while the driver kills."""
         service = self.args.kill_instance.rsplit("-", 1)[0]
-        instance = self.args.kill_instance
         detail = self.goto(f"/services/{service}", self.new_page())
+        self.need("table#instances tr[data-instance]", f"{service}'s instances", page=detail)
+        # The registry names instances itself (user-cd7872e983dd94d5); the
+        # row of trellis up's echo-1 is the one at its sidecar's address.
+        rows = detail.evaluate(
+            """() => [...document.querySelectorAll('table#instances tr[data-instance]')]
+                .map(r => [r.dataset.instance, (r.querySelector('td.address')?.innerText || '').trim()])"""
+        )
+        ids = [i for i, addr in rows if addr == self.args.kill_address] if self.args.kill_address else []
+        if len(ids) != 1:
+            raise StepFailed(
+                f"expected one tr[data-instance] on /services/{service} with td.address {self.args.kill_address!r} "
+                f"({self.args.kill_instance}'s sidecar), seen (id, address) {rows}"
+            )
+        instance = ids[0]
+        say(f"{self.args.kill_instance} is {instance} in the registry")
         self.need(f'tr[data-instance="{instance}"] td.health[data-health="SERVING"]', f"{instance} serving", page=detail)
         overview = self.goto("/", self.new_page())
         self.need(f'tr[data-service="{service}"] td.health[data-health="serving"]', f"{service} serving", page=overview)
@@ -359,7 +386,7 @@ class Run:
         }"""
         detail.evaluate(watch, ["instance", f'tr[data-instance="{instance}"]'])
         overview.evaluate(watch, ["service", f'tr[data-service="{service}"] td.health'])
-        announce(f"kill {instance}")
+        announce(f"kill {self.args.kill_instance}")
         deadline = time.monotonic() + self.args.wait
         seen = {}
         while time.monotonic() < deadline:

@@ -118,6 +118,19 @@ fn api_key(up: &Up) -> String {
         .unwrap_or_else(|| panic!("no API key in {line:?}"))
 }
 
+/// An instance's sidecar inbound address (what the registry lists), from
+/// the run file.
+fn inbound(up: &Up, instance: &str) -> String {
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(up.state().join("run/up.json")).unwrap()).unwrap();
+    run["instances"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["instance"] == instance))
+        .and_then(|i| i["inbound"].as_str())
+        .unwrap_or_else(|| panic!("{instance}'s inbound address in up.json: {run}"))
+        .to_owned()
+}
+
 /// Echo calls through the edge from a few workers until `stop` or
 /// [`LOAD_LIMIT`]; counts the calls that succeeded.
 fn start_load(
@@ -188,6 +201,7 @@ async fn the_dashboard_shows_the_mesh_in_a_real_browser() {
     let mut script = Command::new(&python)
         .arg(repo_root().join("e2e/browser/dashboard_test.py"))
         .args(["--url", &url, "--api-key", &key, "--kill-instance", KILLED])
+        .args(["--kill-address", &inbound(&up, KILLED)])
         .arg("--artefacts")
         .arg(&artefacts)
         .arg("--readme-shot")
@@ -220,7 +234,6 @@ async fn the_dashboard_shows_the_mesh_in_a_real_browser() {
     let done = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
     let mut killed = None;
-    let mut output = Vec::new();
     let deadline = tokio::time::Instant::now() + SCRIPT_LIMIT;
     loop {
         let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
@@ -228,10 +241,7 @@ async fn the_dashboard_shows_the_mesh_in_a_real_browser() {
             Ok(None) => break,
             Err(_) => {
                 let _ = script.kill();
-                panic!(
-                    "the browser script ran longer than {SCRIPT_LIMIT:?}:\n{}",
-                    output.join("\n")
-                );
+                panic!("the browser script ran longer than {SCRIPT_LIMIT:?} (its output is above)");
             }
         };
         eprintln!("{line}");
@@ -244,7 +254,6 @@ async fn the_dashboard_shows_the_mesh_in_a_real_browser() {
             signal(pid, "KILL");
             killed = Some((instance.to_owned(), pid));
         }
-        output.push(line);
     }
     let status = tokio::task::spawn_blocking(move || script.wait())
         .await
@@ -254,16 +263,16 @@ async fn the_dashboard_shows_the_mesh_in_a_real_browser() {
     for worker in load {
         worker.await.unwrap();
     }
-    let output = output.join("\n");
     assert!(
         status.success(),
-        "the browser script failed ({status}); screenshots in {}:\n{output}\n\ntrellis up:\n{}",
+        "the browser script failed ({status}; its output is above, ending with what failed); \
+         screenshots in {}; trellis up printed:\n{}",
         artefacts.display(),
         up.output()
     );
     assert!(
         done.load(Ordering::Relaxed) > 0,
-        "no load call succeeded:\n{output}"
+        "no load call succeeded through the edge"
     );
     for view in [
         "services", "service", "instance", "callmap", "registry", "events", "console",
