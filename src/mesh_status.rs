@@ -410,6 +410,26 @@ impl RegistryReader {
             .await
     }
 
+    /// Every instance of a service as the registry holds it now (leases
+    /// included: a Watch sends no renewals).
+    pub async fn resolve(
+        &mut self,
+        target: &str,
+    ) -> Result<registry_pb::ResolveResponse, StatusError> {
+        let target = target.to_owned();
+        self.first_answer(|replica| {
+            let target = target.clone();
+            async move {
+                RegistryServiceClient::new(replica.channel.clone())
+                    .resolve(registry_pb::ResolveRequest { target })
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|s| replica.error("RegistryService/Resolve", s))
+            }
+        })
+        .await
+    }
+
     /// The registered contract of a gRPC service: the descriptor of its
     /// file first, then every dependency's.
     pub async fn contract(

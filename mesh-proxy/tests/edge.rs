@@ -696,6 +696,30 @@ async fn json_and_grpc_web_callers_get_through_and_bad_input_is_named() {
     let error: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error["status"], "NOT_FOUND");
     assert_eq!(error["message"], "no such thing");
+    // The service's trailers reach a JSON caller as grpc-trailer-*
+    // headers (gRPC's own, the status, stay in the body).
+    let (status, head) = curl(
+        &[
+            &json[..],
+            &[
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "-d",
+                r#"{"code":5,"message":"gone","retryPushbackMs":"250"}"#,
+                &url("Fail"),
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(status, 404, "{head}");
+    let head = head.to_lowercase();
+    assert!(
+        head.contains("grpc-trailer-grpc-retry-pushback-ms: 250"),
+        "{head}"
+    );
+    assert!(!head.contains("grpc-trailer-grpc-status"), "{head}");
 
     // Bad input over JSON: each named.
     for (args, want_status, want_text) in [

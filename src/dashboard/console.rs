@@ -174,6 +174,13 @@ struct Credential {
     value: HeaderValue,
 }
 
+/// Names the header only: the value is never printed.
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}: …)", self.name)
+    }
+}
+
 /// The credential in the browser's request: exactly one of `x-api-key`
 /// and `authorization: Bearer …`.
 fn credential(headers: &HeaderMap) -> Result<Credential, String> {

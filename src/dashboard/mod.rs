@@ -294,7 +294,7 @@ impl Dashboard {
         match view {
             View::Services(f) => views::services(self, f),
             View::Service(name) => views::service(self, name).await,
-            View::Instance(id) => views::instance(self, id),
+            View::Instance(id) => views::instance(self, id).await,
             View::Map => views::map(self),
             View::Registry => views::registry(self),
             View::Events(f) => views::events(self, f),

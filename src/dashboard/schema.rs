@@ -353,7 +353,9 @@ pub struct MethodEntry {
     pub path: String,
     /// The method's own name, `Method`.
     pub name: String,
+    /// The caller sends a stream; such a method has no form.
     pub client_streaming: bool,
+    /// The method answers with a stream of responses.
     pub server_streaming: bool,
 }
 

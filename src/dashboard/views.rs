@@ -598,7 +598,25 @@ struct InstanceDetail {
 }
 
 /// An instance's registration, lease, health history and metadata.
-pub fn instance(d: &Dashboard, id: &str) -> String {
+pub async fn instance(d: &Dashboard, id: &str) -> String {
+    // The lease as the registry holds it now: the Watch sends no renewals.
+    let service = d
+        .mesh
+        .borrow()
+        .instances
+        .get(id)
+        .map(|t| t.instance.service.clone());
+    let lease = match service {
+        Some(service) => match d.registry.lock().await.resolve(&service).await {
+            Ok(answer) => answer
+                .instances
+                .into_iter()
+                .find(|i| i.instance_id == id)
+                .map(|i| Ok(i.lease_expires_at)),
+            Err(e) => Some(Err(e.to_string())),
+        },
+        None => None,
+    };
     let mesh = d.mesh.borrow();
     let traffic = d.traffic.borrow();
     let found = mesh.instances.get(id).map(|t| {
@@ -610,12 +628,18 @@ pub fn instance(d: &Dashboard, id: &str) -> String {
             registered: timestamp(&i.registered_at)
                 .map(|t| format!("{} ({})", clock(t), ago(t)))
                 .unwrap_or_else(|| "–".into()),
-            lease: match timestamp(&i.lease_expires_at) {
-                Some(t) => match t.duration_since(SystemTime::now()) {
-                    Ok(left) => format!("expires in {} unless renewed", span(left)),
-                    Err(_) => "expired, not yet removed".into(),
+            lease: match &lease {
+                Some(Ok(expires)) => match timestamp(expires) {
+                    Some(t) => match t.duration_since(SystemTime::now()) {
+                        Ok(left) => format!("expires in {} unless renewed", span(left)),
+                        Err(_) => "expired, not yet removed".into(),
+                    },
+                    None => {
+                        "held by the registry's store (etcd): renewed through any replica".into()
+                    }
                 },
-                None => "held by the registry's store (etcd): renewed through any replica".into(),
+                Some(Err(why)) => format!("cannot be read: {why}"),
+                None => "–".into(),
             },
             metadata: i
                 .metadata

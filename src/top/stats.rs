@@ -477,6 +477,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn callers_are_read_from_inbound_calls_only() {
+        let text = r#"trellis_proxy_requests_total{direction="inbound",service="e.v1.Echo",method="Echo",grpc_status="OK",caller="edge"} 7
+trellis_proxy_requests_total{direction="inbound",service="e.v1.Echo",method="Count",grpc_status="OK",caller="edge"} 3
+trellis_proxy_requests_total{direction="inbound",service="e.v1.Echo",method="Echo",grpc_status="UNAVAILABLE",caller="usage"} 2
+trellis_proxy_requests_total{direction="outbound",service="e.v1.Echo",method="Echo",grpc_status="OK",caller="echo"} 99
+trellis_proxy_requests_total{direction="inbound",service="e.v1.Echo",method="Echo",grpc_status="OK"} 5
+"#;
+        let callers = parse_callers(text).unwrap();
+        let edge = &callers[&("edge".to_owned(), "e.v1.Echo".to_owned())];
+        assert_eq!(edge[OK], 10.0);
+        let usage = &callers[&("usage".to_owned(), "e.v1.Echo".to_owned())];
+        assert_eq!(usage["UNAVAILABLE"], 2.0);
+        assert_eq!(
+            callers.len(),
+            2,
+            "outbound and caller-less series are skipped"
+        );
+
+        let many: String = (0..=MAX_METHODS)
+            .map(|n| {
+                format!(
+                    "trellis_proxy_requests_total{{direction=\"inbound\",service=\"s\",method=\"m\",grpc_status=\"OK\",caller=\"c{n}\"}} 1\n"
+                )
+            })
+            .collect();
+        assert_eq!(parse_callers(&many), Err(ParseError::TooManyMethods));
+    }
+
     /// A proxy's exposition with `ok` and `unavailable` inbound Echo calls,
     /// and some lines that must be ignored.
     fn exposition(ok: u64, unavailable: u64, fast: u64) -> String {

@@ -517,3 +517,126 @@ fn comments_are_rejoined_into_paragraphs() {
     );
     assert_eq!(tidy_comment("\n"), "");
 }
+
+/// form.js's conversions and checks, through node's own test runner (no
+/// packages needed). Skipped, saying so, where node is not installed.
+#[test]
+fn form_js_passes_its_node_tests() {
+    let test_file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/dashboard/static/form.test.js"
+    );
+    let output = match std::process::Command::new("node")
+        .args(["--test", test_file])
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipped: node is not on PATH, so {test_file} was not run");
+            return;
+        }
+        Err(e) => panic!("running node --test {test_file}: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "node --test {test_file} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// form.js in a real browser: renders forms from [`method_form`] schemas,
+/// fills and collects them (`static/form.browser-test.js`), and each body it
+/// collects passes [`check_body`]. Skipped, saying so, where no headless
+/// Chromium is installed.
+#[test]
+fn form_js_renders_and_collects_in_a_browser() {
+    let Some(browser) = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok()
+        })
+    else {
+        eprintln!("skipped: no chromium on PATH to run static/form.browser-test.js");
+        return;
+    };
+    let repo = repo_pool();
+    let acme = pool_from_files(&[test_file().encode_to_vec()]).unwrap();
+    let methods = [
+        (&repo, "telco.usage.v1.UsageService/RecordUsage"),
+        (&repo, "trellis.registry.v1.RegistryService/Register"),
+        (&repo, "trellis.registry.v1.RegistryService/KeepAlive"),
+        (&repo, "trellis.events.v1.EventSubscriberService/Deliver"),
+        (&acme, "acme.Tree/Plant"),
+    ];
+    let schemas: serde_json::Map<String, Value> = methods
+        .iter()
+        .map(|(pool, m)| ((*m).to_owned(), form_for(pool, m)))
+        .collect();
+    // `</` would end the script element early.
+    let schemas = Value::Object(schemas).to_string().replace("</", "<\\/");
+    let page = format!(
+        "<!doctype html><meta charset=utf-8><body><pre id=result></pre>\
+         <script>const SCHEMAS = {schemas};</script><script>{}</script><script>{}</script>",
+        include_str!("../static/form.js"),
+        include_str!("../static/form.browser-test.js"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("form.html");
+    std::fs::write(&file, page).unwrap();
+
+    let mut child = std::process::Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("profile").display()
+        ))
+        .arg(format!("file://{}", file.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read while it runs: the page's DOM is larger than a pipe's buffer.
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || std::io::read_to_string(&mut stdout));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{browser} did not finish within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let dom = reader.join().unwrap().unwrap();
+    let result = dom
+        .split_once("<pre id=\"result\">")
+        .and_then(|(_, rest)| rest.split_once("</pre>"))
+        .map(|(text, _)| {
+            text.replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&amp;", "&")
+        })
+        .unwrap_or_else(|| panic!("no result in the page:\n{dom}"));
+    let result: Value = serde_json::from_str(&result)
+        .unwrap_or_else(|e| panic!("result is not JSON ({e}): {result}"));
+
+    let checks = result["checks"].as_array().unwrap();
+    let failed: Vec<&Value> = checks.iter().filter(|c| c["pass"] != true).collect();
+    assert!(failed.is_empty(), "failed in the browser: {failed:#?}");
+    assert!(
+        checks.len() >= 20,
+        "only {} checks ran: {result:#}",
+        checks.len()
+    );
+    for (pool, method) in methods {
+        if let Some(body) = result["bodies"].get(method) {
+            let descriptor = find_method(pool, method).unwrap();
+            check_body(&descriptor, body).unwrap_or_else(|e| panic!("{method} {body}: {e}"));
+        }
+    }
+    assert_eq!(result["bodies"].as_object().unwrap().len(), 4);
+}
