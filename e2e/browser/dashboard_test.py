@@ -103,6 +103,10 @@ class Run:
         page = self.context.new_page()
         page.on("pageerror", lambda e: self.page_errors.append(f"{page.url}: {e}"))
         page.on(
+            "response",
+            lambda r: self.page_errors.append(f"{page.url}: HTTP {r.status} for {r.url}") if r.status >= 400 else None,
+        )
+        page.on(
             "console",
             lambda m: self.page_errors.append(f"{page.url}: console.{m.type}: {m.text}")
             if m.type == "error"
@@ -247,13 +251,10 @@ class Run:
             self.page.fill(f'#form [data-field="{field}"]', value)
         before = self.text("#status")
         self.page.click("button#send")
-        # #status holds a placeholder ("–") until an answer comes.
+        # #status holds a placeholder ("–", "…" in flight) until a gRPC
+        # status name comes.
         self.wait_fn(
-            """(before) => {
-                const t = (document.querySelector('#status')?.innerText || '').trim();
-                return t !== '' && t !== before && t !== '–' && !/^(sending|calling)/i.test(t);
-            }""",
-            before,
+            "() => /^[A-Z][A-Z_]+$/.test((document.querySelector('#status')?.innerText || '').trim())",
             what=f"#status showing the call's outcome (it held {before!r} before)",
         )
         status = self.text("#status")
