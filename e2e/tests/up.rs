@@ -8,12 +8,11 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::up::{Up, alive, signal};
+use common::up::{Databases, Up, alive, signal};
 use common::*;
 use trellis::pb::telco::usage::v1 as usage;
 use trellis::pb::telco::user::v1 as user;
@@ -33,39 +32,6 @@ fn start(state: &Path, collector: &str) -> Up {
         &[("DATABASE_URL", server_url().unwrap())],
         Duration::from_secs(240),
     )
-}
-
-/// The databases of the mesh whose state directory is `state`
-/// (`trellis_<its id>_<service>`), dropped with this.
-struct Databases(String);
-
-impl Databases {
-    fn of(state: &Path) -> Self {
-        let id = std::fs::read_to_string(state.join("mesh-id")).unwrap();
-        Self(format!("trellis_{}", id.trim()))
-    }
-}
-
-impl Drop for Databases {
-    fn drop(&mut self) {
-        drop_databases(&self.0);
-    }
-}
-
-fn drop_databases(prefix: &str) {
-    let url = match server_url() {
-        Ok(u) => u,
-        Err(_) => return,
-    };
-    for service in ["user", "usage", "settlement"] {
-        let _ = Command::new("psql")
-            .arg(format!("{url}/postgres"))
-            .args(["-q", "-c"])
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {prefix}_{service} WITH (FORCE)"
-            ))
-            .output();
-    }
 }
 
 async fn ready(admin: SocketAddr) -> bool {

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use trellis_test_support::{binary_dir, workspace_binary};
+use trellis_test_support::{binary_dir, server_url, workspace_binary};
 
 /// `trellis up` running with a state directory of its own.
 pub struct Up {
@@ -238,6 +238,40 @@ impl Drop for Up {
                 }
             }
         }
+    }
+}
+
+/// The databases of the mesh whose state directory is `state`
+/// (`trellis_<its id>_<service>`), dropped with this.
+pub struct Databases(String);
+
+impl Databases {
+    /// Those of the mesh whose state directory is `state`.
+    pub fn of(state: &Path) -> Self {
+        let id = std::fs::read_to_string(state.join("mesh-id")).unwrap();
+        Self(format!("trellis_{}", id.trim()))
+    }
+}
+
+impl Drop for Databases {
+    fn drop(&mut self) {
+        drop_databases(&self.0);
+    }
+}
+
+fn drop_databases(prefix: &str) {
+    let url = match server_url() {
+        Ok(u) => u,
+        Err(_) => return,
+    };
+    for service in ["user", "usage", "settlement"] {
+        let _ = Command::new("psql")
+            .arg(format!("{url}/postgres"))
+            .args(["-q", "-c"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {prefix}_{service} WITH (FORCE)"
+            ))
+            .output();
     }
 }
 
