@@ -516,8 +516,32 @@ async fn a_registry_that_is_down_shows_as_down() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let (ready, why) = curl(&format!("{base}/ready"), &[]);
+    // A browser's open live stream does not hold a stop up.
+    let mut stream = Command::new("curl")
+        .args(["-sN", "--max-time", "30", &format!("{base}/live/")])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(child.id(), "TERM");
+    let stopped = Instant::now();
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if stopped.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let _ = child.kill();
     let _ = child.wait();
+    let _ = stream.kill();
+    let _ = stream.wait();
+    assert!(
+        exited.is_some(),
+        "the dashboard did not stop within 5s of SIGTERM with a live stream open"
+    );
     assert_eq!(ready, 503, "{why}");
     assert!(why.contains(&registry.to_string()), "{why}");
     assert!(html.contains("data-state=\"down\""), "{html}");

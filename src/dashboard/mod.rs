@@ -111,6 +111,8 @@ pub(crate) struct Dashboard {
     caller: String,
     /// Where the console's calls go.
     edge: Option<console::Edge>,
+    /// Set when the dashboard stops: live streams end.
+    stopping: watch::Sender<bool>,
 }
 
 /// Serves the dashboard until Ctrl-C or SIGTERM.
@@ -151,13 +153,21 @@ pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
         registry: tokio::sync::Mutex::new(reader),
         replicas: access.registry.entries().to_vec(),
         edge,
+        stopping: watch::channel(false).0,
     });
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the dashboard serves plain HTTP beyond loopback: put it behind TLS");
     }
     println!("{PROGRAM}: serving http://{addr}/");
+    // Live streams never end by themselves: on a stop they are ended
+    // first, so that the graceful shutdown has only short requests to
+    // wait for.
+    let stopping = state.stopping.clone();
     let served = axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop_signal())
+        .with_graceful_shutdown(async move {
+            stop_signal().await;
+            let _ = stopping.send(true);
+        })
         .await;
     for task in tasks {
         task.abort();
@@ -318,6 +328,7 @@ impl Dashboard {
         let mut mesh = self.mesh.clone();
         let mut traffic = self.traffic.clone();
         let mut config = self.config.clone();
+        let mut stopping = self.stopping.subscribe();
         let stream = async_stream(move |tx| async move {
             let mut last = String::new();
             loop {
@@ -336,6 +347,7 @@ impl Dashboard {
                     r = mesh.changed() => if r.is_err() { return },
                     r = traffic.changed() => if r.is_err() { return },
                     r = config.changed() => if r.is_err() { return },
+                    _ = stopping.changed() => return,
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 mesh.mark_unchanged();
