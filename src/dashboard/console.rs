@@ -58,9 +58,13 @@ pub struct Edge {
     )>,
     /// The CA file, for the copied commands.
     ca: String,
-    /// Contracts by (gRPC service, instances serving it).
-    contracts: Mutex<HashMap<(String, u64), Arc<DescriptorPool>>>,
 }
+
+/// Registered contracts by (gRPC service, fingerprint of the instances
+/// serving it): a page re-rendered live asks again only once a serving
+/// instance changed.
+#[derive(Default)]
+pub struct Contracts(Mutex<HashMap<(String, u64), Arc<DescriptorPool>>>);
 
 impl Edge {
     /// The edge at `url` (`http://host:port` or `https://host:port`), whose
@@ -108,7 +112,6 @@ impl Edge {
             authority,
             tls,
             ca: ca.display().to_string(),
-            contracts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -267,8 +270,8 @@ fn servers(d: &Dashboard, grpc_service: &str) -> (u64, Vec<String>) {
 async fn contract(d: &Dashboard, grpc_service: &str) -> Result<Arc<DescriptorPool>, String> {
     let (fingerprint, _) = servers(d, grpc_service);
     let key = (grpc_service.to_owned(), fingerprint);
-    let cache = d.edge.as_ref().map(|e| &e.contracts);
-    if let Some(pool) = cache.and_then(|c| c.lock().ok()?.get(&key).cloned()) {
+    let cached = d.contracts.0.lock().ok().and_then(|c| c.get(&key).cloned());
+    if let Some(pool) = cached {
         return Ok(pool);
     }
     let answer = d
@@ -279,11 +282,12 @@ async fn contract(d: &Dashboard, grpc_service: &str) -> Result<Arc<DescriptorPoo
         .await
         .map_err(|e| e.to_string())?;
     let pool = Arc::new(schema::pool_from_files(&answer.file_descriptors)?);
-    if let Some(Ok(mut c)) = cache.map(Mutex::lock) {
-        if c.len() >= MAX_CONTRACTS {
-            c.clear();
+    if let Ok(mut cache) = d.contracts.0.lock() {
+        // Old fingerprints are never asked again: start afresh when full.
+        if cache.len() >= MAX_CONTRACTS {
+            cache.clear();
         }
-        c.insert(key, pool.clone());
+        cache.insert(key, pool.clone());
     }
     Ok(pool)
 }

@@ -113,6 +113,8 @@ pub(crate) struct Dashboard {
     edge: Option<console::Edge>,
     /// Set when the dashboard stops: live streams end.
     stopping: watch::Sender<bool>,
+    /// Contracts read from the registry.
+    contracts: console::Contracts,
 }
 
 /// Serves the dashboard until Ctrl-C or SIGTERM.
@@ -154,6 +156,7 @@ pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
         replicas: access.registry.entries().to_vec(),
         edge,
         stopping: watch::channel(false).0,
+        contracts: console::Contracts::default(),
     });
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the dashboard serves plain HTTP beyond loopback: put it behind TLS");
