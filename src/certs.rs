@@ -138,6 +138,19 @@ impl CertAuthority {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<IssuedCert, CertError> {
+        self.issue_for_hosts(id, &[], not_before, not_after)
+    }
+
+    /// Issues a workload certificate for `id` that also names `hosts` (DNS
+    /// names or IP addresses), for clients that check the host they dial
+    /// as well: gRPC's xDS clients dialing the registry.
+    pub fn issue_for_hosts(
+        &self,
+        id: &SpiffeId,
+        hosts: &[String],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, CertError> {
         let what = format!("certificate for {id}");
         let key = KeyPair::generate().map_err(gen_err(what.clone()))?;
         let mut params = CertificateParams::default();
@@ -151,6 +164,9 @@ impl CertAuthority {
             .try_into()
             .map_err(gen_err(what.clone()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
+        for host in hosts {
+            params.subject_alt_names.push(host_san(host, &what)?);
+        }
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -186,11 +202,7 @@ impl CertAuthority {
         );
         params.distinguished_name = dn;
         for name in names {
-            let san = match name.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(name.clone().try_into().map_err(gen_err(what.clone()))?),
-            };
-            params.subject_alt_names.push(san);
+            params.subject_alt_names.push(host_san(name, &what)?);
         }
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -216,6 +228,22 @@ impl CertAuthority {
     }
 }
 
+/// A DNS name or IP address as a subject alternative name.
+fn host_san(host: &str, what: &str) -> Result<SanType, CertError> {
+    Ok(match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(
+            host.to_owned()
+                .try_into()
+                .map_err(gen_err(what.to_owned()))?,
+        ),
+    })
+}
+
+/// The hosts the registry's certificate names besides its SPIFFE ID: what
+/// gRPC's xDS clients on this machine dial it by, and check.
+pub const REGISTRY_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
 /// What `write_dev_certs` did.
 #[derive(Debug)]
 pub struct CertReport {
@@ -240,7 +268,18 @@ pub fn write_dev_certs(
     let mut written = Vec::new();
     for name in workloads {
         let id = SpiffeId::for_service(trust_domain, namespace, name)?;
-        let issued = ca.issue(&id, days)?;
+        let hosts: Vec<String> = if name == "registry" {
+            REGISTRY_HOSTS.iter().map(|h| (*h).to_owned()).collect()
+        } else {
+            Vec::new()
+        };
+        let now = OffsetDateTime::now_utc();
+        let issued = ca.issue_for_hosts(
+            &id,
+            &hosts,
+            now - Duration::minutes(5),
+            now + Duration::days(days),
+        )?;
         let cert_path = dir.join(format!("{name}.pem"));
         write_file(&cert_path, &issued.cert_pem, false)?;
         write_file(&dir.join(format!("{name}.key")), &issued.key_pem, true)?;
@@ -259,6 +298,51 @@ pub fn write_dev_certs(
         created_ca,
         workloads: written,
     })
+}
+
+/// Writes `<workload>.xds.json` beside the workload certificate `cert`
+/// (`<workload>.pem`, with its key `<workload>.key` and `ca.pem` beside
+/// it): a gRPC xDS bootstrap file for a proxyless client with identity
+/// `id` that takes its endpoints and policy from the registry at
+/// `registry` (host:port) over mTLS (gRFC A65 `tls` channel credentials),
+/// and dials services' sidecars with the same certificate through the
+/// `trellis` certificate provider (gRFC A29 `file_watcher`, which picks up
+/// a renewed certificate). Returns the path written.
+pub fn write_xds_bootstrap(
+    cert: &Path,
+    id: &SpiffeId,
+    registry: &str,
+    zone: &str,
+) -> Result<PathBuf, anyhow::Error> {
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let cert_file = absolute(cert.to_path_buf());
+    let key_file = cert_file.with_extension("key");
+    let ca_file = cert_file.with_file_name("ca.pem");
+    let files = serde_json::json!({
+        "ca_certificate_file": ca_file,
+        "certificate_file": cert_file,
+        "private_key_file": key_file,
+    });
+    let mut provider = files.clone();
+    provider["refresh_interval"] = "60s".into();
+    let bootstrap = serde_json::json!({
+        "xds_servers": [{
+            "server_uri": registry,
+            "channel_creds": [{ "type": "tls", "config": files }],
+            "server_features": ["xds_v3"],
+        }],
+        "node": {
+            "id": id.as_str(),
+            "cluster": id.service().unwrap_or_default(),
+            "locality": { "zone": zone },
+        },
+        "certificate_providers": {
+            "trellis": { "plugin_name": "file_watcher", "config": provider },
+        },
+    });
+    let path = cert_file.with_extension("xds.json");
+    write_file(&path, &serde_json::to_string_pretty(&bootstrap)?, false)?;
+    Ok(path)
 }
 
 /// The CA in `dir` (`ca.pem`, `ca.key`), or a new one written there; true

@@ -58,6 +58,16 @@ enum Command {
         /// services get identities.
         #[arg(long, value_name = "FILE", default_value = "trellis.toml")]
         mesh_file: PathBuf,
+        /// Also write <workload>.xds.json beside each certificate: the
+        /// bootstrap file a proxyless gRPC client (GRPC_XDS_BOOTSTRAP) uses
+        /// to take its endpoints and policy from the registry at this
+        /// address (host:port), with that certificate.
+        #[arg(long, value_name = "REGISTRY", conflicts_with = "kubernetes")]
+        xds_bootstrap: Option<String>,
+        /// With --xds-bootstrap: the zone the clients run in (their
+        /// calls prefer instances of the same zone).
+        #[arg(long, default_value = "", requires = "xds_bootstrap")]
+        zone: String,
     },
     /// Build and run the mesh a mesh file (trellis.toml) describes, on this
     /// machine, and supervise it until Ctrl-C.
@@ -100,6 +110,8 @@ fn main() {
             kubernetes,
             output,
             mesh_file,
+            xds_bootstrap,
+            zone,
         } => {
             if kubernetes {
                 let namespace = namespace.unwrap_or_else(|| KUBERNETES_NAMESPACE.to_owned());
@@ -142,6 +154,16 @@ fn main() {
             }
             for (id, path) in &report.workloads {
                 println!("issued {} for {id}", path.display());
+                if let Some(registry) = &xds_bootstrap {
+                    let written = trellis::certs::write_xds_bootstrap(path, id, registry, &zone)
+                        .unwrap_or_else(|e| {
+                            trellis::cli::exit_with("trellis certs", &format!("{e:#}"))
+                        });
+                    println!(
+                        "wrote {} (GRPC_XDS_BOOTSTRAP for a proxyless client as {id})",
+                        written.display()
+                    );
+                }
             }
             if let Some(path) = &report.server {
                 println!(

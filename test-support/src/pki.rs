@@ -74,9 +74,19 @@ impl TestPki {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> IdentityPaths {
+        // The registry also names the hosts xDS clients dial it by, as
+        // `trellis certs` issues it.
+        let hosts: Vec<String> = if service == "registry" {
+            trellis::certs::REGISTRY_HOSTS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let issued = self
             .ca
-            .issue_with_validity(&self.id(service), not_before, not_after)
+            .issue_for_hosts(&self.id(service), &hosts, not_before, not_after)
             .expect("issue test certificate");
         let paths = IdentityPaths::in_dir(self.dir.path(), file_name);
         write_file(&paths.cert, &issued.cert_pem, false).expect("write cert");

@@ -1241,6 +1241,11 @@ impl ConfigStore {
         (config, source)
     }
 
+    /// Wakes on every accepted revision.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
     /// `service`'s effective configuration now.
     pub fn get(&self, service: &str) -> pb::GetConfigResponse {
         let snapshot = self.snapshot.borrow().clone();

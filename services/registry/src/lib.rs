@@ -12,6 +12,7 @@ pub mod registry;
 pub mod replicated;
 pub mod store;
 pub mod validate;
+pub mod xds;
 
 /// A `std` duration as a protobuf `Duration`. Every duration the registry
 /// sends is bounded (TTLs by `validate::MAX_TTL`, config durations by

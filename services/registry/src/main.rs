@@ -16,6 +16,7 @@ use trellis_registry::registry::Availability;
 use trellis_registry::registry::{MeshScope, Registry, RegistryApi};
 use trellis_registry::replicated::Replicated;
 use trellis_registry::store::Store;
+use trellis_registry::xds::{AggregatedDiscoveryServiceServer, XdsApi};
 
 const PROGRAM: &str = "trellis-registry";
 
@@ -184,9 +185,12 @@ async fn main() {
         Some(r) => RegistryApi::replicated(r.clone()),
         None => RegistryApi::new(registry.clone()),
     };
+    // Proxyless gRPC clients read the same view over xDS.
+    let xds = XdsApi::new(registry.clone(), config.clone());
     let router = router
         .add_service(RegistryServiceServer::new(api))
-        .add_service(ConfigServiceServer::new(ConfigApi::new(config.clone())));
+        .add_service(ConfigServiceServer::new(ConfigApi::new(config.clone())))
+        .add_service(AggregatedDiscoveryServiceServer::new(xds));
     tracing::info!(
         addr = %args.listen,
         identity = %workload.id(),

@@ -1348,6 +1348,16 @@ impl Registry {
         contract.file_containing(grpc).map(|f| (owner, f))
     }
 
+    /// Every change from now on (for xDS, which re-reads the view on each).
+    pub fn changes(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.changes.subscribe()
+    }
+
+    /// Every registered instance, whatever its health.
+    pub fn instances(&self) -> Vec<pb::Instance> {
+        self.lock().matching(&[]).cloned().collect()
+    }
+
     /// Subscribes to changes and takes a snapshot of `targets`, atomically.
     fn subscribe(
         &self,

@@ -1,0 +1,295 @@
+//! The ADS state machine and the resources, without a network: what a
+//! stream sends for requests, ACKs, NACKs, stale nonces and changes.
+
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+use super::*;
+use crate::quota::Quotas;
+use crate::registry::MeshScope;
+
+const ECHO_TOML: &str = r#"
+[[routes]]
+method = "trellis.echo.v1.EchoService/Echo"
+idempotent = true
+timeout = "2s"
+
+[routes.retry]
+max_attempts = 3
+retryable_status_codes = ["UNAVAILABLE", "NOT_FOUND"]
+initial_backoff = "10ms"
+max_backoff = "40ms"
+
+[traffic]
+split = [ { version = "v1", weight = 90 }, { version = "v2", weight = 10 } ]
+"#;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    registry: Arc<Registry>,
+    config: Arc<ConfigStore>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("echo.toml"), ECHO_TOML).unwrap();
+        let scope = MeshScope {
+            trust_domain: "trellis.local".into(),
+            namespace: "default".into(),
+        };
+        let registry = Registry::new(scope, [], Quotas::UNLIMITED);
+        let config = ConfigStore::open(dir.path(), registry.clone()).unwrap();
+        Self {
+            _dir: dir,
+            registry,
+            config,
+        }
+    }
+
+    fn register(&self, address: &str, version: &str, zone: &str) -> String {
+        let echo = trellis::SpiffeId::parse("spiffe://trellis.local/ns/default/sa/echo").unwrap();
+        self.registry
+            .register(
+                &echo,
+                pb::RegisterRequest {
+                    service: "echo".into(),
+                    version: version.into(),
+                    zone: zone.into(),
+                    address: address.into(),
+                    grpc_services: vec!["trellis.echo.v1.EchoService".into()],
+                    health: ServingStatus::Serving as i32,
+                    lease_ttl: Some(prost_types::Duration {
+                        seconds: 30,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .instance_id
+    }
+
+    fn view(&self) -> View {
+        View::read(&self.registry, &self.config)
+    }
+}
+
+fn ask(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        node: Some(core::Node {
+            id: "test-node".into(),
+            locality: Some(core::Locality {
+                zone: "z1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn decode<M: Message + Default>(response: &DiscoveryResponse) -> Vec<M> {
+    response
+        .resources
+        .iter()
+        .map(|a| M::decode(a.value.as_slice()).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_listener_is_sent_once_acked_and_not_again_until_it_changes() {
+    let f = Fixture::new();
+    f.register("127.0.0.1:9001", "v1", "z1");
+    let mut s = AdsState::new("caller".into());
+    let first = s
+        .on_request(ask(LISTENER, &["echo"], "", ""), &f.view())
+        .unwrap()
+        .expect("the first request is answered");
+    let listeners: Vec<listener::Listener> = decode(&first);
+    assert_eq!(listeners.len(), 1);
+    assert_eq!(listeners[0].name, "echo");
+    // ACK: nothing new to send.
+    let ack = ask(LISTENER, &["echo"], &first.version_info, &first.nonce);
+    assert!(s.on_request(ack, &f.view()).unwrap().is_none());
+    assert_eq!(
+        s.types[LISTENER].acked.as_deref(),
+        Some(first.version_info.as_str())
+    );
+    // A registry change that leaves listeners as they were sends nothing.
+    f.register("127.0.0.1:9002", "v1", "z1");
+    assert!(s.refresh(&f.view()).is_empty());
+}
+
+#[test]
+fn a_nack_is_recorded_and_the_same_content_is_not_sent_again() {
+    let f = Fixture::new();
+    f.register("127.0.0.1:9001", "v1", "z1");
+    let mut s = AdsState::new("caller".into());
+    let sent = s
+        .on_request(ask(CLUSTER, &["echo"], "", ""), &f.view())
+        .unwrap()
+        .unwrap();
+    let mut nack = ask(CLUSTER, &["echo"], "", &sent.nonce);
+    nack.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "cluster echo: unsupported field".into(),
+        details: Vec::new(),
+    });
+    assert!(s.on_request(nack, &f.view()).unwrap().is_none());
+    assert!(s.nacked, "the NACK is counted");
+    assert!(s.types[CLUSTER].acked.is_none());
+    assert!(s.refresh(&f.view()).is_empty(), "not re-sent unchanged");
+}
+
+#[test]
+fn a_request_answering_an_older_nonce_is_ignored() {
+    let f = Fixture::new();
+    f.register("127.0.0.1:9001", "v1", "z1");
+    let mut s = AdsState::new("caller".into());
+    let first = s
+        .on_request(ask(LISTENER, &["echo"], "", ""), &f.view())
+        .unwrap()
+        .unwrap();
+    let second = s
+        .on_request(
+            ask(
+                LISTENER,
+                &["echo", "trellis.echo.v1.EchoService"],
+                "",
+                &first.nonce,
+            ),
+            &f.view(),
+        )
+        .unwrap()
+        .expect("a new name is answered");
+    assert_eq!(decode::<listener::Listener>(&second).len(), 2);
+    let stale = ask(LISTENER, &["echo"], &first.version_info, &first.nonce);
+    assert!(s.on_request(stale, &f.view()).unwrap().is_none());
+    assert_eq!(
+        s.types[LISTENER].names.len(),
+        2,
+        "the stale request changed nothing"
+    );
+}
+
+#[test]
+fn an_unknown_name_is_left_out_and_too_many_names_are_refused() {
+    let f = Fixture::new();
+    f.register("127.0.0.1:9001", "v1", "z1");
+    let mut s = AdsState::new("caller".into());
+    let r = s
+        .on_request(ask(LISTENER, &["nosuch"], "", ""), &f.view())
+        .unwrap()
+        .expect("answered at once, without it");
+    assert!(r.resources.is_empty());
+    let many: Vec<String> = (0..=MAX_NAMES).map(|i| format!("s{i}")).collect();
+    let names: Vec<&str> = many.iter().map(String::as_str).collect();
+    let refused = s
+        .on_request(ask(LISTENER, &names, "", ""), &f.view())
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("at most 1000"),
+        "{}",
+        refused.message()
+    );
+}
+
+#[test]
+fn routes_carry_the_policy_and_the_split() {
+    let f = Fixture::new();
+    f.register("127.0.0.1:9001", "v1", "z1");
+    f.register("127.0.0.1:9002", "v2", "z1");
+    let config = routes_for("echo", &f.view());
+    let routes = &config.virtual_hosts[0].routes;
+    let first = routes.first().unwrap();
+    assert_eq!(
+        first.r#match.as_ref().unwrap().path_specifier,
+        Some(route::route_match::PathSpecifier::Path(
+            "/trellis.echo.v1.EchoService/Echo".into()
+        ))
+    );
+    let Some(route::route::Action::Route(action)) = &first.action else {
+        panic!("a route action");
+    };
+    let retry = action.retry_policy.as_ref().expect("a retry policy");
+    // NOT_FOUND cannot be said to gRPC's xDS client: left out.
+    assert_eq!(retry.retry_on, "unavailable");
+    assert_eq!(retry.num_retries.as_ref().unwrap().value, 2);
+    assert_eq!(
+        action
+            .max_stream_duration
+            .as_ref()
+            .unwrap()
+            .max_stream_duration
+            .as_ref()
+            .unwrap()
+            .seconds,
+        2
+    );
+    let Some(route::route_action::ClusterSpecifier::WeightedClusters(w)) =
+        &action.cluster_specifier
+    else {
+        panic!("a split: {action:?}");
+    };
+    let split: Vec<(&str, u32)> = w
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c.weight.as_ref().unwrap().value))
+        .collect();
+    assert_eq!(split, [("echo~v1", 90), ("echo~v2", 10)]);
+    // The last route catches every other method.
+    assert_eq!(
+        routes
+            .last()
+            .unwrap()
+            .r#match
+            .as_ref()
+            .unwrap()
+            .path_specifier,
+        Some(route::route_match::PathSpecifier::Prefix(String::new()))
+    );
+}
+
+#[test]
+fn endpoints_put_the_callers_zone_first_and_unhealthy_ones_aside() {
+    let f = Fixture::new();
+    f.register("127.0.0.1:9001", "v1", "z1");
+    let far = f.register("127.0.0.1:9002", "v1", "z2");
+    f.register("localhost:9003", "v1", "z1");
+    let echo = trellis::SpiffeId::parse("spiffe://trellis.local/ns/default/sa/echo").unwrap();
+    f.registry
+        .set_health(&echo, &far, ServingStatus::NotServing)
+        .unwrap();
+    let assignment = endpoints_for("echo", &f.view(), "z1").unwrap();
+    let by_zone: Vec<(&str, u32, Vec<i32>)> = assignment
+        .endpoints
+        .iter()
+        .map(|l| {
+            (
+                l.locality.as_ref().unwrap().zone.as_str(),
+                l.priority,
+                l.lb_endpoints.iter().map(|e| e.health_status).collect(),
+            )
+        })
+        .collect();
+    // localhost:9003 is not an IP address: left out.
+    assert_eq!(
+        by_zone,
+        [
+            ("z1", 0, vec![core::HealthStatus::Healthy as i32]),
+            ("z2", 1, vec![core::HealthStatus::Unhealthy as i32]),
+        ]
+    );
+    // The v2 cluster of a split has none of v1's instances.
+    assert!(
+        endpoints_for("echo~v2", &f.view(), "z1")
+            .unwrap()
+            .endpoints
+            .is_empty()
+    );
+}
