@@ -10,6 +10,7 @@
 
 pub mod certs;
 pub mod cli;
+pub mod contract;
 pub mod dashboard;
 pub mod db;
 pub mod events;

@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use prost::Message;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use trellis::cli::RegistryTargets;
@@ -976,49 +975,12 @@ async fn fetch_contract(control: ControlPlane, view: Arc<MeshView>, grpc_service
     view.changes.send_modify(|n| *n += 1);
 }
 
-/// Every method of `grpc_service` in `files`, and those whose idempotency
-/// level says a repeat is harmless.
-pub fn contract_methods(
-    files: &[Vec<u8>],
-    grpc_service: &str,
-) -> (HashSet<String>, HashSet<String>) {
-    use prost_types::method_options::IdempotencyLevel;
-    let mut all = HashSet::new();
-    let mut safe = HashSet::new();
-    for bytes in files {
-        let Ok(file) = prost_types::FileDescriptorProto::decode(bytes.as_slice()) else {
-            continue;
-        };
-        for service in &file.service {
-            let full = match file.package() {
-                "" => service.name().to_owned(),
-                p => format!("{p}.{}", service.name()),
-            };
-            if full != grpc_service {
-                continue;
-            }
-            for method in &service.method {
-                all.insert(method.name().to_owned());
-                let level = method
-                    .options
-                    .as_ref()
-                    .map(|o| o.idempotency_level())
-                    .unwrap_or(IdempotencyLevel::IdempotencyUnknown);
-                if matches!(
-                    level,
-                    IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent
-                ) {
-                    safe.insert(method.name().to_owned());
-                }
-            }
-        }
-    }
-    (all, safe)
-}
+pub use trellis::contract::contract_methods;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
     use trellis_test_support::TestPki;
 
     #[test]

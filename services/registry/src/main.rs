@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -16,7 +17,7 @@ use trellis_registry::registry::Availability;
 use trellis_registry::registry::{MeshScope, Registry, RegistryApi};
 use trellis_registry::replicated::Replicated;
 use trellis_registry::store::Store;
-use trellis_registry::xds::{AggregatedDiscoveryServiceServer, XdsApi};
+use trellis_registry::xds::{AggregatedDiscoveryServiceServer, XdsApi, XdsStats};
 
 const PROGRAM: &str = "trellis-registry";
 
@@ -126,12 +127,13 @@ async fn main() {
         .await
         .unwrap_or_else(|e| exit_with(PROGRAM, &e));
 
+    let xds_stats = Arc::new(XdsStats::default());
     let _admin = match args.admin {
         Some(addr) => Some(
             trellis::metrics_http::AdminServer::start_with_ready(
                 "registry",
                 addr,
-                RegistryMetrics::scrape(registry.clone(), config.clone()),
+                RegistryMetrics::scrape(registry.clone(), config.clone(), xds_stats.clone()),
                 Some({
                     // Ready while the registry may serve its view: with
                     // etcd, while it is in step with it.
@@ -186,7 +188,7 @@ async fn main() {
         None => RegistryApi::new(registry.clone()),
     };
     // Proxyless gRPC clients read the same view over xDS.
-    let xds = XdsApi::new(registry.clone(), config.clone());
+    let xds = XdsApi::new(registry.clone(), config.clone(), xds_stats);
     let router = router
         .add_service(RegistryServiceServer::new(api))
         .add_service(ConfigServiceServer::new(ConfigApi::new(config.clone())))

@@ -11,6 +11,7 @@ use trellis::metrics_http::{Scrape, collector_scrape, counter, gauge, gauges};
 
 use crate::config::ConfigStore;
 use crate::registry::{Registry, RegistryStats};
+use crate::xds::{XdsNumbers, XdsStats};
 
 /// Most mesh services shown by name in `trellis_registry_instances`; the
 /// rest are summed under [`OTHER_SERVICES`]. Services are bounded by the
@@ -32,23 +33,26 @@ pub struct RegistryMetrics {
     /// Problems `GetConfigStatus` reports now (files refused, methods no
     /// contract defines, split versions without a serving instance).
     pub config_problems: usize,
+    /// The xDS control plane's numbers.
+    pub xds: XdsNumbers,
 }
 
 impl RegistryMetrics {
     /// Reads `registry` and `config` now.
-    pub fn read(registry: &Registry, config: &ConfigStore) -> Self {
+    pub fn read(registry: &Registry, config: &ConfigStore, xds: &XdsStats) -> Self {
         let status = config.status();
         Self {
             registry: registry.stats(),
             config_watchers: config.watchers(),
             config_revision: status.revision,
             config_problems: status.problems.len(),
+            xds: xds.read(),
         }
     }
 
     /// The admin port's scrape: [`RegistryMetrics::read`] each time.
-    pub fn scrape(registry: Arc<Registry>, config: Arc<ConfigStore>) -> Scrape {
-        collector_scrape(move || Self::read(&registry, &config))
+    pub fn scrape(registry: Arc<Registry>, config: Arc<ConfigStore>, xds: Arc<XdsStats>) -> Scrape {
+        collector_scrape(move || Self::read(&registry, &config, &xds))
     }
 
     /// Instances per service, at most [`MAX_SERVICES`] by name (the ones
@@ -120,6 +124,24 @@ impl Collector for RegistryMetrics {
             "Configuration problems GetConfigStatus reports now.",
             self.config_problems as i64,
         )?;
+        gauge(
+            &mut encoder,
+            "trellis_registry_xds_streams",
+            "Open xDS (ADS) streams of proxyless gRPC clients.",
+            self.xds.streams,
+        )?;
+        counter(
+            &mut encoder,
+            "trellis_registry_xds_responses",
+            "xDS responses sent to proxyless clients since the registry started.",
+            self.xds.responses,
+        )?;
+        counter(
+            &mut encoder,
+            "trellis_registry_xds_nacks",
+            "xDS responses a client rejected (NACKed) since the registry started; the registry logs each with its reason at WARN.",
+            self.xds.nacks,
+        )?;
         counter(
             &mut encoder,
             "trellis_registry_registrations",
@@ -161,6 +183,11 @@ mod tests {
             config_watchers: 4,
             config_revision: 7,
             config_problems: 1,
+            xds: XdsNumbers {
+                streams: 2,
+                responses: 9,
+                nacks: 1,
+            },
         };
         let text = encode_collector(metrics);
         for line in [
@@ -176,6 +203,9 @@ mod tests {
             "trellis_registry_deregistrations_total 1",
             "trellis_registry_lease_expiries_total 2",
             "# TYPE trellis_registry_lease_expiries counter",
+            "trellis_registry_xds_streams 2",
+            "trellis_registry_xds_responses_total 9",
+            "trellis_registry_xds_nacks_total 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -101,19 +101,36 @@ pub struct XdsStats {
     pub nacks: AtomicU64,
 }
 
+/// [`XdsStats`] read at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdsNumbers {
+    /// Streams open.
+    pub streams: u64,
+    /// Responses sent.
+    pub responses: u64,
+    /// NACKs received.
+    pub nacks: u64,
+}
+
+impl XdsStats {
+    /// The counters now.
+    pub fn read(&self) -> XdsNumbers {
+        XdsNumbers {
+            streams: self.streams.load(Ordering::Relaxed),
+            responses: self.responses.load(Ordering::Relaxed),
+            nacks: self.nacks.load(Ordering::Relaxed),
+        }
+    }
+}
+
 impl XdsApi {
-    /// Serves xDS from `registry` and `config`.
-    pub fn new(registry: Arc<Registry>, config: Arc<ConfigStore>) -> Self {
+    /// Serves xDS from `registry` and `config`, counting into `stats`.
+    pub fn new(registry: Arc<Registry>, config: Arc<ConfigStore>, stats: Arc<XdsStats>) -> Self {
         Self {
             registry,
             config,
-            stats: Arc::default(),
+            stats,
         }
-    }
-
-    /// Counters for the metrics endpoint.
-    pub fn stats(&self) -> Arc<XdsStats> {
-        self.stats.clone()
     }
 }
 
@@ -213,14 +230,37 @@ struct View {
     instances: Vec<pb::Instance>,
     /// Effective configuration per mesh service, read on demand.
     config: Arc<ConfigStore>,
+    /// The contracts, read on demand.
+    registry: Arc<Registry>,
 }
 
 impl View {
-    fn read(registry: &Registry, config: &Arc<ConfigStore>) -> Self {
+    fn read(registry: &Arc<Registry>, config: &Arc<ConfigStore>) -> Self {
         Self {
             instances: registry.instances(),
             config: config.clone(),
+            registry: registry.clone(),
         }
+    }
+
+    /// The methods (`pkg.Service/Method`) of `service`'s contracts that
+    /// declare themselves safe to repeat (idempotency level IDEMPOTENT or
+    /// NO_SIDE_EFFECTS), as the sidecars read them.
+    fn safe_methods(&self, service: &str) -> BTreeSet<String> {
+        let grpc_services: BTreeSet<&str> = self
+            .of_service(service)
+            .flat_map(|i| i.grpc_services.iter().map(String::as_str))
+            .collect();
+        let mut out = BTreeSet::new();
+        for grpc in grpc_services {
+            let Some((_, files)) = self.registry.service_descriptors(grpc) else {
+                continue;
+            };
+            let files: Vec<Vec<u8>> = files.iter().map(|f| f.to_vec()).collect();
+            let (_, safe) = trellis::contract::contract_methods(&files, grpc);
+            out.extend(safe.into_iter().map(|m| format!("{grpc}/{m}")));
+        }
+        out
     }
 
     /// The mesh service a listener name (mesh or gRPC service name) names.
@@ -528,8 +568,30 @@ fn routes_for(service: &str, view: &View) -> route::RouteConfiguration {
             ..Default::default()
         })
     };
+    // A method its contract marks safe is retried under the policy that
+    // covers it, as the sidecars do: a route of its own when that policy
+    // does not say `idempotent` for every method it covers.
+    let covering = |method: &str| {
+        let grpc = method.split('/').next().unwrap_or_default();
+        let by = |m: &str| config.routes.iter().find(|p| p.method_match == m);
+        by(method)
+            .map(|_| None)
+            .unwrap_or_else(|| by(&format!("{grpc}/*")).or_else(|| by("*")))
+    };
+    let safe: Vec<cfg::RoutePolicy> = view
+        .safe_methods(service)
+        .into_iter()
+        .filter_map(|m| {
+            let policy = covering(&m).filter(|p| !p.idempotent)?;
+            Some(cfg::RoutePolicy {
+                method_match: m,
+                idempotent: true,
+                ..policy.clone()
+            })
+        })
+        .collect();
     // Most specific first: gRPC takes the first route that matches.
-    let mut policies: Vec<&cfg::RoutePolicy> = config.routes.iter().collect();
+    let mut policies: Vec<&cfg::RoutePolicy> = config.routes.iter().chain(&safe).collect();
     policies.sort_by_key(|p| match p.method_match.as_str() {
         "*" => 2,
         m if m.ends_with("/*") => 1,
