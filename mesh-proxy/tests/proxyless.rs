@@ -353,3 +353,47 @@ async fn a_sidecar_with_another_identity_is_refused() {
         "a client rejected what it was sent:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_rides_out_a_registry_restart_and_follows_it_after() {
+    let stubs = python_stubs();
+    let mut mesh = TestMesh::start(PROXY, &[]);
+    let _a = instance(&mesh, "echo", "echo-a");
+    mesh.wait_serving("echo", 1).await;
+    let identity = mesh.identity("pyclient");
+    let bootstrap = trellis::certs::write_xds_bootstrap(
+        &identity.cert,
+        &mesh.pki.id("pyclient"),
+        &mesh.registry.addr.to_string(),
+        "",
+    )
+    .unwrap();
+    let mut client = Client::start(stubs.path(), &bootstrap, "xds:///echo");
+    client.call_until(10, "reached echo-a", |r| count(r, "codes", "OK") == 10);
+
+    // With the registry gone the client keeps what it was sent.
+    mesh.registry.process.terminate();
+    mesh.registry.process.wait_exit(Duration::from_secs(5));
+    let round = client.call(10);
+    assert_eq!(count(&round, "instances", "echo-a"), 10, "{round}");
+
+    // Back where the client expects it (in memory: the sidecars register
+    // again), then a new instance: the client's new stream learns of it.
+    let addr = mesh.registry.addr;
+    mesh.registry = trellis_test_support::spawn_registry_at(
+        sibling_binary(PROXY, "trellis-registry").to_str().unwrap(),
+        &mesh.identity("registry"),
+        mesh.config.path(),
+        addr,
+    );
+    let _b = instance(&mesh, "echo", "echo-b");
+    mesh.wait_serving("echo", 2).await;
+    client.call_until(20, "followed the restarted registry to echo-b", |r| {
+        count(r, "instances", "echo-b") > 0 && count(r, "codes", "OK") == 20
+    });
+    let log = mesh.registry.process.output();
+    assert!(
+        !log.contains("NACKed"),
+        "a client rejected what it was sent:\n{log}"
+    );
+}
