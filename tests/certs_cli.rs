@@ -270,3 +270,72 @@ fn kubernetes_bad_arguments_are_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kubernetes"));
 }
+
+#[test]
+fn a_proxyless_client_gets_a_bootstrap_file_naming_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = certs(
+        dir.path(),
+        &[
+            "--workload",
+            "registry,billing-report",
+            "--xds-bootstrap",
+            "127.0.0.1:7000",
+            "--zone",
+            "eu-1",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("billing-report.xds.json"), "{stdout}");
+    let text = std::fs::read_to_string(dir.path().join("billing-report.xds.json")).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let server = &b["xds_servers"][0];
+    assert_eq!(server["server_uri"], "127.0.0.1:7000");
+    assert_eq!(server["channel_creds"][0]["type"], "tls");
+    assert_eq!(
+        b["node"]["id"],
+        "spiffe://trellis.local/ns/default/sa/billing-report"
+    );
+    assert_eq!(b["node"]["locality"]["zone"], "eu-1");
+    let provider = &b["certificate_providers"]["trellis"];
+    assert_eq!(provider["plugin_name"], "file_watcher");
+    // Absolute paths to files that are there, the key private.
+    for field in [
+        "certificate_file",
+        "private_key_file",
+        "ca_certificate_file",
+    ] {
+        let path = std::path::PathBuf::from(provider["config"][field].as_str().unwrap());
+        assert!(path.is_absolute() && path.exists(), "{field}: {path:?}");
+        assert_eq!(
+            provider["config"][field],
+            server["channel_creds"][0]["config"][field]
+        );
+    }
+    // The registry's certificate names the hosts xDS clients dial and
+    // check, besides its SPIFFE ID, which still reads as before.
+    let registry = IdentityPaths::in_dir(dir.path(), "registry");
+    assert_eq!(
+        Workload::load(&registry).unwrap().id().as_str(),
+        "spiffe://trellis.local/ns/default/sa/registry"
+    );
+    let pem = std::fs::read(&registry.cert).unwrap();
+    let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = der.parse_x509().unwrap();
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    for host in ["DNSName(localhost)", "IPAddress(7f:00:00:01)"] {
+        assert!(
+            names.iter().any(|n| n.contains(host)),
+            "{host} in {names:?}"
+        );
+    }
+}

@@ -1277,6 +1277,12 @@ fn banner(
             "registry replica: {listen}  metrics http://{admin}/metrics\n"
         ));
     }
+    out.push_str(&format!(
+        "proxyless gRPC clients (xDS, no sidecar; see README): {} certs --dir {certs} --workload <client> --xds-bootstrap {}\n  \
+         then GRPC_XDS_BOOTSTRAP={certs}/<client>.xds.json and the target xds:///<service>\n",
+        trellis_command(cx.root),
+        plan.registry
+    ));
     if let Some(store) = &cx.file.registry.store {
         out.push_str(&format!("registry store: {}\n", store.get_ref()));
     }
