@@ -67,6 +67,12 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const WRR_LOCALITY: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.wrr_locality.v3.WrrLocality";
+const LEAST_REQUEST: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest";
+const ROUND_ROBIN: &str =
+    "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin";
 const UPSTREAM_TLS: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 
@@ -690,6 +696,68 @@ fn members<'a>(name: &'a str, view: &'a View) -> Option<Vec<&'a pb::Instance>> {
     )
 }
 
+/// The balancing of a service's clusters, from its catch-all route (gRPC
+/// balances per cluster, not per route): a load-aware policy (least
+/// request, peak EWMA, or none set: the default is peak EWMA) asks for
+/// gRPC's least request, with round robin after it in the list for
+/// clients without it; round robin stays round robin. Wrapped in `wrr_locality`, so locality weights still apply.
+fn balancing_of(service: &str, view: &View) -> cluster::LoadBalancingPolicy {
+    use envoy_types::pb::envoy::extensions::load_balancing_policies as lb;
+    let config = view.config.get(service).config.unwrap_or_default();
+    let general = config
+        .routes
+        .iter()
+        .find(|r| r.method_match == "*")
+        .or_else(|| {
+            config
+                .routes
+                .iter()
+                .find(|r| r.method_match.ends_with("/*"))
+        });
+    // Unset means the mesh's default, peak EWMA, as in the sidecar.
+    let load_aware = !matches!(
+        general.map(cfg::RoutePolicy::load_balancing),
+        Some(cfg::LoadBalancing::RoundRobin)
+    );
+    let policy =
+        |name: &str, type_url: &str, value: Vec<u8>| cluster::load_balancing_policy::Policy {
+            typed_extension_config: Some(core::TypedExtensionConfig {
+                name: name.to_owned(),
+                typed_config: Some(gpb::Any {
+                    type_url: type_url.to_owned(),
+                    value,
+                }),
+            }),
+        };
+    let mut picking = Vec::new();
+    if load_aware {
+        picking.push(policy(
+            "least_request",
+            LEAST_REQUEST,
+            lb::least_request::v3::LeastRequest {
+                choice_count: Some(gpb::UInt32Value { value: 2 }),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ));
+    }
+    picking.push(policy(
+        "round_robin",
+        ROUND_ROBIN,
+        lb::round_robin::v3::RoundRobin::default().encode_to_vec(),
+    ));
+    let locality = lb::wrr_locality::v3::WrrLocality {
+        endpoint_picking_policy: Some(cluster::LoadBalancingPolicy { policies: picking }),
+    };
+    cluster::LoadBalancingPolicy {
+        policies: vec![policy(
+            "wrr_locality",
+            WRR_LOCALITY,
+            locality.encode_to_vec(),
+        )],
+    }
+}
+
 fn cluster_for(name: &str, view: &View) -> Option<cluster::Cluster> {
     members(name, view)?;
     let service = name.split(VERSION_SEPARATOR).next().unwrap_or(name);
@@ -736,7 +804,7 @@ fn cluster_for(name: &str, view: &View) -> Option<cluster::Cluster> {
             eds_config: Some(ads()),
             service_name: name.to_owned(),
         }),
-        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        load_balancing_policy: Some(balancing_of(service, view)),
         connect_timeout: Some(duration(&prost_types::Duration {
             seconds: 5,
             nanos: 0,

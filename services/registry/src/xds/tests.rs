@@ -31,8 +31,12 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with(ECHO_TOML)
+    }
+
+    fn with(echo_toml: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("echo.toml"), ECHO_TOML).unwrap();
+        std::fs::write(dir.path().join("echo.toml"), echo_toml).unwrap();
         let scope = MeshScope {
             trust_domain: "trellis.local".into(),
             namespace: "default".into(),
@@ -292,4 +296,52 @@ fn endpoints_put_the_callers_zone_first_and_unhealthy_ones_aside() {
             .endpoints
             .is_empty()
     );
+}
+
+/// The names of the endpoint-picking policies inside a cluster's
+/// `wrr_locality`, in the order gRPC tries them.
+fn picking_of(cluster: &cluster::Cluster) -> Vec<String> {
+    use envoy_types::pb::envoy::extensions::load_balancing_policies as lb;
+    let outer = &cluster.load_balancing_policy.as_ref().unwrap().policies;
+    assert_eq!(outer.len(), 1);
+    let wrapper = outer[0].typed_extension_config.as_ref().unwrap();
+    let any = wrapper.typed_config.as_ref().unwrap();
+    assert_eq!(any.type_url, WRR_LOCALITY);
+    let locality = lb::wrr_locality::v3::WrrLocality::decode(any.value.as_slice()).unwrap();
+    locality
+        .endpoint_picking_policy
+        .unwrap()
+        .policies
+        .iter()
+        .map(|p| {
+            let config = p.typed_extension_config.as_ref().unwrap();
+            config.typed_config.as_ref().unwrap().type_url.clone()
+        })
+        .collect()
+}
+
+#[test]
+fn a_load_aware_route_asks_for_least_request_with_round_robin_after_it() {
+    let f = Fixture::with(
+        r#"
+[[routes]]
+method = "*"
+load_balancing = "peak_ewma"
+"#,
+    );
+    f.register("127.0.0.1:9001", "v1", "z1");
+    let cluster = cluster_for("echo", &f.view()).unwrap();
+    // The enum is left unset: gRPC refuses LEAST_REQUEST there.
+    assert_eq!(cluster.lb_policy, 0);
+    assert_eq!(picking_of(&cluster), [LEAST_REQUEST, ROUND_ROBIN]);
+    // No catch-all route: the default, peak EWMA, is load-aware too.
+    let plain = Fixture::new();
+    plain.register("127.0.0.1:9001", "v1", "z1");
+    let cluster = cluster_for("echo", &plain.view()).unwrap();
+    assert_eq!(picking_of(&cluster), [LEAST_REQUEST, ROUND_ROBIN]);
+    // Round robin asked for: round robin alone.
+    let turns = Fixture::with("[[routes]]\nmethod = \"*\"\nload_balancing = \"round_robin\"\n");
+    turns.register("127.0.0.1:9001", "v1", "z1");
+    let cluster = cluster_for("echo", &turns.view()).unwrap();
+    assert_eq!(picking_of(&cluster), [ROUND_ROBIN]);
 }
