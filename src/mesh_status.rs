@@ -1066,6 +1066,31 @@ impl Style {
                 table(&mut s, &[], &rows);
             }
         }
+        if !config.xds_rejections.is_empty() {
+            let _ = writeln!(
+                s,
+                "{} rejected by proxyless (xDS) clients, which keep what they had before",
+                plural(config.xds_rejections.len(), "resource update")
+            );
+            let rows: Vec<Vec<String>> = config
+                .xds_rejections
+                .iter()
+                .map(|r| {
+                    let when =
+                        r.at.as_ref()
+                            .map(|t| format!("{} ago", age(since(t, view.at))))
+                            .unwrap_or_default();
+                    vec![
+                        format!("  {}", self.short_identity(&r.caller)),
+                        format!("node {}", or_dash(&r.node)),
+                        short_type(&r.type_url).to_owned(),
+                        when,
+                        r.reason.clone(),
+                    ]
+                })
+                .collect();
+            table(&mut s, &[], &rows);
+        }
 
         if !changes.is_empty() {
             s.push_str("\nrecent changes\n");
@@ -1139,6 +1164,22 @@ impl Style {
                 })
             })
             .collect();
+        let xds_rejections: Vec<_> = view
+            .config
+            .xds_rejections
+            .iter()
+            .map(|r| {
+                json!({
+                    "caller": r.caller,
+                    "node": r.node,
+                    "type_url": r.type_url,
+                    "rejected_version": r.rejected_version,
+                    "kept_version": r.kept_version,
+                    "reason": r.reason,
+                    "at": r.at.as_ref().map(rfc3339),
+                })
+            })
+            .collect();
         let changes: Vec<_> = changes
             .iter()
             .map(|c| {
@@ -1157,6 +1198,7 @@ impl Style {
                 "revision": view.config.revision,
                 "loaded_at": view.config.loaded_at.as_ref().map(rfc3339),
                 "problems": problems,
+                "xds_rejections": xds_rejections,
             },
             "error": error,
             "recent_changes": changes,
@@ -1196,7 +1238,16 @@ fn summary(view: &View) -> String {
     if problems > 0 {
         let _ = write!(s, "; {}", plural(problems, "config problem"));
     }
+    let rejections = view.config.xds_rejections.len();
+    if rejections > 0 {
+        let _ = write!(s, "; {}", plural(rejections, "xDS rejection"));
+    }
     s
+}
+
+/// "Cluster" for "type.googleapis.com/envoy.config.cluster.v3.Cluster".
+fn short_type(type_url: &str) -> &str {
+    type_url.rsplit(['.', '/']).next().unwrap_or(type_url)
 }
 
 /// Writes rows as columns separated by two spaces; the last column is
@@ -1357,6 +1408,7 @@ mod tests {
                         rejected: true,
                     })
                     .collect(),
+                ..Default::default()
             },
             at: SystemTime::now(),
         }
@@ -1440,6 +1492,51 @@ mod tests {
             "expires in 8s"
         );
         assert_eq!(lease(span(2)), "expired 2s ago");
+    }
+
+    #[test]
+    fn xds_rejections_are_listed_with_their_reason_and_summed_up() {
+        let mut v = view(vec![instance("usage", "a", ServingStatus::Serving)], 0);
+        v.config.xds_rejections = vec![config_pb::XdsRejection {
+            caller: "spiffe://trellis.local/ns/default/sa/billing".into(),
+            node: "billing-7".into(),
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+            reason: "cluster usage: LB policy is not supported".into(),
+            at: Some(prost_types::Timestamp::from(v.at - Duration::from_secs(5))),
+            ..Default::default()
+        }];
+        let style = Style {
+            trust_domain: "trellis.local".into(),
+            caller: SpiffeId::parse("spiffe://trellis.local/ns/default/sa/cli").unwrap(),
+            json: false,
+        };
+        let text = style.text(&v, None, &[], false);
+        assert!(
+            text.contains("1 resource update rejected by proxyless (xDS) clients"),
+            "{text}"
+        );
+        let row = text
+            .lines()
+            .find(|l| l.contains("billing-7"))
+            .unwrap_or_else(|| panic!("no row for the rejection:\n{text}"));
+        for part in [
+            "ns/default/sa/billing",
+            "Cluster",
+            "5s ago",
+            "LB policy is not supported",
+        ] {
+            assert!(row.contains(part), "{part:?} missing from {row:?}");
+        }
+        assert!(
+            summary(&v).ends_with("; 1 xDS rejection"),
+            "{}",
+            summary(&v)
+        );
+        let json = style.json(&v, None, &[]);
+        assert_eq!(
+            json["config"]["xds_rejections"][0]["reason"],
+            "cluster usage: LB policy is not supported"
+        );
     }
 
     #[test]

@@ -805,6 +805,15 @@ struct Problem {
     rejected: bool,
 }
 
+/// An xDS client's rejection of what the registry sent it.
+struct Rejection {
+    caller: String,
+    node: String,
+    kind: String,
+    when: String,
+    reason: String,
+}
+
 #[derive(Template)]
 #[template(path = "registry.html")]
 struct RegistryView {
@@ -818,6 +827,7 @@ struct RegistryView {
     config: String,
     config_ok: Option<bool>,
     problems: Vec<Problem>,
+    rejections: Vec<Rejection>,
     metrics: Vec<(String, String)>,
     no_admin: usize,
 }
@@ -835,6 +845,27 @@ pub fn registry(d: &Dashboard) -> String {
         Source::Following { since, .. } => format!("followed since {}", ago(*since)),
         Source::Down { since, reason } => format!("cannot be read since {}: {reason}", ago(*since)),
         Source::Connecting => "connecting".into(),
+    };
+    let rejections = match &*d.config.borrow() {
+        ConfigState::Known(status) => status
+            .xds_rejections
+            .iter()
+            .map(|r| Rejection {
+                caller: r.caller.clone(),
+                node: r.node.clone(),
+                kind: r
+                    .type_url
+                    .rsplit(['.', '/'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+                when: timestamp(&r.at)
+                    .map(|t| format!("{} ({})", clock(t), ago(t)))
+                    .unwrap_or_default(),
+                reason: r.reason.clone(),
+            })
+            .collect(),
+        _ => Vec::new(),
     };
     let (config, config_ok, problems) = match &*d.config.borrow() {
         ConfigState::Unknown => ("not asked yet".into(), None, Vec::new()),
@@ -886,6 +917,7 @@ pub fn registry(d: &Dashboard) -> String {
         config,
         config_ok,
         problems,
+        rejections,
         metrics: traffic
             .unread
             .iter()
@@ -987,6 +1019,41 @@ mod tests {
         for k in ["trellis.admin", "region", "build"] {
             assert!(!secret(k), "{k}");
         }
+    }
+
+    #[test]
+    fn xds_rejections_are_shown_escaped_beside_the_config() {
+        let html = render(RegistryView {
+            source: SourceLine {
+                state: "up",
+                text: String::new(),
+            },
+            replicas: Vec::new(),
+            caller: String::new(),
+            revision: 1,
+            instances: 0,
+            services: 0,
+            since: String::new(),
+            config: "revision 1".into(),
+            config_ok: Some(true),
+            problems: Vec::new(),
+            rejections: vec![Rejection {
+                caller: "spiffe://trellis.local/ns/default/sa/billing".into(),
+                node: "billing-7".into(),
+                kind: "Cluster".into(),
+                when: "12:00:00 (5s ago)".into(),
+                reason: "cluster <usage>: LB policy is not supported".into(),
+            }],
+            metrics: Vec::new(),
+            no_admin: 0,
+        });
+        assert!(html.contains("id=\"xds-rejections\""), "{html}");
+        assert!(
+            html.contains("cluster &#60;usage&#62;: LB policy is not supported")
+                || html.contains("cluster &lt;usage&gt;: LB policy is not supported"),
+            "{html}"
+        );
+        assert!(html.contains("billing-7"), "{html}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use trellis::pb::trellis::config::v1 as pb;
 
 use crate::quota::WatchPermit;
 use crate::registry::{Declaration, Registry};
+use crate::xds::XdsStats;
 use crate::{proto_duration, validate};
 
 /// How often the directory is re-read.
@@ -1147,6 +1148,7 @@ impl ConfigStore {
             revision: snapshot.revision,
             loaded_at: snapshot.loaded_at.map(prost_types::Timestamp::from),
             problems,
+            xds_rejections: Vec::new(),
         }
     }
 
@@ -1413,12 +1415,13 @@ fn to_value(value: &toml::Value) -> prost_types::Value {
 #[derive(Debug, Clone)]
 pub struct ConfigApi {
     store: Arc<ConfigStore>,
+    xds: Arc<XdsStats>,
 }
 
 impl ConfigApi {
-    /// Serves `store`.
-    pub fn new(store: Arc<ConfigStore>) -> Self {
-        Self { store }
+    /// Serves `store`, and the rejections of xDS clients in `xds`.
+    pub fn new(store: Arc<ConfigStore>, xds: Arc<XdsStats>) -> Self {
+        Self { store, xds }
     }
 }
 
@@ -1456,7 +1459,9 @@ impl pb::config_service_server::ConfigService for ConfigApi {
         request: Request<pb::GetConfigStatusRequest>,
     ) -> Result<Response<pb::GetConfigStatusResponse>, Status> {
         trellis::tls::peer_identity(&request)?;
-        Ok(Response::new(self.store.status()))
+        let mut status = self.store.status();
+        status.xds_rejections = self.xds.rejections();
+        Ok(Response::new(status))
     }
 }
 

@@ -188,10 +188,13 @@ async fn main() {
         None => RegistryApi::new(registry.clone()),
     };
     // Proxyless gRPC clients read the same view over xDS.
-    let xds = XdsApi::new(registry.clone(), config.clone(), xds_stats);
+    let xds = XdsApi::new(registry.clone(), config.clone(), xds_stats.clone());
     let router = router
         .add_service(RegistryServiceServer::new(api))
-        .add_service(ConfigServiceServer::new(ConfigApi::new(config.clone())))
+        .add_service(ConfigServiceServer::new(ConfigApi::new(
+            config.clone(),
+            xds_stats.clone(),
+        )))
         .add_service(AggregatedDiscoveryServiceServer::new(xds));
     tracing::info!(
         addr = %args.listen,

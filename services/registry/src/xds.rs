@@ -29,8 +29,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use envoy_types::pb::envoy::config::cluster::v3 as cluster;
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -105,6 +105,20 @@ pub struct XdsStats {
     pub responses: AtomicU64,
     /// NACKs received: a client rejected what it was sent.
     pub nacks: AtomicU64,
+    /// Numbers the streams, to key their rejections.
+    next_stream: AtomicU64,
+    /// The rejections in force, by stream and type.
+    rejections: Mutex<Rejections>,
+}
+
+/// The most rejections kept for GetConfigStatus; the oldest goes first.
+pub const MAX_REJECTIONS: usize = 64;
+
+#[derive(Debug, Default)]
+struct Rejections {
+    /// (stream, type) → (arrival order, the rejection).
+    by_stream: BTreeMap<(u64, &'static str), (u64, cfg::XdsRejection)>,
+    arrivals: u64,
 }
 
 /// [`XdsStats`] read at one moment.
@@ -119,6 +133,62 @@ pub struct XdsNumbers {
 }
 
 impl XdsStats {
+    /// Each client's latest rejection of a type it has not accepted a
+    /// version of since, newest first.
+    pub fn rejections(&self) -> Vec<cfg::XdsRejection> {
+        let kept = self
+            .rejections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<&(u64, cfg::XdsRejection)> = kept.by_stream.values().collect();
+        all.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
+        all.into_iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// Applies what one stream's client said: its NACKs are kept (at most
+    /// [`MAX_REJECTIONS`] over all streams), an ACK clears its type's.
+    fn record(&self, stream: u64, outcomes: Vec<Outcome>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        let mut kept = self
+            .rejections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Accepted(type_url) => {
+                    kept.by_stream.remove(&(stream, type_url));
+                }
+                Outcome::Rejected(type_url, rejection) => {
+                    self.nacks.fetch_add(1, Ordering::Relaxed);
+                    kept.arrivals += 1;
+                    let order = kept.arrivals;
+                    kept.by_stream
+                        .insert((stream, type_url), (order, rejection));
+                    if kept.by_stream.len() > MAX_REJECTIONS
+                        && let Some(oldest) = kept
+                            .by_stream
+                            .iter()
+                            .min_by_key(|(_, (order, _))| *order)
+                            .map(|(key, _)| *key)
+                    {
+                        kept.by_stream.remove(&oldest);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A stream ended: its rejections are no longer in force.
+    fn forget(&self, stream: u64) {
+        self.rejections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_stream
+            .retain(|(s, _), _| *s != stream);
+    }
+
     /// The counters now.
     pub fn read(&self) -> XdsNumbers {
         XdsNumbers {
@@ -161,6 +231,7 @@ impl AggregatedDiscoveryService for XdsApi {
         tokio::spawn(async move {
             let _permit = permit;
             api.stats.streams.fetch_add(1, Ordering::Relaxed);
+            let id = api.stats.next_stream.fetch_add(1, Ordering::Relaxed);
             let mut changes = api.registry.changes();
             let mut config = api.config.subscribe();
             let mut stream = AdsState::new(caller.to_string());
@@ -209,11 +280,9 @@ impl AggregatedDiscoveryService for XdsApi {
                         break;
                     }
                 }
-                if stream.nacked {
-                    api.stats.nacks.fetch_add(1, Ordering::Relaxed);
-                    stream.nacked = false;
-                }
+                api.stats.record(id, std::mem::take(&mut stream.outcomes));
             }
+            api.stats.forget(id);
             api.stats.streams.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
@@ -294,8 +363,15 @@ struct AdsState {
     zone: String,
     types: HashMap<&'static str, Subscription>,
     nonces: u64,
-    /// Set when a NACK arrived since the caller last looked.
-    nacked: bool,
+    /// ACKs and NACKs since the caller last took them.
+    outcomes: Vec<Outcome>,
+}
+
+/// What a client said of a response.
+#[derive(Debug)]
+enum Outcome {
+    Accepted(&'static str),
+    Rejected(&'static str, cfg::XdsRejection),
 }
 
 #[derive(Default)]
@@ -315,7 +391,7 @@ impl AdsState {
             zone: String::new(),
             types: HashMap::new(),
             nonces: 0,
-            nacked: false,
+            outcomes: Vec::new(),
         }
     }
 
@@ -353,17 +429,36 @@ impl AdsState {
             return Ok(None);
         }
         if let Some(error) = &request.error_detail {
-            self.nacked = true;
+            let rejected = sub.sent.as_ref().map_or("", |(v, _)| v.as_str());
             tracing::warn!(
                 caller = %self.caller,
                 node = %self.node,
                 type_url,
-                rejected_version = %sub.sent.as_ref().map_or("", |(v, _)| v.as_str()),
+                rejected_version = %rejected,
                 kept_version = %request.version_info,
                 reason = %error.message,
                 "xDS: a client rejected (NACKed) what it was sent; it keeps its previous resources"
             );
+            let rejection = cfg::XdsRejection {
+                caller: self.caller.clone(),
+                node: self.node.clone(),
+                type_url: type_url.to_owned(),
+                rejected_version: rejected.to_owned(),
+                kept_version: request.version_info.clone(),
+                reason: error.message.clone(),
+                at: Some(std::time::SystemTime::now().into()),
+            };
+            self.outcomes.push(Outcome::Rejected(type_url, rejection));
         } else if !request.response_nonce.is_empty() {
+            // An ACK names the version sent; a request after a NACK (for
+            // other names, say) carries the version kept instead.
+            if sub
+                .sent
+                .as_ref()
+                .is_some_and(|(v, _)| *v == request.version_info)
+            {
+                self.outcomes.push(Outcome::Accepted(type_url));
+            }
             sub.acked = Some(request.version_info.clone());
         }
         let names: BTreeSet<String> = request.resource_names.into_iter().collect();

@@ -1058,3 +1058,94 @@ async fn serves_health_and_reflection_and_drains_on_sigterm() {
     let output = mesh.registry.process.output();
     assert!(output.contains("drained cleanly"), "{output}");
 }
+
+/// An xDS client's NACK is in GetConfigStatus with its reason and the
+/// client's verified identity until the stream ends.
+#[tokio::test]
+async fn an_xds_nack_is_reported_in_config_status_until_its_stream_ends() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+
+    let mesh = Mesh::start();
+    let mut config = mesh.config_as("billing");
+    let mut registry = mesh.registry_as("usage");
+    registry
+        .register(usage_instance(9, Duration::from_secs(30)))
+        .await
+        .unwrap();
+
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    let mut ads = AggregatedDiscoveryServiceClient::new(mesh.channel("billing"));
+    let mut responses = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let ask = |version: &str, nonce: &str, error: Option<&str>| DiscoveryRequest {
+        type_url: LISTENER.into(),
+        resource_names: vec!["usage".into()],
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        node: Some(Node {
+            id: "billing-7".into(),
+            ..Default::default()
+        }),
+        error_detail: error.map(|message| RpcStatus {
+            code: 3,
+            message: message.into(),
+            details: Vec::new(),
+        }),
+        ..Default::default()
+    };
+    requests.send(ask("", "", None)).await.unwrap();
+    let sent = responses.message().await.unwrap().expect("a listener");
+    assert_eq!(sent.resources.len(), 1, "{sent:?}");
+    assert!(status(&mut config).await.xds_rejections.is_empty());
+
+    requests
+        .send(ask("", &sent.nonce, Some("listener usage: no router")))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let rejection = loop {
+        if let Some(r) = status(&mut config).await.xds_rejections.pop() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the NACK was not reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rejection.reason, "listener usage: no router");
+    assert_eq!(rejection.caller, mesh.pki.id("billing").to_string());
+    assert_eq!(rejection.node, "billing-7");
+    assert_eq!(rejection.type_url, LISTENER);
+    assert_eq!(rejection.rejected_version, sent.version_info);
+    assert_eq!(rejection.kept_version, "");
+    assert!(rejection.at.is_some());
+    let log = mesh.registry.process.output();
+    assert!(
+        log.contains("NACKed") && log.contains("no router"),
+        "the NACK is logged with its reason:\n{log}"
+    );
+
+    drop(requests);
+    drop(responses);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !status(&mut config).await.xds_rejections.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the rejection outlived its stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status(config: &mut ConfigServiceClient<Channel>) -> cfg::GetConfigStatusResponse {
+    config
+        .get_config_status(cfg::GetConfigStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}

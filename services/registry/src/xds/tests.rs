@@ -144,9 +144,66 @@ fn a_nack_is_recorded_and_the_same_content_is_not_sent_again() {
         details: Vec::new(),
     });
     assert!(s.on_request(nack, &f.view()).unwrap().is_none());
-    assert!(s.nacked, "the NACK is counted");
     assert!(s.types[CLUSTER].acked.is_none());
     assert!(s.refresh(&f.view()).is_empty(), "not re-sent unchanged");
+    // Reported with its reason until the client accepts a later version.
+    let stats = XdsStats::default();
+    stats.record(7, std::mem::take(&mut s.outcomes));
+    assert_eq!(stats.read().nacks, 1);
+    let rejections = stats.rejections();
+    assert_eq!(rejections.len(), 1);
+    assert_eq!(rejections[0].reason, "cluster echo: unsupported field");
+    assert_eq!(rejections[0].type_url, CLUSTER);
+    assert_eq!(rejections[0].node, "test-node");
+    assert_eq!(rejections[0].rejected_version, sent.version_info);
+    assert_eq!(rejections[0].kept_version, "");
+    // Asking for more names, still on the old version: not an ACK.
+    f.register("127.0.0.1:9002", "v2", "z1");
+    let more = ask(CLUSTER, &["echo", "echo~v2"], "", &sent.nonce);
+    let next = s.on_request(more, &f.view()).unwrap().expect("answered");
+    stats.record(7, std::mem::take(&mut s.outcomes));
+    assert_eq!(stats.rejections().len(), 1);
+    let ack = ask(
+        CLUSTER,
+        &["echo", "echo~v2"],
+        &next.version_info,
+        &next.nonce,
+    );
+    assert!(s.on_request(ack, &f.view()).unwrap().is_none());
+    stats.record(7, std::mem::take(&mut s.outcomes));
+    assert!(stats.rejections().is_empty(), "an ACK clears it");
+    assert_eq!(stats.read().nacks, 1, "but it stays counted");
+}
+
+#[test]
+fn rejections_are_bounded_newest_first_and_end_with_their_stream() {
+    let stats = XdsStats::default();
+    let rejection = |n: u64| {
+        Outcome::Rejected(
+            LISTENER,
+            cfg::XdsRejection {
+                reason: format!("no. {n}"),
+                ..Default::default()
+            },
+        )
+    };
+    for n in 0..(MAX_REJECTIONS as u64 + 6) {
+        stats.record(n, vec![rejection(n)]);
+    }
+    // The same stream and type again replaces, not adds.
+    stats.record(69, vec![rejection(100)]);
+    let kept = stats.rejections();
+    assert_eq!(kept.len(), MAX_REJECTIONS);
+    assert_eq!(kept[0].reason, "no. 100");
+    assert_eq!(kept[1].reason, "no. 68");
+    assert_eq!(
+        kept.last().unwrap().reason,
+        "no. 6",
+        "the oldest went first"
+    );
+    stats.forget(69);
+    assert_eq!(stats.rejections()[0].reason, "no. 68");
+    assert_eq!(stats.read().nacks, MAX_REJECTIONS as u64 + 7);
 }
 
 #[test]
