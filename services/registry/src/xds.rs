@@ -853,6 +853,25 @@ fn balancing_of(service: &str, view: &View) -> cluster::LoadBalancingPolicy {
     }
 }
 
+/// The service's `caller_limit` as gRPC's circuit breaking (gRFC A32):
+/// at most `max_concurrent` calls in flight from one client to a cluster,
+/// the ones over it failing at once with UNAVAILABLE. gRPC has no queue,
+/// so `max_queued` has no equivalent; and it counts per cluster, so with a
+/// split over versions the limit applies to each version.
+fn limit_of(service: &str, view: &View) -> Option<cluster::CircuitBreakers> {
+    let limit = view.config.get(service).config?.caller_limit?;
+    Some(cluster::CircuitBreakers {
+        thresholds: vec![cluster::circuit_breakers::Thresholds {
+            priority: core::RoutingPriority::Default as i32,
+            max_requests: Some(gpb::UInt32Value {
+                value: limit.max_concurrent,
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
 fn cluster_for(name: &str, view: &View) -> Option<cluster::Cluster> {
     members(name, view)?;
     let service = name.split(VERSION_SEPARATOR).next().unwrap_or(name);
@@ -900,6 +919,7 @@ fn cluster_for(name: &str, view: &View) -> Option<cluster::Cluster> {
             service_name: name.to_owned(),
         }),
         load_balancing_policy: Some(balancing_of(service, view)),
+        circuit_breakers: limit_of(service, view),
         connect_timeout: Some(duration(&prost_types::Duration {
             seconds: 5,
             nanos: 0,

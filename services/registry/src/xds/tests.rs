@@ -378,9 +378,11 @@ fn picking_of(cluster: &cluster::Cluster) -> Vec<String> {
 }
 
 #[test]
-fn a_load_aware_route_asks_for_least_request_with_round_robin_after_it() {
+fn clusters_carry_the_balancing_and_the_caller_limit() {
     let f = Fixture::with(
         r#"
+caller_limit = { max_concurrent = 40, max_queued = 10 }
+
 [[routes]]
 method = "*"
 load_balancing = "peak_ewma"
@@ -388,6 +390,10 @@ load_balancing = "peak_ewma"
     );
     f.register("127.0.0.1:9001", "v1", "z1");
     let cluster = cluster_for("echo", &f.view()).unwrap();
+    // The caller limit is gRPC's circuit breaking: requests in flight.
+    let thresholds = &cluster.circuit_breakers.as_ref().unwrap().thresholds;
+    assert_eq!(thresholds.len(), 1);
+    assert_eq!(thresholds[0].max_requests.as_ref().unwrap().value, 40);
     // The enum is left unset: gRPC refuses LEAST_REQUEST there.
     assert_eq!(cluster.lb_policy, 0);
     assert_eq!(picking_of(&cluster), [LEAST_REQUEST, ROUND_ROBIN]);
@@ -396,6 +402,7 @@ load_balancing = "peak_ewma"
     plain.register("127.0.0.1:9001", "v1", "z1");
     let cluster = cluster_for("echo", &plain.view()).unwrap();
     assert_eq!(picking_of(&cluster), [LEAST_REQUEST, ROUND_ROBIN]);
+    assert!(cluster.circuit_breakers.is_none(), "no limit, no breaker");
     // Round robin asked for: round robin alone.
     let turns = Fixture::with("[[routes]]\nmethod = \"*\"\nload_balancing = \"round_robin\"\n");
     turns.register("127.0.0.1:9001", "v1", "z1");
