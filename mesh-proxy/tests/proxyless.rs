@@ -27,7 +27,11 @@ const PROXY: &str = env!("CARGO_BIN_EXE_mesh-proxy");
 /// Retries on UNAVAILABLE for every method of echo's that is safe to
 /// repeat: the route does not say `idempotent`, Echo's contract does
 /// (NO_SIDE_EFFECTS), and xDS hands the client a retry policy for it.
+/// The caller limit reaches the client as circuit breaking, which it
+/// must accept (no NACK).
 const ECHO_TOML: &str = r#"
+caller_limit = { max_concurrent = 64, max_queued = 0 }
+
 [[routes]]
 method = "trellis.echo.v1.EchoService/*"
 timeout = "5s"
