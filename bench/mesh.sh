@@ -32,7 +32,7 @@ if [ -n "${MESH_PROXY:-}" ] && [ ! -x "$MESH_PROXY" ]; then
   exit 1
 fi
 # The builds ($proxy: MESH_PROXY or the dist build), $work, $pids, port,
-# wait_port.
+# wait_port, start, wait_ready, report.
 source bench/lib.sh
 nginx=/usr/sbin/nginx haproxy=/usr/sbin/haproxy
 missing=()
@@ -41,27 +41,6 @@ missing=()
 if [ ${#missing[@]} -gt 0 ]; then
   echo "not installed, so not measured as one-hop references: ${missing[*]} (apt-get install nginx haproxy)"
 fi
-
-declare -A pid_of admin_of
-
-# start NAME CMD...: runs CMD on the server core, logging to $work/NAME.log.
-start() {
-  local name=$1
-  shift
-  "${server_cpu[@]}" "$@" >"$work/$name.log" 2>&1 &
-  pids+=($!)
-  pid_of[$name]=$!
-}
-
-wait_ready() {
-  for _ in $(seq 1 200); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$2/ready")" = 200 ]; then return; fi
-    sleep 0.05
-  done
-  echo "$1 is not ready: $(curl -s "http://127.0.0.1:$2/ready"); its log:" >&2
-  cat "$work/$1.log" >&2
-  exit 1
-}
 
 "$bin/trellis" certs --dir "$work/certs" --workload echo,bench >/dev/null
 certs=$work/certs
@@ -189,21 +168,5 @@ status=0
 
 # What the proxies saw and said: calls by status, and any warning or error.
 echo
-for name in "${measured[@]}"; do
-  if ! kill -0 "${pid_of[$name]}" 2>/dev/null; then
-    echo "$name: EXITED during the run; its log:"
-    tail -n 20 "$work/$name.log"
-    status=1
-    continue
-  fi
-  if [ -n "${admin_of[$name]:-}" ]; then
-    echo "$name: calls by status"
-    curl -s "http://127.0.0.1:${admin_of[$name]}/metrics" | grep '^trellis_proxy_requests_total' | sed 's/^/  /' || true
-  fi
-  problems=$(grep -ciE 'warn|error' "$work/$name.log" || true)
-  if [ "$problems" != 0 ]; then
-    echo "$name: $problems log lines with warn/error, first ones:"
-    grep -iE 'warn|error' "$work/$name.log" | head -n 5 | sed 's/^/    /'
-  fi
-done
+report "${measured[@]}" || status=1
 exit "$status"

@@ -40,29 +40,9 @@ fi
 bench_flags=("$@")
 # The caller's OTEL_* settings would change what is measured.
 while read -r name; do unset "$name"; done < <(compgen -e | grep '^OTEL_' || true)
-# The builds ($proxy, $bin), $work, $pids, port, wait_port.
+# The builds ($proxy, $bin), $work, $pids, port, wait_port, start,
+# wait_ready, warnings.
 source bench/lib.sh
-
-declare -A pid_of admin_of
-
-# start NAME CMD...: runs CMD on the server core, logging to $work/NAME.log.
-start() {
-  local name=$1
-  shift
-  "${server_cpu[@]}" "$@" >"$work/$name.log" 2>&1 &
-  pids+=($!)
-  pid_of[$name]=$!
-}
-
-wait_ready() {
-  for _ in $(seq 1 200); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$2/ready")" = 200 ]; then return; fi
-    sleep 0.05
-  done
-  echo "$1 is not ready: $(curl -s "http://127.0.0.1:$2/ready"); its log:" >&2
-  cat "$work/$1.log" >&2
-  exit 1
-}
 
 "$bin/trellis" certs --dir "$work/certs" --workload echo,bench >/dev/null
 certs=$work/certs
@@ -234,13 +214,7 @@ if (exec 3<>"/dev/tcp/127.0.0.1/$closed_port") 2>/dev/null; then
 fi
 
 echo
-for name in "${measured[@]}"; do
-  problems=$(grep -ciE 'warn|error' "$work/$name.log" || true)
-  if [ "$problems" != 0 ]; then
-    echo "$name: $problems log lines with warn/error, first ones:"
-    grep -iE 'warn|error' "$work/$name.log" | head -n 3 | sed 's/^/    /'
-  fi
-done
+for name in "${measured[@]}"; do warnings "$name" 3; done
 keep 'mesh-bench.out'
 keep 'vmstat.log'
 exit "$status"
