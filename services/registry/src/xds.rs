@@ -114,6 +114,22 @@ pub struct XdsStats {
 /// The most rejections kept for GetConfigStatus; the oldest goes first.
 pub const MAX_REJECTIONS: usize = 64;
 
+/// The longest reason or node ID kept from a client (in bytes), in the log
+/// and in GetConfigStatus; longer ones are cut, saying so.
+pub const MAX_CLIENT_TEXT: usize = 1024;
+
+/// `text` cut to [`MAX_CLIENT_TEXT`] bytes at a character boundary.
+fn clip(text: &str) -> String {
+    if text.len() <= MAX_CLIENT_TEXT {
+        return text.to_owned();
+    }
+    let mut end = MAX_CLIENT_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
+}
+
 #[derive(Debug, Default)]
 struct Rejections {
     /// (stream, type) → (arrival order, the rejection).
@@ -401,7 +417,7 @@ impl AdsState {
         view: &View,
     ) -> Result<Option<DiscoveryResponse>, Status> {
         if let Some(node) = &request.node {
-            self.node.clone_from(&node.id);
+            self.node = clip(&node.id);
             if let Some(l) = &node.locality {
                 self.zone.clone_from(&l.zone);
             }
@@ -430,13 +446,15 @@ impl AdsState {
         }
         if let Some(error) = &request.error_detail {
             let rejected = sub.sent.as_ref().map_or("", |(v, _)| v.as_str());
+            let reason = clip(&error.message);
+            let kept = clip(&request.version_info);
             tracing::warn!(
                 caller = %self.caller,
                 node = %self.node,
                 type_url,
                 rejected_version = %rejected,
-                kept_version = %request.version_info,
-                reason = %error.message,
+                kept_version = %kept,
+                reason = %reason,
                 "xDS: a client rejected (NACKed) what it was sent; it keeps its previous resources"
             );
             let rejection = cfg::XdsRejection {
@@ -444,8 +462,8 @@ impl AdsState {
                 node: self.node.clone(),
                 type_url: type_url.to_owned(),
                 rejected_version: rejected.to_owned(),
-                kept_version: request.version_info.clone(),
-                reason: error.message.clone(),
+                kept_version: kept,
+                reason,
                 at: Some(std::time::SystemTime::now().into()),
             };
             self.outcomes.push(Outcome::Rejected(type_url, rejection));

@@ -409,3 +409,30 @@ load_balancing = "peak_ewma"
     let cluster = cluster_for("echo", &turns.view()).unwrap();
     assert_eq!(picking_of(&cluster), [ROUND_ROBIN]);
 }
+
+#[test]
+fn a_long_reason_is_cut_at_a_character_boundary() {
+    let f = Fixture::new();
+    f.register("127.0.0.1:9001", "v1", "z1");
+    let mut s = AdsState::new("caller".into());
+    let sent = s
+        .on_request(ask(LISTENER, &["echo"], "", ""), &f.view())
+        .unwrap()
+        .unwrap();
+    let mut nack = ask(LISTENER, &["echo"], "", &sent.nonce);
+    nack.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "é".repeat(100_000),
+        details: Vec::new(),
+    });
+    s.on_request(nack, &f.view()).unwrap();
+    let Some(Outcome::Rejected(_, rejection)) = s.outcomes.pop() else {
+        panic!("a rejection");
+    };
+    assert!(rejection.reason.len() < MAX_CLIENT_TEXT + 40);
+    assert!(
+        rejection.reason.ends_with("… (200000 bytes in all)"),
+        "{}",
+        &rejection.reason[rejection.reason.len() - 40..]
+    );
+}
