@@ -813,10 +813,10 @@ fn members<'a>(name: &'a str, view: &'a View) -> Option<Vec<&'a pb::Instance>> {
 /// balances per cluster, not per route): a load-aware policy (least
 /// request, peak EWMA, or none set: the default is peak EWMA) asks for
 /// gRPC's least request, with round robin after it in the list for
-/// clients without it; round robin stays round robin. Wrapped in `wrr_locality`, so locality weights still apply.
-fn balancing_of(service: &str, view: &View) -> cluster::LoadBalancingPolicy {
+/// clients without it; round robin stays round robin. Wrapped in
+/// `wrr_locality`, so locality weights still apply.
+fn balancing_of(config: &cfg::ServiceConfig) -> cluster::LoadBalancingPolicy {
     use envoy_types::pb::envoy::extensions::load_balancing_policies as lb;
-    let config = view.config.get(service).config.unwrap_or_default();
     let general = config
         .routes
         .iter()
@@ -832,42 +832,27 @@ fn balancing_of(service: &str, view: &View) -> cluster::LoadBalancingPolicy {
         general.map(cfg::RoutePolicy::load_balancing),
         Some(cfg::LoadBalancing::RoundRobin)
     );
-    let policy =
-        |name: &str, type_url: &str, value: Vec<u8>| cluster::load_balancing_policy::Policy {
-            typed_extension_config: Some(core::TypedExtensionConfig {
-                name: name.to_owned(),
-                typed_config: Some(gpb::Any {
-                    type_url: type_url.to_owned(),
-                    value,
-                }),
-            }),
-        };
+    let policy = |name: &str, config: gpb::Any| cluster::load_balancing_policy::Policy {
+        typed_extension_config: Some(core::TypedExtensionConfig {
+            name: name.to_owned(),
+            typed_config: Some(config),
+        }),
+    };
     let mut picking = Vec::new();
     if load_aware {
-        picking.push(policy(
-            "least_request",
-            LEAST_REQUEST,
-            lb::least_request::v3::LeastRequest {
-                choice_count: Some(gpb::UInt32Value { value: 2 }),
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        ));
+        let least = lb::least_request::v3::LeastRequest {
+            choice_count: Some(gpb::UInt32Value { value: 2 }),
+            ..Default::default()
+        };
+        picking.push(policy("least_request", any(LEAST_REQUEST, &least)));
     }
-    picking.push(policy(
-        "round_robin",
-        ROUND_ROBIN,
-        lb::round_robin::v3::RoundRobin::default().encode_to_vec(),
-    ));
+    let turns = lb::round_robin::v3::RoundRobin::default();
+    picking.push(policy("round_robin", any(ROUND_ROBIN, &turns)));
     let locality = lb::wrr_locality::v3::WrrLocality {
         endpoint_picking_policy: Some(cluster::LoadBalancingPolicy { policies: picking }),
     };
     cluster::LoadBalancingPolicy {
-        policies: vec![policy(
-            "wrr_locality",
-            WRR_LOCALITY,
-            locality.encode_to_vec(),
-        )],
+        policies: vec![policy("wrr_locality", any(WRR_LOCALITY, &locality))],
     }
 }
 
@@ -876,8 +861,8 @@ fn balancing_of(service: &str, view: &View) -> cluster::LoadBalancingPolicy {
 /// the ones over it failing at once with UNAVAILABLE. gRPC has no queue,
 /// so `max_queued` has no equivalent; and it counts per cluster, so with a
 /// split over versions the limit applies to each version.
-fn limit_of(service: &str, view: &View) -> Option<cluster::CircuitBreakers> {
-    let limit = view.config.get(service).config?.caller_limit?;
+fn limit_of(config: &cfg::ServiceConfig) -> Option<cluster::CircuitBreakers> {
+    let limit = config.caller_limit.as_ref()?;
     Some(cluster::CircuitBreakers {
         thresholds: vec![cluster::circuit_breakers::Thresholds {
             priority: core::RoutingPriority::Default as i32,
@@ -893,6 +878,7 @@ fn limit_of(service: &str, view: &View) -> Option<cluster::CircuitBreakers> {
 fn cluster_for(name: &str, view: &View) -> Option<cluster::Cluster> {
     members(name, view)?;
     let service = name.split(VERSION_SEPARATOR).next().unwrap_or(name);
+    let config = view.config.get(service).config.unwrap_or_default();
     let identities: BTreeSet<&str> = view
         .of_service(service)
         .map(|i| i.identity.as_str())
@@ -936,8 +922,8 @@ fn cluster_for(name: &str, view: &View) -> Option<cluster::Cluster> {
             eds_config: Some(ads()),
             service_name: name.to_owned(),
         }),
-        load_balancing_policy: Some(balancing_of(service, view)),
-        circuit_breakers: limit_of(service, view),
+        load_balancing_policy: Some(balancing_of(&config)),
+        circuit_breakers: limit_of(&config),
         connect_timeout: Some(duration(&prost_types::Duration {
             seconds: 5,
             nanos: 0,
