@@ -1246,7 +1246,7 @@ fn summary(view: &View) -> String {
 }
 
 /// "Cluster" for "type.googleapis.com/envoy.config.cluster.v3.Cluster".
-fn short_type(type_url: &str) -> &str {
+pub(crate) fn short_type(type_url: &str) -> &str {
     type_url.rsplit(['.', '/']).next().unwrap_or(type_url)
 }
 

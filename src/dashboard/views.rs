@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::Dashboard;
 use super::mesh::{self, Mesh, Source, Tracked};
 use super::traffic::{ConfigState, Traffic};
+use crate::mesh_status::short_type;
 use crate::pb::trellis::registry::v1 as registry_pb;
 use crate::top::stats::Counters;
 
@@ -846,32 +847,14 @@ pub fn registry(d: &Dashboard) -> String {
         Source::Down { since, reason } => format!("cannot be read since {}: {reason}", ago(*since)),
         Source::Connecting => "connecting".into(),
     };
-    let rejections = match &*d.config.borrow() {
-        ConfigState::Known(status) => status
-            .xds_rejections
-            .iter()
-            .map(|r| Rejection {
-                caller: r.caller.clone(),
-                node: r.node.clone(),
-                kind: r
-                    .type_url
-                    .rsplit(['.', '/'])
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned(),
-                when: timestamp(&r.at)
-                    .map(|t| format!("{} ({})", clock(t), ago(t)))
-                    .unwrap_or_default(),
-                reason: r.reason.clone(),
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    let (config, config_ok, problems) = match &*d.config.borrow() {
-        ConfigState::Unknown => ("not asked yet".into(), None, Vec::new()),
-        ConfigState::Unavailable(why) => {
-            (format!("cannot be read: {why}"), Some(false), Vec::new())
-        }
+    let (config, config_ok, problems, rejections) = match &*d.config.borrow() {
+        ConfigState::Unknown => ("not asked yet".into(), None, Vec::new(), Vec::new()),
+        ConfigState::Unavailable(why) => (
+            format!("cannot be read: {why}"),
+            Some(false),
+            Vec::new(),
+            Vec::new(),
+        ),
         ConfigState::Known(status) => (
             format!(
                 "revision {}{}",
@@ -898,6 +881,19 @@ pub fn registry(d: &Dashboard) -> String {
                     },
                     message: p.message.clone(),
                     rejected: p.rejected,
+                })
+                .collect(),
+            status
+                .xds_rejections
+                .iter()
+                .map(|r| Rejection {
+                    caller: r.caller.clone(),
+                    node: r.node.clone(),
+                    kind: short_type(&r.type_url).to_owned(),
+                    when: timestamp(&r.at)
+                        .map(|t| format!("{} ({})", clock(t), ago(t)))
+                        .unwrap_or_default(),
+                    reason: r.reason.clone(),
                 })
                 .collect(),
         ),
