@@ -22,4 +22,6 @@ pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pki::TestPki;
 pub use postgres::{PgCluster, TestDb, server_url};
 pub use process::{ChildGuard, free_port, set_child_env, wait_for_tcp};
-pub use registry::{RunningRegistry, spawn_registry, spawn_registry_at, spawn_registry_with};
+pub use registry::{
+    RunningRegistry, config_status, spawn_registry, spawn_registry_at, spawn_registry_with,
+};

@@ -66,3 +66,17 @@ pub fn spawn_registry_with(
     );
     RunningRegistry { addr, process }
 }
+
+/// The configuration's status as `config`'s registry reports it; panics
+/// if the call fails.
+pub async fn config_status(
+    config: &mut trellis::pb::trellis::config::v1::config_service_client::ConfigServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> trellis::pb::trellis::config::v1::GetConfigStatusResponse {
+    config
+        .get_config_status(trellis::pb::trellis::config::v1::GetConfigStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}

@@ -11,7 +11,7 @@ use trellis::Workload;
 use trellis::pb::trellis::config::v1 as cfg;
 use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
-use trellis_test_support::{RunningRegistry, TestPki, spawn_registry};
+use trellis_test_support::{RunningRegistry, TestPki, config_status, spawn_registry};
 
 use cfg::config_service_client::ConfigServiceClient;
 use reg::registry_service_client::RegistryServiceClient;
@@ -674,11 +674,7 @@ async fn config_edits_reach_watchers_live_and_bad_edits_are_refused() {
             .is_none(),
         "bad edit was pushed"
     );
-    let status = config
-        .get_config_status(cfg::GetConfigStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = config_status(&mut config).await;
     let problem = status
         .problems
         .iter()
@@ -744,11 +740,7 @@ async fn rules_naming_unknown_methods_are_reported_until_a_contract_defines_them
     };
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let status = config
-            .get_config_status(cfg::GetConfigStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let status = config_status(&mut config).await;
         if unknown(&status).len() == 2 {
             break;
         }
@@ -759,11 +751,7 @@ async fn rules_naming_unknown_methods_are_reported_until_a_contract_defines_them
     let mut request = usage_instance(9001, Duration::from_secs(30));
     request.file_descriptors = descriptors();
     mesh.registry_as("usage").register(request).await.unwrap();
-    let status = config
-        .get_config_status(cfg::GetConfigStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = config_status(&mut config).await;
     assert_eq!(
         unknown(&status),
         vec![("authorization[0].methods[0]".to_owned(), 7)]
@@ -869,11 +857,7 @@ async fn traffic_management_is_served_and_an_unserved_split_version_reported() {
     v1.version = "v1".into();
     v1.grpc_services = Vec::new();
     registry.register(v1).await.unwrap();
-    let status = config
-        .get_config_status(cfg::GetConfigStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = config_status(&mut config).await;
     assert_eq!(
         unserved(&status),
         [("traffic.split[1].version".to_owned(), 23)]
@@ -907,11 +891,7 @@ async fn traffic_management_is_served_and_an_unserved_split_version_reported() {
     );
     let deadline = Instant::now() + Duration::from_secs(3);
     let problem = loop {
-        let status = config
-            .get_config_status(cfg::GetConfigStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let status = config_status(&mut config).await;
         if let Some(p) = status.problems.into_iter().find(|p| p.rejected) {
             break p;
         }
@@ -1103,7 +1083,7 @@ async fn an_xds_nack_is_reported_in_config_status_until_its_stream_ends() {
     requests.send(ask("", "", None)).await.unwrap();
     let sent = responses.message().await.unwrap().expect("a listener");
     assert_eq!(sent.resources.len(), 1, "{sent:?}");
-    assert!(status(&mut config).await.xds_rejections.is_empty());
+    assert!(config_status(&mut config).await.xds_rejections.is_empty());
 
     requests
         .send(ask("", &sent.nonce, Some("listener usage: no router")))
@@ -1111,7 +1091,7 @@ async fn an_xds_nack_is_reported_in_config_status_until_its_stream_ends() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let rejection = loop {
-        if let Some(r) = status(&mut config).await.xds_rejections.pop() {
+        if let Some(r) = config_status(&mut config).await.xds_rejections.pop() {
             break r;
         }
         assert!(Instant::now() < deadline, "the NACK was not reported");
@@ -1133,19 +1113,11 @@ async fn an_xds_nack_is_reported_in_config_status_until_its_stream_ends() {
     drop(requests);
     drop(responses);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !status(&mut config).await.xds_rejections.is_empty() {
+    while !config_status(&mut config).await.xds_rejections.is_empty() {
         assert!(
             Instant::now() < deadline,
             "the rejection outlived its stream"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn status(config: &mut ConfigServiceClient<Channel>) -> cfg::GetConfigStatusResponse {
-    config
-        .get_config_status(cfg::GetConfigStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
 }

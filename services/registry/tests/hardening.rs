@@ -19,7 +19,7 @@ use trellis::pb::trellis::config::v1 as cfg;
 use trellis::pb::trellis::registry::v1 as reg;
 use trellis::tls::{ExpectedPeer, channel};
 use trellis_test_support::{
-    ChildGuard, RunningRegistry, TestPki, free_port, spawn_registry, wait_for_tcp,
+    ChildGuard, RunningRegistry, TestPki, config_status, free_port, spawn_registry, wait_for_tcp,
 };
 
 use cfg::config_service_client::ConfigServiceClient;
@@ -111,14 +111,6 @@ fn encode(files: &[FileDescriptorProto]) -> Vec<Vec<u8>> {
     files.iter().map(Message::encode_to_vec).collect()
 }
 
-async fn status(config: &mut ConfigServiceClient<Channel>) -> cfg::GetConfigStatusResponse {
-    config
-        .get_config_status(cfg::GetConfigStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 async fn rules_of(config: &mut ConfigServiceClient<Channel>, service: &str) -> usize {
     config
         .get_config(cfg::GetConfigRequest {
@@ -141,7 +133,7 @@ async fn wait_for_problem(
 ) -> cfg::ConfigProblem {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let status = status(config).await;
+        let status = config_status(config).await;
         if let Some(p) = status
             .problems
             .iter()
@@ -213,7 +205,7 @@ async fn an_emptied_truncated_or_deleted_service_file_keeps_its_last_rules() {
     // Back again: the problem clears.
     write(dir, "usage.toml", USAGE_RULES);
     let deadline = Instant::now() + Duration::from_secs(3);
-    while status(&mut config)
+    while config_status(&mut config)
         .await
         .problems
         .iter()
@@ -547,7 +539,7 @@ async fn a_timeout_too_large_to_represent_is_a_problem_not_a_panic() {
         // Reset, so the next case's problem is its own.
         write(dir, "usage.toml", "# nothing\n");
         let deadline = Instant::now() + Duration::from_secs(3);
-        while !status(&mut config).await.problems.is_empty() {
+        while !config_status(&mut config).await.problems.is_empty() {
             assert!(Instant::now() < deadline, "problem never cleared");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
