@@ -96,6 +96,18 @@ fn ask(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryR
     }
 }
 
+/// A NACK of the response with `nonce`, keeping no version, for `reason`.
+fn nack(type_url: &str, names: &[&str], nonce: &str, reason: String) -> DiscoveryRequest {
+    DiscoveryRequest {
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: reason,
+            details: Vec::new(),
+        }),
+        ..ask(type_url, names, "", nonce)
+    }
+}
+
 fn decode<M: Message + Default>(response: &DiscoveryResponse) -> Vec<M> {
     response
         .resources
@@ -137,13 +149,13 @@ fn a_nack_is_recorded_and_the_same_content_is_not_sent_again() {
         .on_request(ask(CLUSTER, &["echo"], "", ""), &f.view())
         .unwrap()
         .unwrap();
-    let mut nack = ask(CLUSTER, &["echo"], "", &sent.nonce);
-    nack.error_detail = Some(RpcStatus {
-        code: 3,
-        message: "cluster echo: unsupported field".into(),
-        details: Vec::new(),
-    });
-    assert!(s.on_request(nack, &f.view()).unwrap().is_none());
+    let rejected = nack(
+        CLUSTER,
+        &["echo"],
+        &sent.nonce,
+        "cluster echo: unsupported field".into(),
+    );
+    assert!(s.on_request(rejected, &f.view()).unwrap().is_none());
     assert!(s.types[CLUSTER].acked.is_none());
     assert!(s.refresh(&f.view()).is_empty(), "not re-sent unchanged");
     // Reported with its reason until the client accepts a later version.
@@ -419,13 +431,8 @@ fn a_long_reason_is_cut_at_a_character_boundary() {
         .on_request(ask(LISTENER, &["echo"], "", ""), &f.view())
         .unwrap()
         .unwrap();
-    let mut nack = ask(LISTENER, &["echo"], "", &sent.nonce);
-    nack.error_detail = Some(RpcStatus {
-        code: 3,
-        message: "é".repeat(100_000),
-        details: Vec::new(),
-    });
-    s.on_request(nack, &f.view()).unwrap();
+    let long = nack(LISTENER, &["echo"], &sent.nonce, "é".repeat(100_000));
+    s.on_request(long, &f.view()).unwrap();
     let Some(Outcome::Rejected(_, rejection)) = s.outcomes.pop() else {
         panic!("a rejection");
     };
